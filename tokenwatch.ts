@@ -1,0 +1,1893 @@
+// TokenWatch: a self-contained LLM router for AI agents, in one file with zero runtime dependencies.
+//
+// Point any OpenAI-compatible client at http://127.0.0.1:8080/v1 and TokenWatch sends each request to
+// Anthropic, Kimi (Moonshot) or OpenAI: by rate-limit headroom (a model is used only while under 80% of
+// its limits in a sliding minute), by the task's complexity ("complexity": "simple" goes cheap,
+// "complex" goes capable, no hint means it decides) and by cost. It fails over when a provider is
+// saturated or failing, logs every request with its exact cost to SQLite, and serves a live dashboard.
+//
+// Run:      node tokenwatch.ts             (Node >= 22.18)
+//           deno run -A tokenwatch.ts      (Deno 2)
+// Flags:    --port N  --host H  --db PATH  --config PATH  --help  --version
+// Env:      ANTHROPIC_API_KEY, KIMI_API_KEY (or MOONSHOT_API_KEY), OPENAI_API_KEY      provider keys
+//           ANTHROPIC_BASE_URL (without /v1), KIMI_BASE_URL, OPENAI_BASE_URL (with /v1)
+//           TOKENWATCH_PORT (8080), TOKENWATCH_HOST (127.0.0.1), TOKENWATCH_DB (~/.tokenwatch/tokenwatch.db)
+//           TOKENWATCH_CONFIG (JSON config file), TOKENWATCH_API_KEY (guards every route but /health)
+//           TOKENWATCH_MAX_WAIT_MS (30000: how long a request may wait for capacity)
+// Routes:   POST /v1/chat/completions   GET /v1/models   GET /   GET /stats   GET /health
+//
+// The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 selector,
+// 6 provider adapters, 7 store, 8 HTTP edge, 9 dashboard, 10 main.
+
+import http from "node:http";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { DatabaseSync } from "node:sqlite";
+import type { StatementSync } from "node:sqlite";
+import { mkdirSync, readFileSync, realpathSync } from "node:fs";
+import { homedir } from "node:os";
+import { dirname, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { timingSafeEqual, createHash } from "node:crypto";
+import process from "node:process";
+
+export const VERSION = "1.0.0";
+
+// ============================================================================================
+// 1. PROVIDERS and routing defaults: the table you edit.
+//    Prices are US dollars per 1 MILLION tokens. `limit` is tokens per minute, `rpm` requests per
+//    minute. Defaults are the providers' entry-tier limits, so a new account is never pushed past them.
+// ============================================================================================
+
+export const PROVIDERS: Record<string, ProviderConfig> = {
+  anthropic: {
+    name: "Anthropic",
+    kind: "anthropic",                  // which adapter speaks to it: "openai" or "anthropic"
+    priority: 1,                        // lower is preferred for complex work
+    base_url: "https://api.anthropic.com", // Anthropic's convention: no /v1
+    api_key_env: "ANTHROPIC_API_KEY",   // variable(s) the key is read from; or give `api_key` literally
+    models: {
+      // input/output: $ per 1M tokens; cached_input: $ per 1M cache-read tokens; cache_write: $ per 1M
+      // tokens written to the 5-minute cache; limit: tokens/min; rpm: requests/min; tier: simple|complex.
+      // fixed_sampling: the model rejects temperature/top_p/top_k, so they are not sent.
+      "claude-sonnet-5":  { input: 2, output: 10, cached_input: 0.2, cache_write: 2.5, limit: 30_000, rpm: 50, tier: "complex", fixed_sampling: true },
+      "claude-opus-5":    { input: 5, output: 25, cached_input: 0.5, cache_write: 6.25, limit: 30_000, rpm: 50, tier: "complex", fixed_sampling: true },
+      "claude-haiku-4-5": { input: 1, output: 5, cached_input: 0.1, cache_write: 1.25, limit: 50_000, rpm: 50, tier: "simple" },
+    },
+  },
+  kimi: {
+    name: "Kimi",
+    kind: "openai",
+    priority: 2,
+    base_url: "https://api.moonshot.ai/v1",
+    api_key_env: ["KIMI_API_KEY", "MOONSHOT_API_KEY"],
+    max_tokens_field: "max_tokens",     // Kimi wants the output cap as max_tokens
+    max_temperature: 1,                 // Kimi's temperature range is [0, 1]
+    models: {
+      "kimi-k2.5": { input: 0.6, output: 3, cached_input: 0.1, limit: 500_000, rpm: 200, tier: "simple", fixed_sampling: true },
+      "kimi-k2.6": { input: 0.95, output: 4, cached_input: 0.16, limit: 500_000, rpm: 200, tier: "simple", fixed_sampling: true },
+    },
+  },
+  openai: {
+    name: "OpenAI",
+    kind: "openai",
+    priority: 3,
+    base_url: "https://api.openai.com/v1",
+    api_key_env: "OPENAI_API_KEY",
+    max_tokens_field: "max_completion_tokens", // max_tokens is deprecated and refused by newer models
+    models: {
+      "gpt-4o":      { input: 2.5, output: 10, cached_input: 1.25, limit: 30_000, rpm: 500, tier: "complex" },
+      "gpt-4o-mini": { input: 0.15, output: 0.6, cached_input: 0.075, limit: 200_000, rpm: 500, tier: "simple" },
+    },
+  },
+};
+
+// Names people type that are not (or soon not) real API ids, mapped to the current model that replaces
+// them. claude-sonnet-4-5 ends on 2026-11-30 and claude-opus-4-5 was due to retire from 2026-11-24;
+// "kimi-k1.5" never was an API id.
+export const ALIASES: Record<string, string> = {
+  "claude-opus-4-5": "claude-opus-5",
+  "claude-sonnet-4-5": "claude-sonnet-5",
+  "kimi-k1.5": "kimi-k2.5",
+};
+
+export const DEFAULTS = {
+  threshold: 0.8,            // a model is eligible while under this share of its limits
+  max_wait_ms: 30_000,       // how long a request may wait for capacity when every candidate is saturated
+  timeout_ms: 60_000,        // upstream first byte, and the gap between two stream chunks
+  max_body_bytes: 32 * 1024 * 1024, // Anthropic's own request limit
+  default_max_tokens: 4096,  // output cap sent to APIs that require one when the client gives none
+  cooldown_ms: 5_000,        // rest after a 429 that names no reset time
+  auth_cooldown_ms: 300_000, // rest for a provider whose key was refused (401/403)
+};
+
+// ============================================================================================
+// 2. Types: the OpenAI-shaped hub every adapter translates to and from, the resolved config,
+//    routing decisions and log rows.
+// ============================================================================================
+
+export type Tier = "simple" | "complex";
+export type Kind = "openai" | "anthropic";
+
+export type ModelConfig = {
+  input: number; output: number; cached_input?: number; cache_write?: number;
+  limit: number; rpm?: number; tier: Tier;
+  max_tokens?: number; fixed_sampling?: boolean; eol?: string;
+};
+
+export type ProviderConfig = {
+  name: string; kind: Kind; priority: number; base_url: string;
+  api_key_env?: string | string[]; api_key?: string;
+  max_tokens_field?: "max_tokens" | "max_completion_tokens"; max_temperature?: number;
+  models: Record<string, ModelConfig>;
+};
+
+export type ConfigFile = {
+  threshold?: number; max_wait_ms?: number; timeout_ms?: number; max_body_bytes?: number;
+  providers?: Record<string, Partial<ProviderConfig>>; aliases?: Record<string, string>;
+};
+
+/** A provider as the router sees it: config resolved, key read, enabled or not and why. */
+export type Provider = {
+  id: string; name: string; kind: Kind; priority: number; baseUrl: string;
+  apiKey: string | undefined; enabled: boolean; why: string;
+  maxTokensField?: "max_tokens" | "max_completion_tokens"; maxTemperature?: number;
+};
+
+/** One routable model: `key` ("provider/model") names its limiter window. */
+export type Model = ModelConfig & { key: string; id: string; provider: Provider; priced: boolean; order: number };
+
+export type Config = {
+  threshold: number; max_wait_ms: number; timeout_ms: number; max_body_bytes: number;
+  default_max_tokens: number; cooldown_ms: number; auth_cooldown_ms: number;
+  providers: Provider[]; models: Model[]; aliases: Record<string, string>;
+  simpleOrder: Model[]; complexOrder: Model[]; keys: string[];
+};
+
+export type ContentPart = { type: string; text?: string; image_url?: { url: string; detail?: string }; file?: { file_data?: string; filename?: string }; [k: string]: unknown };
+export type ToolCall = { id: string; type: "function"; function: { name: string; arguments: string } };
+export type ChatMessage = {
+  role: "system" | "developer" | "user" | "assistant" | "tool" | "function";
+  content?: string | ContentPart[] | null; name?: string;
+  tool_calls?: ToolCall[]; tool_call_id?: string; [k: string]: unknown;
+};
+export type ChatRequest = {
+  model?: string; messages: ChatMessage[]; stream?: boolean; stream_options?: { include_usage?: boolean; [k: string]: unknown };
+  max_tokens?: number; max_completion_tokens?: number; temperature?: number; top_p?: number; n?: number;
+  stop?: string | string[]; tools?: { type: string; function?: { name: string; description?: string; parameters?: unknown } }[];
+  tool_choice?: string | { type: string; function?: { name: string } }; parallel_tool_calls?: boolean;
+  response_format?: { type: string; json_schema?: { name?: string; schema?: unknown } }; user?: string;
+  complexity?: Tier; [k: string]: unknown;
+};
+
+/** Token counts as billed: `input` is the uncached part of the prompt. */
+export type Usage = { input: number; cached: number; cache_write: number; output: number };
+
+export type OpenAIUsage = {
+  prompt_tokens: number; completion_tokens: number; total_tokens: number;
+  prompt_tokens_details: { cached_tokens: number }; cost_usd: number; [k: string]: unknown;
+};
+
+export type Completion = {
+  id: string; object: "chat.completion"; created: number; model: string;
+  choices: { index: number; message: { role: "assistant"; content: string | null; tool_calls?: ToolCall[]; [k: string]: unknown }; finish_reason: string | null; logprobs?: null }[];
+  usage?: OpenAIUsage; [k: string]: unknown;
+};
+
+/** Where a request is going and why: the selector's answer. */
+export type Route = { complexity: Tier; reason: string; candidates: Model[] };
+
+export type Attempt = { provider: string; model: string; status: number; error?: string; ms: number };
+
+export type Row = {
+  ts: number; provider: string | null; model: string | null; requested_model: string | null; complexity: string | null;
+  status: number; stream: boolean; input_tokens: number; output_tokens: number; cached_tokens: number;
+  cache_write_tokens: number; cost_usd: number; latency_ms: number; ttft_ms: number | null; attempts: number;
+  failover: string | null; error: string | null; error_kind: string | null;
+};
+
+// ============================================================================================
+// 3. Pure helpers: the one error type, token estimate, cost, SSE framing, header parsing,
+//    request validation and config validation. Nothing here touches I/O or the clock.
+// ============================================================================================
+
+/** The one error type: an HTTP status, an OpenAI error `type` and `code`, and a message that says what to do. */
+export class TwError extends Error {
+  status: number; code: string; type: string; param: string | null; headers: Record<string, string>;
+  constructor(status: number, code: string, message: string, opts: { type?: string; param?: string | null; headers?: Record<string, string> } = {}) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.type = opts.type ?? (status >= 500 ? "server_error" : status === 429 ? "rate_limit_error" : status === 401 ? "authentication_error" : "invalid_request_error");
+    this.param = opts.param ?? null;
+    this.headers = opts.headers ?? {};
+  }
+  body(): { error: { message: string; type: string; param: string | null; code: string } } {
+    return { error: { message: this.message, type: this.type, param: this.param, code: this.code } };
+  }
+}
+
+const bad = (message: string, param: string | null = null) => new TwError(400, "invalid_request", message, { param });
+
+/** Rough token count (4 characters a token): good enough to reserve capacity before the real count is known. */
+export function estimateTokens(req: ChatRequest, defaultMax: number): number {
+  let chars = 0;
+  for (const m of req.messages) chars += typeof m.content === "string" ? m.content.length : JSON.stringify(m.content ?? "").length + (m.tool_calls ? JSON.stringify(m.tool_calls).length : 0);
+  if (req.tools) chars += JSON.stringify(req.tools).length;
+  const output = Math.min(req.max_completion_tokens ?? req.max_tokens ?? defaultMax, defaultMax);
+  return Math.ceil(chars / 4) + req.messages.length * 4 + output;
+}
+
+const round12 = (x: number) => Math.round(x * 1e12) / 1e12;
+
+/** Exact cost in US dollars: prices are per million tokens; cache reads and writes have their own price. */
+export function costUsd(m: Pick<ModelConfig, "input" | "output" | "cached_input" | "cache_write">, u: Usage): number {
+  const perMillion = u.input * m.input + u.cached * (m.cached_input ?? m.input) + u.cache_write * (m.cache_write ?? m.input) + u.output * m.output;
+  return round12(perMillion / 1e6);
+}
+
+export const totalTokens = (u: Usage) => u.input + u.cached + u.cache_write + u.output;
+
+export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
+  const prompt = u.input + u.cached + u.cache_write;
+  return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, prompt_tokens_details: { cached_tokens: u.cached }, cost_usd: cost };
+}
+
+const num = (x: unknown) => (typeof x === "number" && Number.isFinite(x) ? x : 0);
+
+/** OpenAI usage (and Kimi's, which puts `cached_tokens` at the top) to billed counts. */
+export function usageFromOpenAI(raw: unknown): Usage | undefined {
+  if (!raw || typeof raw !== "object") return undefined;
+  const u = raw as Record<string, any>;
+  const cached = num(u.prompt_tokens_details?.cached_tokens) || num(u.cached_tokens);
+  const write = num(u.prompt_tokens_details?.cache_write_tokens);
+  return { input: Math.max(0, num(u.prompt_tokens) - cached - write), cached, cache_write: write, output: num(u.completion_tokens) };
+}
+
+/** Anthropic usage: `input_tokens` is already only the uncached part. */
+export function usageFromAnthropic(raw: unknown): Usage {
+  const u = (raw ?? {}) as Record<string, unknown>;
+  return { input: num(u.input_tokens), cached: num(u.cache_read_input_tokens), cache_write: num(u.cache_creation_input_tokens), output: num(u.output_tokens) };
+}
+
+/** One server-sent event. */
+export type SseEvent = { event: string | undefined; data: string };
+
+/** Parse one complete SSE event block (the text between blank lines). Comment lines are skipped. */
+export function parseSseEvent(block: string): SseEvent | undefined {
+  let event: string | undefined;
+  const data: string[] = [];
+  for (const line of block.split(/\r?\n/)) {
+    if (line === "" || line.startsWith(":")) continue;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") event = value;
+    else if (field === "data") data.push(value);
+  }
+  return data.length || event ? { event, data: data.join("\n") } : undefined;
+}
+
+/**
+ * Splits a byte stream into whole SSE events without copying more than it must: each call to `push`
+ * returns the complete events (raw bytes, separator included) and keeps the unfinished tail.
+ */
+export class SseSplitter {
+  #tail: Buffer = Buffer.alloc(0);
+  push(chunk: Buffer): Buffer[] {
+    const buf = this.#tail.length ? Buffer.concat([this.#tail, chunk]) : chunk;
+    const out: Buffer[] = [];
+    let start = 0;
+    for (let nl = buf.indexOf(10); nl >= 0; ) {
+      // an event ends at a blank line: "\n\n", or "\n\r\n" when the server uses CRLF
+      const end = buf[nl + 1] === 10 ? nl + 2 : buf[nl + 1] === 13 && buf[nl + 2] === 10 ? nl + 3 : -1;
+      if (end < 0) { nl = buf.indexOf(10, nl + 1); continue; }
+      out.push(buf.subarray(start, end));
+      start = end;
+      nl = buf.indexOf(10, end);
+    }
+    this.#tail = start < buf.length ? Buffer.from(buf.subarray(start)) : Buffer.alloc(0);
+    return out;
+  }
+  get pending(): number { return this.#tail.length; }
+}
+
+export const sseData = (json: unknown) => `data: ${JSON.stringify(json)}\n\n`;
+export const SSE_DONE = "data: [DONE]\n\n";
+
+/** Go-style durations ("1s", "6m0s", "17.28ms") as OpenAI sends in x-ratelimit-reset-*. */
+export function parseDuration(s: string): number | undefined {
+  const re = /(\d+(?:\.\d+)?)(ms|h|m|s)/g;
+  let ms = 0, seen = false;
+  for (const [, n, unit] of s.matchAll(re)) {
+    seen = true;
+    ms += Number(n) * (unit === "h" ? 3_600_000 : unit === "m" ? 60_000 : unit === "s" ? 1000 : 1);
+  }
+  return seen ? ms : undefined;
+}
+
+type HeaderGet = (name: string) => string | null;
+
+/**
+ * When a model may be used again, from a response's headers: `retry-after-ms`, `retry-after`
+ * (seconds or an HTTP date), then the reset time of whichever rate limit is exhausted (OpenAI's
+ * durations, Anthropic's RFC 3339 timestamps). On a 429 without any of them, `fallbackMs`.
+ */
+export function coolUntil(get: HeaderGet, status: number, now: number, fallbackMs: number): number | undefined {
+  const ms = Number(get("retry-after-ms"));
+  if (get("retry-after-ms") && Number.isFinite(ms)) return now + ms;
+  const ra = get("retry-after");
+  if (ra) {
+    const secs = Number(ra);
+    if (Number.isFinite(secs)) return now + secs * 1000;
+    const date = Date.parse(ra);
+    if (Number.isFinite(date)) return Math.max(now, date);
+  }
+  let until: number | undefined;
+  for (const prefix of ["x-ratelimit-", "anthropic-ratelimit-"]) {
+    for (const what of ["requests", "tokens", "input-tokens", "output-tokens"]) {
+      const remaining = prefix === "x-ratelimit-" ? get(`${prefix}remaining-${what}`) : get(`${prefix}${what}-remaining`);
+      const reset = prefix === "x-ratelimit-" ? get(`${prefix}reset-${what}`) : get(`${prefix}${what}-reset`);
+      if (remaining !== "0" || !reset) continue;
+      const at = prefix === "x-ratelimit-" ? now + (parseDuration(reset) ?? 0) : Date.parse(reset);
+      if (Number.isFinite(at)) until = Math.max(until ?? 0, at);
+    }
+  }
+  if (until !== undefined) return until;
+  return status === 429 ? now + fallbackMs : undefined;
+}
+
+/** Replace every provider key, and anything shaped like one, before text leaves the process. */
+export function scrub(text: string, keys: readonly string[]): string {
+  let out = text;
+  for (const k of keys) if (k.length >= 8) out = out.split(k).join("[redacted]");
+  return out.replace(/\b(sk-(?:ant-)?[A-Za-z0-9_\-]{8,})/g, "[redacted]");
+}
+
+const ROLES = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
+const isObj = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
+
+function checkNumber(body: Record<string, unknown>, field: string, min: number, max: number, integer = false): void {
+  const v = body[field];
+  if (v === undefined || v === null) return;
+  if (typeof v !== "number" || !Number.isFinite(v) || (integer && !Number.isInteger(v)) || v < min || v > max)
+    throw bad(`"${field}" must be ${integer ? "an integer" : "a number"} from ${min} to ${max}; got ${JSON.stringify(v)}.`, field);
+}
+
+function checkContent(m: Record<string, unknown>, i: number): void {
+  const c = m.content, where = `messages[${i}].content`;
+  if (c === undefined || c === null) {
+    if (m.role === "assistant" && Array.isArray(m.tool_calls) && m.tool_calls.length) return;
+    throw bad(`${where} is missing: give the ${m.role} message a string or an array of content parts.`, where);
+  }
+  if (typeof c === "string") return;
+  if (!Array.isArray(c)) throw bad(`${where} must be a string or an array of content parts; got ${typeof c}.`, where);
+  c.forEach((p, j) => {
+    if (!isObj(p) || typeof p.type !== "string") throw bad(`${where}[${j}] must be an object with a "type" such as "text" or "image_url".`, where);
+    if (p.type === "text" && typeof p.text !== "string") throw bad(`${where}[${j}].text must be a string.`, where);
+    if (p.type === "image_url" && !(isObj(p.image_url) && typeof p.image_url.url === "string")) throw bad(`${where}[${j}].image_url.url must be a string (an https URL or a data: URL).`, where);
+  });
+}
+
+function checkMessage(m: unknown, i: number): void {
+  if (!isObj(m)) throw bad(`messages[${i}] must be an object with "role" and "content".`, "messages");
+  if (typeof m.role !== "string" || !ROLES.has(m.role))
+    throw bad(`messages[${i}].role ${JSON.stringify(m.role)} is not one of system, developer, user, assistant, tool.`, `messages[${i}].role`);
+  checkContent(m, i);
+  if (m.role === "tool" && typeof m.tool_call_id !== "string") throw bad(`messages[${i}] has role "tool" but no "tool_call_id": give the id of the tool call it answers.`, `messages[${i}].tool_call_id`);
+  if (m.tool_calls !== undefined) {
+    if (m.role !== "assistant" || !Array.isArray(m.tool_calls)) throw bad(`messages[${i}].tool_calls must be an array on an assistant message.`, `messages[${i}].tool_calls`);
+    m.tool_calls.forEach((t, j) => {
+      if (!isObj(t) || typeof t.id !== "string" || !isObj(t.function) || typeof t.function.name !== "string" || typeof t.function.arguments !== "string")
+        throw bad(`messages[${i}].tool_calls[${j}] must be {"id", "type": "function", "function": {"name", "arguments": "<JSON string>"}}.`, `messages[${i}].tool_calls`);
+    });
+  }
+}
+
+/** Check a chat request the way OpenAI would, before anything reaches an upstream. */
+export function validateChatRequest(body: unknown): ChatRequest {
+  if (!isObj(body)) throw bad("The request body must be a JSON object with \"messages\".");
+  if (!Array.isArray(body.messages) || body.messages.length === 0)
+    throw bad("\"messages\" must be a non-empty array of {\"role\", \"content\"} objects.", "messages");
+  if (body.messages.length > 100_000) throw bad("\"messages\" has more than 100,000 entries.", "messages");
+  body.messages.forEach(checkMessage);
+  if (body.model !== undefined && (typeof body.model !== "string" || body.model === "")) throw bad("\"model\" must be a model name string, \"auto\", or \"provider/model\".", "model");
+  if (body.stream !== undefined && typeof body.stream !== "boolean") throw bad("\"stream\" must be true or false.", "stream");
+  if (body.stream_options !== undefined && body.stream_options !== null && (!isObj(body.stream_options) || body.stream !== true))
+    throw bad("\"stream_options\" is only allowed with \"stream\": true, as an object such as {\"include_usage\": true}.", "stream_options");
+  if (body.complexity !== undefined && body.complexity !== "simple" && body.complexity !== "complex")
+    throw bad(`"complexity" must be "simple" or "complex"; got ${JSON.stringify(body.complexity)}.`, "complexity");
+  checkNumber(body, "max_tokens", 1, 10_000_000, true);
+  checkNumber(body, "max_completion_tokens", 1, 10_000_000, true);
+  checkNumber(body, "temperature", 0, 2);
+  checkNumber(body, "top_p", 0, 1);
+  checkNumber(body, "n", 1, 128, true);
+  if (body.stop !== undefined && body.stop !== null && typeof body.stop !== "string" && !(Array.isArray(body.stop) && body.stop.length <= 4 && body.stop.every((s) => typeof s === "string")))
+    throw bad("\"stop\" must be a string or an array of at most 4 strings.", "stop");
+  if (body.tools !== undefined && body.tools !== null) {
+    if (!Array.isArray(body.tools)) throw bad("\"tools\" must be an array of {\"type\": \"function\", \"function\": {\"name\", \"parameters\"}}.", "tools");
+    body.tools.forEach((t, i) => {
+      if (!isObj(t) || (t.type === "function" && !(isObj(t.function) && typeof t.function.name === "string")))
+        throw bad(`tools[${i}] must be {"type": "function", "function": {"name", "description", "parameters"}}.`, "tools");
+    });
+  }
+  return body as ChatRequest;
+}
+
+/** Reject JSON nested deeper than `max` before walking it anywhere else (a cheap scan of the text). */
+export function jsonDepthExceeds(text: string, max: number): boolean {
+  let depth = 0, inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 92) i++;            // backslash: skip the escaped character
+      else if (c === 34) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 123 || c === 91) { if (++depth > max) return true; }
+    else if (c === 125 || c === 93) depth--;
+  }
+  return false;
+}
+
+// ---- config validation: every mistake stops the start with one line naming the key ----
+
+const CONFIG_KEYS = new Set(["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "providers", "aliases"]);
+const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "models"]);
+const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "max_tokens", "fixed_sampling", "eol"]);
+
+export class ConfigError extends Error {}
+
+function need(ok: boolean, where: string, what: string): void {
+  if (!ok) throw new ConfigError(`${where} ${what}`);
+}
+
+const isNum = (x: unknown, min = 0) => typeof x === "number" && Number.isFinite(x) && x >= min;
+
+function checkKeys(obj: Record<string, unknown>, allowed: Set<string>, where: string): void {
+  for (const k of Object.keys(obj)) need(allowed.has(k), `${where}.${k}`.replace(/^\./, ""), `is not a known key (known: ${[...allowed].join(", ")})`);
+}
+
+function checkModel(m: unknown, where: string): void {
+  need(isObj(m), where, "must be an object like {\"input\": 0.15, \"output\": 0.6, \"limit\": 200000, \"tier\": \"simple\"}");
+  const o = m as Record<string, unknown>;
+  checkKeys(o, MODEL_KEYS, where);
+  for (const k of ["input", "output", "limit"]) need(isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  for (const k of ["cached_input", "cache_write", "rpm", "max_tokens"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  need(o.tier === "simple" || o.tier === "complex", `${where}.tier`, "must be \"simple\" or \"complex\"");
+  need(o.fixed_sampling === undefined || typeof o.fixed_sampling === "boolean", `${where}.fixed_sampling`, "must be true or false");
+  need(o.eol === undefined || (typeof o.eol === "string" && Number.isFinite(Date.parse(o.eol))), `${where}.eol`, "must be a date like \"2026-11-30\"");
+}
+
+function checkProvider(p: Record<string, unknown>, where: string): void {
+  checkKeys(p, PROVIDER_KEYS, where);
+  need(typeof p.name === "string", `${where}.name`, "must be a string");
+  need(p.kind === "openai" || p.kind === "anthropic", `${where}.kind`, "must be \"openai\" or \"anthropic\"");
+  need(isNum(p.priority, -Infinity), `${where}.priority`, "must be a number");
+  need(typeof p.base_url === "string" && /^https?:\/\/[^/]/.test(p.base_url), `${where}.base_url`, "must be an http(s) URL");
+  const env = p.api_key_env;
+  need(env === undefined || typeof env === "string" || (Array.isArray(env) && env.every((e) => typeof e === "string")), `${where}.api_key_env`, "must be a variable name or a list of them");
+  need(p.api_key === undefined || typeof p.api_key === "string", `${where}.api_key`, "must be a string");
+  need(p.max_tokens_field === undefined || p.max_tokens_field === "max_tokens" || p.max_tokens_field === "max_completion_tokens", `${where}.max_tokens_field`, "must be \"max_tokens\" or \"max_completion_tokens\"");
+  need(p.max_temperature === undefined || isNum(p.max_temperature), `${where}.max_temperature`, "must be a number >= 0");
+  need(isObj(p.models), `${where}.models`, "must be an object of models");
+  for (const [name, m] of Object.entries(p.models as object)) checkModel(m, `${where}.models.${name}`);
+}
+
+/**
+ * Merge a config file over the built-in table: top-level numbers replace, a provider of the same
+ * name is merged key by key (its `models`, when given, replace the list), a new name adds one.
+ */
+export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown): { providers: Record<string, ProviderConfig>; settings: ConfigFile; aliases: Record<string, string> } {
+  need(isObj(file), "config", "must be a JSON object like {\"providers\": {...}}");
+  const f = file as Record<string, unknown>;
+  checkKeys(f, CONFIG_KEYS, "");
+  need(f.threshold === undefined || (isNum(f.threshold) && (f.threshold as number) > 0 && (f.threshold as number) <= 1), "threshold", "must be a number above 0 and at most 1 (0.8 means 80%)");
+  for (const k of ["max_wait_ms", "timeout_ms", "max_body_bytes"]) need(f[k] === undefined || isNum(f[k]), k, "must be a number >= 0");
+  need(f.providers === undefined || isObj(f.providers), "providers", "must be an object keyed by provider name");
+  need(f.aliases === undefined || (isObj(f.aliases) && Object.values(f.aliases).every((v) => typeof v === "string")), "aliases", "must map names to model names");
+  const providers: Record<string, ProviderConfig> = structuredClone(base);
+  for (const [id, over] of Object.entries((f.providers ?? {}) as Record<string, unknown>)) {
+    need(isObj(over), `providers.${id}`, "must be an object");
+    need(/^[A-Za-z0-9_.-]+$/.test(id), `providers.${id}`, "must be named with letters, digits, '_', '-' or '.'");
+    const merged = { ...(providers[id] ?? {}), ...(over as object) } as Record<string, unknown>;
+    if (!providers[id]) for (const k of ["kind", "base_url"]) need((over as Record<string, unknown>)[k] !== undefined, `providers.${id}.${k}`, "is required for a new provider");
+    merged.name ??= id;
+    merged.priority ??= 10;
+    merged.models ??= {};
+    checkProvider(merged, `providers.${id}`);
+    providers[id] = merged as ProviderConfig;
+  }
+  return { providers, settings: f as ConfigFile, aliases: { ...ALIASES, ...((f.aliases ?? {}) as Record<string, string>) } };
+}
+
+const LOCAL_URL = /^https?:\/\/(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(\/|$)/;
+
+/** Read keys and base URLs from the environment and decide which providers are enabled. */
+function resolveProvider(id: string, p: ProviderConfig, env: Record<string, string | undefined>): Provider {
+  const vars = p.api_key_env === undefined ? [] : Array.isArray(p.api_key_env) ? p.api_key_env : [p.api_key_env];
+  const apiKey = p.api_key || vars.map((v) => env[v]).find((v) => v);
+  const baseUrl = (env[`${id.toUpperCase()}_BASE_URL`] || p.base_url).replace(/\/+$/, "");
+  const local = LOCAL_URL.test(baseUrl);
+  const enabled = Boolean(apiKey) || local;
+  const why = enabled ? (apiKey ? "key set" : "local server, no key needed") : `no key (set ${vars.join(" or ") || "api_key"})`;
+  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature };
+}
+
+const priceSum = (m: Model) => m.input + m.output;
+
+/** Build the router's view of the config; candidate orders are computed once here, not per request. */
+export function buildConfig(opts: { file?: unknown; env?: Record<string, string | undefined>; base?: Record<string, ProviderConfig> } = {}): Config {
+  const env = opts.env ?? {};
+  const { providers: table, settings, aliases } = mergeConfig(opts.base ?? PROVIDERS, opts.file ?? {});
+  const providers = Object.entries(table).map(([id, p]) => resolveProvider(id, p, env));
+  const models: Model[] = [];
+  for (const p of providers)
+    for (const [id, m] of Object.entries(table[p.id].models)) models.push({ ...m, id, key: `${p.id}/${id}`, provider: p, priced: true, order: models.length });
+  const enabled = models.filter((m) => m.provider.enabled);
+  const byPriority = (a: Model, b: Model) => a.provider.priority - b.provider.priority || a.order - b.order;
+  const simpleOrder = [...enabled].sort((a, b) => priceSum(a) - priceSum(b) || a.order - b.order);
+  const complexOrder = [...enabled.filter((m) => m.tier === "complex").sort(byPriority), ...enabled.filter((m) => m.tier === "simple").sort(byPriority)];
+  const maxWait = env.TOKENWATCH_MAX_WAIT_MS !== undefined ? Number(env.TOKENWATCH_MAX_WAIT_MS) : settings.max_wait_ms;
+  if (maxWait !== undefined) need(isNum(maxWait), "TOKENWATCH_MAX_WAIT_MS", "must be a number of milliseconds >= 0");
+  const keys = providers.map((p) => p.apiKey).filter((k): k is string => Boolean(k));
+  return {
+    ...DEFAULTS, threshold: settings.threshold ?? DEFAULTS.threshold, max_wait_ms: maxWait ?? DEFAULTS.max_wait_ms,
+    timeout_ms: settings.timeout_ms ?? DEFAULTS.timeout_ms, max_body_bytes: settings.max_body_bytes ?? DEFAULTS.max_body_bytes,
+    providers, models, aliases, simpleOrder, complexOrder, keys,
+  };
+}
+
+// ============================================================================================
+// 4. Limiter: a sliding 60-second window of tokens and requests per model, kept as 60 one-second
+//    buckets. Checking and reserving happen in one synchronous step, so two requests can never both
+//    take the last capacity; the estimate is replaced by the real usage when the answer arrives.
+// ============================================================================================
+
+const WINDOW_S = 60;
+
+/** 60 one-second buckets of tokens and requests: bounded memory, O(60) to sum, no arrays to filter. */
+export class SlidingWindow {
+  #sec = new Float64Array(WINDOW_S);
+  #tokens = new Float64Array(WINDOW_S);
+  #requests = new Float64Array(WINDOW_S);
+
+  add(now: number, tokens: number, requests: number): void {
+    const s = Math.floor(now / 1000), i = s % WINDOW_S;
+    if (this.#sec[i] !== s) { this.#sec[i] = s; this.#tokens[i] = 0; this.#requests[i] = 0; }
+    this.#tokens[i] += tokens;
+    this.#requests[i] += requests;
+  }
+
+  totals(now: number): { tokens: number; requests: number } {
+    const oldest = Math.floor(now / 1000) - WINDOW_S;
+    let tokens = 0, requests = 0;
+    for (let i = 0; i < WINDOW_S; i++) if (this.#sec[i] > oldest) { tokens += this.#tokens[i]; requests += this.#requests[i]; }
+    return { tokens, requests };
+  }
+
+  /** When the oldest second that still holds usage leaves the window (ms), or undefined if empty. */
+  nextExpiry(now: number): number | undefined {
+    const oldest = Math.floor(now / 1000) - WINDOW_S;
+    let min = Infinity;
+    for (let i = 0; i < WINDOW_S; i++) if (this.#sec[i] > oldest && (this.#tokens[i] || this.#requests[i])) min = Math.min(min, this.#sec[i]);
+    return min === Infinity ? undefined : (min + WINDOW_S + 1) * 1000;
+  }
+}
+
+type Pool = { window: SlidingWindow; inflightTokens: number; inflight: number; coolUntil: number };
+
+/** A model's share of capacity taken by one request; hand it back with `settle` or `release`. */
+export type Reservation = { key: string; tokens: number; done: boolean };
+
+export type Verdict = { ok: true; reservation: Reservation } | { ok: false; why: "cooling" | "tokens" | "requests"; until: number | undefined };
+
+export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number };
+
+type Limits = Pick<Model, "key" | "limit" | "rpm">;
+
+export class Limiter {
+  #pools = new Map<string, Pool>();
+  #waiters = new Set<() => void>();
+  threshold: number;
+  constructor(threshold: number) { this.threshold = threshold; }
+
+  #pool(key: string): Pool {
+    let p = this.#pools.get(key);
+    if (!p) this.#pools.set(key, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0 }));
+    return p;
+  }
+
+  /** Tokens and requests in the last minute, in-flight requests counted by their estimate. */
+  headroom(m: Limits, now: number): Headroom {
+    const p = this.#pool(m.key), w = p.window.totals(now);
+    const tokens = w.tokens + p.inflightTokens;
+    const percent = Math.max(m.limit > 0 ? tokens / m.limit : 0, m.rpm ? w.requests / m.rpm : 0) * 100;
+    const saturated = tokens >= this.threshold * m.limit || (m.rpm !== undefined && w.requests >= this.threshold * m.rpm);
+    return { tokens, requests: w.requests, inflight: p.inflight, percent, saturated, coolUntil: p.coolUntil > now ? p.coolUntil : 0 };
+  }
+
+  /**
+   * Check and reserve in one step: the model is eligible while its tokens (with this request's
+   * estimate) and requests stay under threshold x limit. An idle model always takes one request, so a
+   * prompt larger than the threshold is not refused forever.
+   */
+  reserve(m: Limits, estimate: number, now: number): Verdict {
+    const p = this.#pool(m.key);
+    if (p.coolUntil > now) return { ok: false, why: "cooling", until: p.coolUntil };
+    const w = p.window.totals(now), used = w.tokens + p.inflightTokens;
+    const idle = used === 0 && p.inflight === 0;
+    if (!idle && used + estimate > this.threshold * m.limit) return { ok: false, why: "tokens", until: p.window.nextExpiry(now) };
+    if (m.rpm !== undefined && w.requests + 1 > this.threshold * m.rpm) return { ok: false, why: "requests", until: p.window.nextExpiry(now) };
+    p.window.add(now, 0, 1);
+    p.inflightTokens += estimate;
+    p.inflight++;
+    return { ok: true, reservation: { key: m.key, tokens: estimate, done: false } };
+  }
+
+  /** Replace the reservation's estimate with the tokens really used. */
+  settle(r: Reservation, tokens: number, now: number): void {
+    if (r.done) return;
+    r.done = true;
+    const p = this.#pool(r.key);
+    p.inflightTokens -= r.tokens;
+    p.inflight--;
+    if (tokens > 0) p.window.add(now, tokens, 0);
+    this.#wake();
+  }
+
+  release(r: Reservation, now: number): void { this.settle(r, 0, now); }
+
+  cool(key: string, until: number): void {
+    const p = this.#pool(key);
+    p.coolUntil = Math.max(p.coolUntil, until);
+  }
+
+  /** Call `fn` once, at the next settle or release: capacity may have come back. */
+  onNextChange(fn: () => void): () => void {
+    this.#waiters.add(fn);
+    return () => this.#waiters.delete(fn);
+  }
+
+  #wake(): void {
+    if (!this.#waiters.size) return;
+    const all = [...this.#waiters];
+    this.#waiters.clear();
+    for (const w of all) w();
+  }
+}
+
+// ============================================================================================
+// 5. Selector: from a request and the config to an ordered list of candidates with the reason.
+//    Pure: headroom is checked later, candidate by candidate, as the router walks the list.
+// ============================================================================================
+
+const COMPLEX_WORDS = /\b(analy[sz]e|architect\w*|design|debug|refactor|prove|proof|optimi[sz]e|trade-?offs?|step[- ]by[- ]step|reason about|plan|compare|evaluate|implement|investigate|migrate|root cause)\b/i;
+const SIMPLE_WORDS = /\b(translate|summari[sz]e|classify|extract|rephrase|reword|spell|typos?|yes or no|one word|in short|tl;?dr|list)\b/i;
+const CODE = /```|\bfunction\s+\w+\s*\(|\bdef \w+\(|\bclass \w+|=>|#include|\bSELECT\b[\s\S]+\bFROM\b|\bimport \w+/;
+
+const textOf = (c: ChatMessage["content"]) =>
+  typeof c === "string" ? c : Array.isArray(c) ? c.map((p) => (p.type === "text" ? p.text ?? "" : "")).join("\n") : "";
+
+/**
+ * Decide "simple" or "complex" for a request without a hint, transparently: each signal found is
+ * named in the reason. Long prompts count double; simple wording counts against.
+ */
+export function classify(req: ChatRequest): { tier: Tier; signals: string[] } {
+  const all = req.messages.map((m) => textOf(m.content)).join("\n");
+  const lastUser = textOf([...req.messages].reverse().find((m) => m.role === "user")?.content);
+  const signals: string[] = [];
+  let score = 0;
+  if (all.length > 6000) { score += 2; signals.push(`long prompt (${all.length} chars)`); }
+  if (CODE.test(all)) { score++; signals.push("code"); }
+  if (req.tools?.length) { score++; signals.push(`${req.tools.length} tool${req.tools.length > 1 ? "s" : ""}`); }
+  if (req.messages.length >= 8) { score++; signals.push(`${req.messages.length} messages deep`); }
+  const hard = COMPLEX_WORDS.exec(lastUser);
+  if (hard) { score++; signals.push(`asks to "${hard[1].toLowerCase()}"`); }
+  const easy = SIMPLE_WORDS.exec(lastUser);
+  if (easy) { score--; signals.push(`simple wording ("${easy[1].toLowerCase()}")`); }
+  return { tier: score >= 2 ? "complex" : "simple", signals };
+}
+
+/** Can this model answer with `n` choices? Anthropic and fixed-sampling models give exactly one. */
+export const supportsN = (m: Model, n: number) => n === 1 || (m.provider.kind === "openai" && !m.fixed_sampling);
+
+/** A model that is not in the table, reached by "provider/model": no price, no known limits. */
+function unpricedModel(p: Provider, id: string): Model {
+  return { id, key: `${p.id}/${id}`, provider: p, input: 0, output: 0, limit: Infinity, tier: "complex", priced: false, order: -1 };
+}
+
+function pinned(req: ChatRequest, config: Config, name: string, hint: Tier | undefined): Route | undefined {
+  const slash = name.indexOf("/");
+  const p = config.providers.find((x) => x.id === name.slice(0, slash));
+  if (slash < 0 || !p) return undefined;
+  if (!p.enabled) throw new TwError(400, "provider_not_enabled", `Provider "${p.id}" is not enabled: ${p.why}. Pick another model, or start TokenWatch with that key.`, { param: "model" });
+  const id = name.slice(slash + 1);
+  const known = config.models.find((m) => m.provider === p && m.id === id);
+  const complexity = hint ?? known?.tier ?? classify(req).tier;
+  return { complexity, reason: `pinned to ${p.id}/${id}${known ? "" : " (not in the table: unpriced, no limits known)"}`, candidates: [known ?? unpricedModel(p, id)] };
+}
+
+function tierOrder(config: Config, tier: Tier): Model[] {
+  return tier === "simple" ? config.simpleOrder : config.complexOrder;
+}
+
+function byModelName(config: Config, name: string, resolved: string): Route {
+  const named = config.models.filter((m) => m.id === resolved);
+  if (!named.length) {
+    const names = [...new Set([...config.models.filter((m) => m.provider.enabled).map((m) => m.id), ...Object.keys(config.aliases)])];
+    throw new TwError(404, "model_not_found", `Model "${name}" does not exist here. Use "auto", one of: ${names.join(", ")}; or "provider/model" to reach a model that is not in the table.`, { param: "model" });
+  }
+  const tier = named[0].tier;
+  const first = named.filter((m) => m.provider.enabled);
+  const sameTier = tierOrder(config, tier).filter((m) => m.tier === tier && !first.includes(m));
+  const alias = resolved !== name ? ` (alias of ${resolved})` : "";
+  const down = first.length ? "" : `, unavailable: ${named[0].provider.name} has ${named[0].provider.why}`;
+  if (first.length + sameTier.length === 0) {
+    return { complexity: tier, reason: `requested ${name}${alias}${down}; no ${tier} model is enabled, so the ${tier === "simple" ? "complex" : "simple"} ones are tried`, candidates: tierOrder(config, tier === "simple" ? "complex" : "simple") };
+  }
+  return { complexity: tier, reason: `requested ${name}${alias}${down}, then the other ${tier} models`, candidates: [...first, ...sameTier] };
+}
+
+/**
+ * The routing rules: a complexity hint orders every candidate (cheapest first, or capable first);
+ * a named model goes first, then its tier; "auto" or no model is classified; "provider/model" is
+ * sent exactly there. Candidates that cannot honour `n` are left out.
+ */
+export function route(req: ChatRequest, config: Config, headerHint?: string): Route {
+  if (headerHint !== undefined && headerHint !== "simple" && headerHint !== "complex")
+    throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${JSON.stringify(headerHint)}.`);
+  const hint = req.complexity ?? (headerHint as Tier | undefined);
+  const name = req.model ?? "auto";
+  let r = name.includes("/") ? pinned(req, config, name, hint) : undefined;
+  if (!r && hint) {
+    const named = name !== "auto" ? ` (requested ${name} is ranked by the hint)` : "";
+    r = { complexity: hint, reason: `complexity "${hint}" given: ${hint === "simple" ? "cheapest first" : "most capable first"}${named}`, candidates: tierOrder(config, hint) };
+    if (name !== "auto") byModelName(config, name, config.aliases[name] ?? name); // still 404 an unknown name
+  }
+  if (!r && name === "auto") {
+    const c = classify(req);
+    r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || "no sign of complex work"})`, candidates: tierOrder(config, c.tier) };
+  }
+  r ??= byModelName(config, name, config.aliases[name] ?? name);
+  return withN(r, req.n ?? 1);
+}
+
+function withN(r: Route, n: number): Route {
+  if (!r.candidates.length) throw new TwError(503, "no_providers", "No provider is enabled: set ANTHROPIC_API_KEY, KIMI_API_KEY or OPENAI_API_KEY (or a local base URL) and restart TokenWatch.");
+  const able = r.candidates.filter((m) => supportsN(m, n));
+  if (!able.length) throw bad(`"n": ${n} is not supported by ${r.candidates.map((m) => m.id).join(", ")}: send "n": 1, or name an OpenAI model.`, "n");
+  return able.length === r.candidates.length ? r : { ...r, candidates: able };
+}
+
+// ============================================================================================
+// 6. Adapters: one small object per `kind`. Each builds the upstream request from the OpenAI-shaped
+//    hub request and turns responses, errors and stream events back into OpenAI shape. No fetch here.
+// ============================================================================================
+
+export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
+export type ErrorInfo = { message: string; type: string; code: string | null };
+
+/** Turns one provider's event stream into OpenAI chunks, one whole SSE event at a time. */
+export interface StreamTranslator {
+  /** One raw event in; what to send on (null: nothing). Error events set `error` and return null. */
+  feed(raw: Buffer): Buffer | string | null;
+  usage: Usage | undefined;
+  done: boolean;
+  error: ErrorInfo | undefined;
+}
+
+export type Adapter = {
+  build(req: ChatRequest, m: Model, defaultMaxTokens: number): UpstreamRequest;
+  parse(body: unknown, m: Model, now: number): { completion: Completion; usage: Usage | undefined };
+  error(status: number, text: string): ErrorInfo;
+  stream(m: Model, includeUsage: boolean, now: number): StreamTranslator;
+};
+
+const HOP = "x-tokenwatch-hop";
+
+function parseJson(text: string): unknown {
+  try { return JSON.parse(text); } catch { return undefined; }
+}
+
+/** An upstream error body of any shape (JSON, HTML page, plain text) to a short readable message. */
+function errorInfoFrom(status: number, text: string): ErrorInfo {
+  const json = parseJson(text) as Record<string, any> | undefined;
+  const e = json?.error;
+  if (isObj(e) && typeof e.message === "string")
+    return { message: e.message, type: typeof e.type === "string" ? e.type : "upstream_error", code: typeof e.code === "string" ? e.code : typeof e.type === "string" ? e.type : null };
+  if (typeof e === "string") return { message: e, type: "upstream_error", code: null };
+  const html = /^\s*</.test(text);
+  const snippet = html ? "an HTML page" : text.trim().slice(0, 200) || "an empty body";
+  return { message: `Upstream answered ${status} with ${snippet}`, type: "upstream_error", code: null };
+}
+
+// ---- kind "openai": OpenAI, Kimi and any OpenAI-compatible server ----
+
+const OPENAI_FIELDS = new Set([
+  "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "response_format", "max_tokens", "max_completion_tokens",
+  "temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "stop", "n",
+  "stream", "stream_options", "user", "seed", "reasoning_effort", "metadata", "store", "service_tier", "modalities", "audio",
+  "prediction", "verbosity", "web_search_options", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+]);
+const SAMPLING = ["temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias", "top_k"];
+
+/** The body an OpenAI-compatible upstream accepts: known fields only, its own model id, its quirks. */
+export function openAIBody(req: ChatRequest, m: Model, stream: boolean): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const k in req) if (OPENAI_FIELDS.has(k) && req[k] !== undefined && req[k] !== null) out[k] = req[k];
+  out.model = m.id;
+  const cap = req.max_completion_tokens ?? req.max_tokens;
+  delete out.max_tokens;
+  delete out.max_completion_tokens;
+  if (cap !== undefined) out[m.provider.maxTokensField ?? (req.max_completion_tokens !== undefined ? "max_completion_tokens" : "max_tokens")] = cap;
+  if (m.fixed_sampling) for (const k of SAMPLING) delete out[k];
+  else if (m.provider.maxTemperature !== undefined && typeof out.temperature === "number") out.temperature = Math.min(out.temperature, m.provider.maxTemperature);
+  if (stream) out.stream_options = { ...req.stream_options, include_usage: true }; // always, so every token is counted
+  else { delete out.stream; delete out.stream_options; }
+  return out;
+}
+
+/** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage or an error. */
+class OpenAIStream implements StreamTranslator {
+  usage: Usage | undefined;
+  done = false;
+  error: ErrorInfo | undefined;
+  #m: Model; #includeUsage: boolean; #sentUsage = false;
+  #meta: { id?: string; created?: number; model?: string } | undefined;
+
+  constructor(m: Model, includeUsage: boolean) { this.#m = m; this.#includeUsage = includeUsage; }
+
+  feed(raw: Buffer): Buffer | string | null {
+    const s = raw.toString();
+    if (!this.#meta || /"usage"\s*:\s*\{|"error"\s*:|\[DONE\]/.test(s)) return this.#inspect(s, raw);
+    return raw;
+  }
+
+  #inspect(s: string, raw: Buffer): Buffer | string | null {
+    const ev = parseSseEvent(s);
+    if (!ev) return raw;
+    if (ev.data.trim() === "[DONE]") { this.done = true; return this.#usageChunk() + s; }
+    const json = parseJson(ev.data) as Record<string, any> | undefined;
+    if (!json) return raw;
+    this.#meta ??= { id: json.id, created: json.created, model: json.model };
+    if (json.error) { this.error = errorInfoFrom(500, ev.data); return null; }
+    const usage = json.usage ?? json.choices?.[0]?.usage; // Kimi puts it inside the final choice
+    if (!isObj(usage)) return raw;
+    this.usage = usageFromOpenAI(usage);
+    if (!(Array.isArray(json.choices) && json.choices.length === 0)) return raw;
+    return this.#usageChunk(); // the usage-only chunk: dropped unless asked for, then with cost_usd
+  }
+
+  /** The usage chunk the client asked for (once), with the exact cost. */
+  #usageChunk(): string {
+    if (!this.#includeUsage || this.#sentUsage || !this.usage) return "";
+    this.#sentUsage = true;
+    const { id, created, model } = this.#meta ?? {};
+    return sseData({ id, object: "chat.completion.chunk", created, model, choices: [], usage: openAIUsage(this.usage, costUsd(this.#m, this.usage)) });
+  }
+}
+
+const openaiAdapter: Adapter = {
+  build(req, m, _defaultMax) {
+    const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
+    if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body: JSON.stringify(openAIBody(req, m, req.stream === true)) };
+  },
+  parse(body, _m) {
+    if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
+    const completion = body as unknown as Completion;
+    return { completion, usage: usageFromOpenAI(body.usage) };
+  },
+  error: errorInfoFrom,
+  stream: (m, includeUsage) => new OpenAIStream(m, includeUsage),
+};
+
+// ---- kind "anthropic": the Messages API, translated both ways ----
+
+type Block = Record<string, unknown> & { type: string };
+type Turn = { role: "user" | "assistant"; content: Block[] };
+
+const DATA_URL = /^data:([^;,]+)(?:;[^,]*)?;base64,(.*)$/s;
+
+/** One OpenAI content part to an Anthropic block; empty text becomes nothing (Anthropic refuses it). */
+function partToBlock(p: ContentPart, where: string): Block | undefined {
+  if (p.type === "text") return p.text?.trim() ? { type: "text", text: p.text } : undefined;
+  if (p.type === "image_url" && p.image_url) {
+    const data = DATA_URL.exec(p.image_url.url);
+    if (data) return { type: data[1] === "application/pdf" ? "document" : "image", source: { type: "base64", media_type: data[1], data: data[2] } };
+    if (/^https?:\/\//.test(p.image_url.url)) return { type: "image", source: { type: "url", url: p.image_url.url } };
+    throw bad(`${where}.image_url.url must be an http(s) URL or a base64 data: URL.`, where);
+  }
+  if (p.type === "file" && p.file?.file_data) {
+    const data = DATA_URL.exec(p.file.file_data);
+    if (data) return { type: "document", source: { type: "base64", media_type: data[1], data: data[2] } };
+  }
+  throw bad(`${where} has a "${p.type}" part, which Anthropic models cannot take: send text, image_url or a PDF file, or pick an OpenAI model.`, where);
+}
+
+function blocksOf(content: ChatMessage["content"], where: string): Block[] {
+  if (typeof content === "string") return content.trim() ? [{ type: "text", text: content }] : [];
+  return (content ?? []).map((p, j) => partToBlock(p, `${where}[${j}]`)).filter((b): b is Block => b !== undefined);
+}
+
+function toolUses(m: ChatMessage, i: number): Block[] {
+  return (m.tool_calls ?? []).map((t, j) => {
+    const input = t.function.arguments.trim() ? parseJson(t.function.arguments) : {};
+    if (!isObj(input)) throw bad(`messages[${i}].tool_calls[${j}].function.arguments must be a JSON object string, like "{\\"city\\": \\"Paris\\"}".`, "messages");
+    return { type: "tool_use", id: t.id, name: t.function.name, input };
+  });
+}
+
+function pushTurn(turns: Turn[], role: Turn["role"], blocks: Block[]): void {
+  if (!blocks.length) return;
+  const last = turns[turns.length - 1];
+  if (last?.role === role) last.content.push(...blocks);
+  else turns.push({ role, content: blocks });
+}
+
+/**
+ * OpenAI messages to Anthropic's: system and developer text moves to `system`; tool results become
+ * `tool_result` blocks at the start of one user turn; same-role turns merge; empty text is dropped.
+ */
+export function toAnthropicMessages(messages: ChatMessage[]): { system: Block[]; turns: Turn[] } {
+  const system: Block[] = [], turns: Turn[] = [];
+  messages.forEach((m, i) => {
+    const where = `messages[${i}].content`;
+    if (m.role === "system" || m.role === "developer") system.push(...blocksOf(m.content, where));
+    else if (m.role === "user") pushTurn(turns, "user", blocksOf(m.content, where));
+    else if (m.role === "assistant") pushTurn(turns, "assistant", [...blocksOf(m.content, where), ...toolUses(m, i)]);
+    else {
+      const text = textOf(m.content);
+      const result: Block = { type: "tool_result", tool_use_id: m.tool_call_id ?? m.name ?? "" };
+      if (text.trim()) result.content = text;
+      pushTurn(turns, "user", [result]);
+    }
+  });
+  for (const t of turns) if (t.role === "user") t.content.sort((a, b) => Number(b.type === "tool_result") - Number(a.type === "tool_result"));
+  return { system, turns };
+}
+
+function anthropicToolChoice(req: ChatRequest): Record<string, unknown> | undefined {
+  const tc = req.tool_choice;
+  let out: Record<string, unknown> | undefined =
+    tc === "auto" ? { type: "auto" } : tc === "required" ? { type: "any" } : tc === "none" ? { type: "none" }
+    : isObj(tc) && tc.function?.name ? { type: "tool", name: tc.function.name } : undefined;
+  if (req.parallel_tool_calls === false && req.tools?.length) out = { ...(out ?? { type: "auto" }), disable_parallel_tool_use: true };
+  return out;
+}
+
+/** The whole request in Anthropic's shape; `max_tokens` is always sent because Anthropic requires it. */
+export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): Record<string, unknown> {
+  const { system, turns } = toAnthropicMessages(req.messages);
+  if (!turns.length) throw bad("The messages hold no user or assistant content once empty text is dropped: send at least one non-empty user message.", "messages");
+  const body: Record<string, unknown> = { model: m.id, max_tokens: req.max_completion_tokens ?? req.max_tokens ?? m.max_tokens ?? defaultMax, messages: turns };
+  if (system.length) body.system = system;
+  if (!m.fixed_sampling) {
+    if (typeof req.temperature === "number") body.temperature = Math.min(req.temperature, 1);
+    if (typeof req.top_p === "number") body.top_p = req.top_p;
+  }
+  if (req.stop != null) body.stop_sequences = Array.isArray(req.stop) ? req.stop : [req.stop];
+  const tools = (req.tools ?? []).filter((t) => t.type === "function" && t.function);
+  if (tools.length) body.tools = tools.map((t) => ({ name: t.function!.name, ...(t.function!.description ? { description: t.function!.description } : {}), input_schema: t.function!.parameters ?? { type: "object", properties: {} } }));
+  const choice = tools.length ? anthropicToolChoice(req) : undefined;
+  if (choice) body.tool_choice = choice;
+  if (typeof req.user === "string") body.metadata = { user_id: req.user };
+  if (req.response_format?.type === "json_schema" && req.response_format.json_schema?.schema) body.output_config = { format: { type: "json_schema", schema: req.response_format.json_schema.schema } };
+  if (req.stream) body.stream = true;
+  return body;
+}
+
+const STOP_REASONS: Record<string, string> = {
+  end_turn: "stop", stop_sequence: "stop", pause_turn: "stop", max_tokens: "length",
+  model_context_window_exceeded: "length", tool_use: "tool_calls", refusal: "content_filter",
+};
+const finishReason = (r: unknown) => (typeof r === "string" ? STOP_REASONS[r] ?? "stop" : null);
+
+/** An Anthropic message to an OpenAI chat completion: text joined, tool_use to tool_calls, thinking dropped. */
+export function fromAnthropicMessage(body: Record<string, any>, now: number): { completion: Completion; usage: Usage } {
+  const blocks: Block[] = Array.isArray(body.content) ? body.content : [];
+  const text = blocks.filter((b) => b.type === "text").map((b) => b.text as string).join("");
+  const calls: ToolCall[] = blocks.filter((b) => b.type === "tool_use").map((b) => ({ id: b.id as string, type: "function", function: { name: b.name as string, arguments: JSON.stringify(b.input ?? {}) } }));
+  const message: Completion["choices"][0]["message"] = { role: "assistant", content: text || (calls.length ? null : "") };
+  if (calls.length) message.tool_calls = calls;
+  const usage = usageFromAnthropic(body.usage);
+  return {
+    completion: { id: String(body.id ?? ""), object: "chat.completion", created: Math.floor(now / 1000), model: String(body.model ?? ""), choices: [{ index: 0, message, finish_reason: finishReason(body.stop_reason), logprobs: null }] },
+    usage,
+  };
+}
+
+/** Anthropic's event stream to OpenAI chunks, event by event; tool calls get their own index counter. */
+export class AnthropicStream implements StreamTranslator {
+  usage: Usage | undefined;
+  done = false;
+  error: ErrorInfo | undefined;
+  #m: Model; #includeUsage: boolean; #created: number;
+  #id = ""; #model = ""; #tools = 0; #toolOf = new Map<number, number>();
+
+  constructor(m: Model, includeUsage: boolean, now: number) { this.#m = m; this.#includeUsage = includeUsage; this.#created = Math.floor(now / 1000); this.#model = m.id; }
+
+  #chunk(delta: Record<string, unknown>, finish: string | null = null): string {
+    return sseData({ id: this.#id, object: "chat.completion.chunk", created: this.#created, model: this.#model, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
+  }
+
+  feed(raw: Buffer): string | null {
+    const ev = parseSseEvent(raw.toString());
+    const data = ev && (parseJson(ev.data) as Record<string, any> | undefined);
+    if (!data) return null;
+    switch (data.type) {
+      case "message_start": return this.#start(data.message ?? {});
+      case "content_block_start": return this.#blockStart(data.index, data.content_block ?? {});
+      case "content_block_delta": return this.#delta(data.index, data.delta ?? {});
+      case "message_delta": return this.#messageDelta(data);
+      case "message_stop": return this.#stop();
+      case "error": this.error = { message: String(data.error?.message ?? "Upstream stream error"), type: String(data.error?.type ?? "api_error"), code: data.error?.type ?? null }; return null;
+      default: return null; // ping, content_block_stop and anything newer carry nothing for the client
+    }
+  }
+
+  #start(msg: Record<string, any>): string {
+    this.#id = String(msg.id ?? "");
+    if (msg.model) this.#model = String(msg.model);
+    this.usage = usageFromAnthropic(msg.usage);
+    return this.#chunk({ role: "assistant", content: "" });
+  }
+
+  #blockStart(index: number, block: Record<string, any>): string | null {
+    if (block.type === "text" && block.text) return this.#chunk({ content: block.text });
+    if (block.type !== "tool_use") return null;
+    const t = this.#tools++;
+    this.#toolOf.set(index, t);
+    return this.#chunk({ tool_calls: [{ index: t, id: block.id, type: "function", function: { name: block.name, arguments: "" } }] });
+  }
+
+  #delta(index: number, d: Record<string, any>): string | null {
+    if (d.type === "text_delta" && d.text) return this.#chunk({ content: d.text });
+    if (d.type === "input_json_delta" && d.partial_json && this.#toolOf.has(index))
+      return this.#chunk({ tool_calls: [{ index: this.#toolOf.get(index), function: { arguments: d.partial_json } }] });
+    return null; // thinking, signature and citation deltas are not content
+  }
+
+  #messageDelta(data: Record<string, any>): string {
+    const u = data.usage ?? {}, prev = this.usage ?? usageFromAnthropic({});
+    // output_tokens is cumulative; input and cache counts, when repeated here, replace message_start's
+    this.usage = { input: u.input_tokens ?? prev.input, cached: u.cache_read_input_tokens ?? prev.cached, cache_write: u.cache_creation_input_tokens ?? prev.cache_write, output: u.output_tokens ?? prev.output };
+    return this.#chunk({}, finishReason(data.delta?.stop_reason) ?? "stop");
+  }
+
+  #stop(): string {
+    this.done = true;
+    const usage = this.#includeUsage && this.usage ? sseData({ id: this.#id, object: "chat.completion.chunk", created: this.#created, model: this.#model, choices: [], usage: openAIUsage(this.usage, costUsd(this.#m, this.usage)) }) : "";
+    return usage + SSE_DONE;
+  }
+}
+
+const anthropicAdapter: Adapter = {
+  build(req, m, defaultMax) {
+    const headers: Record<string, string> = { "content-type": "application/json", "anthropic-version": "2023-06-01", [HOP]: "1" };
+    if (m.provider.apiKey) headers["x-api-key"] = m.provider.apiKey;
+    return { url: `${m.provider.baseUrl}/v1/messages`, headers, body: JSON.stringify(anthropicBody(req, m, defaultMax)) };
+  },
+  parse(body, _m, now) {
+    if (!isObj(body) || !Array.isArray(body.content)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a message in its body.");
+    return fromAnthropicMessage(body, now);
+  },
+  error: errorInfoFrom,
+  stream: (m, includeUsage, now) => new AnthropicStream(m, includeUsage, now),
+};
+
+export const ADAPTERS: Record<Kind, Adapter> = { openai: openaiAdapter, anthropic: anthropicAdapter };
+
+// ============================================================================================
+// 7. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
+//    transaction per tick, so no request waits on the disk; a failed write keeps its rows and retries.
+// ============================================================================================
+
+const SCHEMA = `
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+PRAGMA busy_timeout = 50;
+CREATE TABLE IF NOT EXISTS requests (
+  id INTEGER PRIMARY KEY,
+  ts INTEGER NOT NULL,                -- ms since the epoch, when the request arrived
+  provider TEXT, model TEXT,          -- who answered (or was tried last); NULL when nothing was tried
+  requested_model TEXT, complexity TEXT,
+  status INTEGER NOT NULL,            -- HTTP status the client got; 499 when the client went away
+  stream INTEGER NOT NULL DEFAULT 0,
+  input_tokens INTEGER NOT NULL DEFAULT 0,   -- the whole prompt, cached tokens included
+  output_tokens INTEGER NOT NULL DEFAULT 0,
+  cached_tokens INTEGER NOT NULL DEFAULT 0,  -- prompt tokens read from the provider's cache
+  cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+  cost_usd REAL NOT NULL DEFAULT 0,
+  latency_ms INTEGER, ttft_ms INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
+  failover TEXT,                      -- why earlier candidates were passed over
+  error TEXT, error_kind TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
+CREATE INDEX IF NOT EXISTS requests_model_ts ON requests(provider, model, ts);
+CREATE INDEX IF NOT EXISTS requests_errors ON requests(ts) WHERE status >= 400;
+-- one row per minute, model and complexity: totals and charts read this, never the whole log
+CREATE TABLE IF NOT EXISTS rollup (
+  minute INTEGER NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL, complexity TEXT NOT NULL,
+  requests INTEGER NOT NULL, errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+  cached_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, failovers INTEGER NOT NULL,
+  PRIMARY KEY (minute, provider, model, complexity)
+) WITHOUT ROWID;
+`;
+
+const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
+  cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind)
+  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
+const UPSERT_ROLLUP = `INSERT INTO rollup VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
+  ON CONFLICT (minute, provider, model, complexity) DO UPDATE SET requests = requests + 1, errors = errors + excluded.errors,
+  input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+  cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, failovers = failovers + excluded.failovers`;
+
+export type Totals = { requests: number; errors: number; input_tokens: number; output_tokens: number; cached_tokens: number; cost_usd: number };
+
+const TOTALS_SQL = `COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(input_tokens), 0) AS input_tokens,
+  COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, COALESCE(SUM(cost_usd), 0) AS cost_usd`;
+
+export class Store {
+  readonly path: string;
+  #db: DatabaseSync;
+  #insert: StatementSync;
+  #rollup: StatementSync;
+  #queue: Row[] = [];
+  #timer: ReturnType<typeof setTimeout> | undefined;
+  lastError: string | null = null;
+  written = 0;
+
+  constructor(path: string) {
+    this.path = path;
+    if (path !== ":memory:") mkdirSync(dirname(resolve(path)), { recursive: true });
+    this.#db = new DatabaseSync(path);
+    this.#db.exec(SCHEMA);
+    this.#insert = this.#db.prepare(INSERT_ROW);
+    this.#rollup = this.#db.prepare(UPSERT_ROLLUP);
+  }
+
+  /** Queue a row; it is written with the others of this tick, in one transaction. */
+  add(row: Row): void {
+    this.#queue.push(row);
+    this.#timer ??= setTimeout(() => this.flush(), this.lastError ? 1000 : 50);
+  }
+
+  get pending(): number { return this.#queue.length; }
+
+  /** Write every queued row now. On failure (disk full, database locked) the rows stay queued and a retry is scheduled. */
+  flush(): boolean {
+    clearTimeout(this.#timer);
+    this.#timer = undefined;
+    if (!this.#queue.length) return true;
+    const rows = this.#queue;
+    try {
+      this.#db.exec("BEGIN IMMEDIATE");
+      for (const r of rows) this.#write(r);
+      this.#db.exec("COMMIT");
+      this.#queue = this.#queue.slice(rows.length);
+      this.written += rows.length;
+      this.lastError = null;
+      return true;
+    } catch (e) {
+      try { this.#db.exec("ROLLBACK"); } catch { /* no transaction was open */ }
+      this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`;
+      this.#timer = setTimeout(() => this.flush(), 1000);
+      return false;
+    }
+  }
+
+  #write(r: Row): void {
+    this.#insert.run(r.ts, r.provider, r.model, r.requested_model, r.complexity, r.status, r.stream ? 1 : 0, r.input_tokens, r.output_tokens,
+      r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind);
+    this.#rollup.run(Math.floor(r.ts / 60_000), r.provider ?? "", r.model ?? "", r.complexity ?? "", r.status >= 400 ? 1 : 0,
+      r.input_tokens, r.output_tokens, r.cached_tokens, r.cost_usd, r.failover ? 1 : 0);
+  }
+
+  totals(sinceMs = 0): Totals {
+    return this.#db.prepare(`SELECT ${TOTALS_SQL} FROM rollup WHERE minute >= ?`).get(Math.floor(sinceMs / 60_000)) as Totals;
+  }
+
+  byModel(sinceMs: number): (Totals & { provider: string; model: string })[] {
+    return this.#db.prepare(`SELECT provider, model, ${TOTALS_SQL} FROM rollup WHERE minute >= ? GROUP BY provider, model`).all(Math.floor(sinceMs / 60_000)) as never;
+  }
+
+  routing(sinceMs: number): { complexity: string; requests: number; failovers: number }[] {
+    return this.#db.prepare("SELECT complexity, SUM(requests) AS requests, SUM(failovers) AS failovers FROM rollup WHERE minute >= ? GROUP BY complexity").all(Math.floor(sinceMs / 60_000)) as never;
+  }
+
+  /** Per-minute (bucket 1) or per-hour (bucket 60) sums since a time, oldest first. */
+  series(sinceMs: number, bucketMinutes: number): { b: number; requests: number; input_tokens: number; output_tokens: number; cost_usd: number }[] {
+    return this.#db.prepare(`SELECT minute / ? AS b, SUM(requests) AS requests, SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens,
+      SUM(cost_usd) AS cost_usd FROM rollup WHERE minute >= ? GROUP BY b ORDER BY b`).all(bucketMinutes, Math.floor(sinceMs / 60_000)) as never;
+  }
+
+  /** The latest latencies (and times to first token) of one model: percentiles read these, not the whole log. */
+  latencies(provider: string, model: string, sinceMs: number, limit = 2000): { latency_ms: number; ttft_ms: number | null }[] {
+    return this.#db.prepare("SELECT latency_ms, ttft_ms FROM requests WHERE provider = ? AND model = ? AND ts >= ? AND status < 400 ORDER BY ts DESC LIMIT ?").all(provider, model, sinceMs, limit) as never;
+  }
+
+  failoverReasons(sinceMs: number): { reason: string; count: number }[] {
+    return this.#db.prepare("SELECT failover AS reason, COUNT(*) AS count FROM (SELECT failover FROM requests WHERE ts >= ? AND failover IS NOT NULL ORDER BY ts DESC LIMIT 5000) GROUP BY failover ORDER BY count DESC LIMIT 10").all(sinceMs) as never;
+  }
+
+  recent(limit = 50): Row[] {
+    return this.#db.prepare("SELECT * FROM requests ORDER BY id DESC LIMIT ?").all(limit) as never;
+  }
+
+  errors(sinceMs: number, limit = 50): Row[] {
+    return this.#db.prepare("SELECT * FROM requests WHERE status >= 400 AND ts >= ? ORDER BY ts DESC LIMIT ?").all(sinceMs, limit) as never;
+  }
+
+  errorGroups(sinceMs: number): { provider: string; kind: string; count: number; last_ts: number; last_message: string }[] {
+    return this.#db.prepare(`SELECT COALESCE(provider, '') AS provider, COALESCE(error_kind, 'error') AS kind, COUNT(*) AS count, MAX(ts) AS last_ts,
+      (SELECT error FROM requests r2 WHERE r2.status >= 400 AND COALESCE(r2.provider, '') = COALESCE(r.provider, '') AND COALESCE(r2.error_kind, 'error') = COALESCE(r.error_kind, 'error') ORDER BY ts DESC LIMIT 1) AS last_message
+      FROM (SELECT * FROM requests WHERE status >= 400 AND ts >= ? ORDER BY ts DESC LIMIT 5000) r GROUP BY 1, 2 ORDER BY last_ts DESC LIMIT 20`).all(sinceMs) as never;
+  }
+
+  count(): number {
+    return (this.#db.prepare("SELECT COUNT(*) AS n FROM requests").get() as { n: number }).n;
+  }
+
+  close(): void {
+    this.flush();
+    clearTimeout(this.#timer);
+    this.#db.close();
+  }
+}
+
+// ============================================================================================
+// 8. HTTP edge: `createRouter(config, deps)` with the routes as a table. The only section that does
+//    I/O: it reads bodies, calls upstreams with fetch, writes responses and hands rows to the store.
+// ============================================================================================
+
+export type Deps = {
+  store: Store;
+  fetch?: typeof fetch;
+  now?: () => number;
+  apiKey?: string;                 // TOKENWATCH_API_KEY: required on every route but /health
+  allowedHosts?: Set<string>;      // Host headers we answer (DNS rebinding); undefined: any
+  log?: (line: string) => void;
+};
+
+type Ctx = { req: IncomingMessage; res: ServerResponse; url: URL };
+type Handler = (ctx: Ctx) => Promise<void> | void;
+
+const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
+const TIMED_OUT = Symbol("timeout");
+
+function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  if (res.headersSent || res.destroyed) return;
+  const text = JSON.stringify(body);
+  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), ...headers });
+  res.end(text);
+}
+
+const header = (req: IncomingMessage, name: string) => {
+  const v = req.headers[name];
+  return Array.isArray(v) ? v[0] : v;
+};
+
+const digest = (s: string) => createHash("sha256").update(s).digest();
+
+/** Constant-time comparison of the caller's key with ours (hashing first hides the length too). */
+function keyMatches(req: IncomingMessage, key: string): boolean {
+  const auth = header(req, "authorization");
+  const given = auth?.startsWith("Bearer ") ? auth.slice(7).trim() : header(req, "x-api-key");
+  return given !== undefined && timingSafeEqual(digest(given), digest(key));
+}
+
+/** Read a request body, refusing (413) as soon as it passes `limit` bytes. */
+function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+  const tooBig = () => new TwError(413, "body_too_large", `The request body is larger than ${limit} bytes: send less (shrink images, trim history), or raise max_body_bytes in the config.`);
+  if (Number(header(req, "content-length")) > limit) return Promise.reject(tooBig());
+  return new Promise((done, fail) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on("data", (c: Buffer) => {
+      size += c.length;
+      if (size > limit) { req.removeAllListeners("data"); req.pause(); fail(tooBig()); }
+      else chunks.push(c);
+    });
+    req.on("end", () => done(Buffer.concat(chunks, size)));
+    req.on("error", fail);
+  });
+}
+
+const UTF8 = new TextDecoder("utf-8", { fatal: true });
+
+/** Bytes to JSON, with an error that says what is wrong: invalid UTF-8, too deep, or where the syntax breaks. */
+export function parseBody(buf: Buffer): unknown {
+  let text: string;
+  try { text = UTF8.decode(buf); } catch { throw bad("The request body is not valid UTF-8: encode it as UTF-8 JSON."); }
+  if (!text.trim()) throw bad("The request body is empty: send a JSON object with \"model\" and \"messages\".");
+  if (jsonDepthExceeds(text, 64)) throw bad("The request body is nested more than 64 levels deep: flatten it.");
+  try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
+}
+
+/** A short label for why a candidate was passed over: what the dashboard groups failovers by. */
+function failLabel(status: number, timedOut = false): string {
+  if (timedOut) return "timeout";
+  if (status === 0) return "connection error";
+  if (status === 429) return "429 rate limited";
+  if (status === 529) return "529 overloaded";
+  if (status === 401 || status === 403) return `${status} key refused`;
+  if (status === 408) return "408 upstream timeout";
+  if (status >= 500) return `${status} upstream error`;
+  return `${status} bad answer`;
+}
+
+function errorKind(status: number): string {
+  return status === 429 ? "saturated" : status === 499 ? "client_closed" : status === 504 ? "timeout" : status === 508 ? "loop"
+    : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
+}
+
+type Relay = { m: Model; route: Route; reservation: Reservation; prior: Attempt[]; row: Row; res: ServerResponse; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
+type Fail = (status: number, message: string, opts?: { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean }) => Failure;
+
+/** How one attempt at one candidate ended. */
+type Outcome = { done: true } | Failure;
+/** `spent`: not worth another try in this request; `final`: goes back to the client as it is (a plain 4xx). */
+type Failure = { done: false; attempt: Attempt; spent: boolean; final?: boolean; error: TwError; timedOut: boolean };
+
+export function createRouter(config: Config, deps: Deps) {
+  const now = deps.now ?? Date.now;
+  const fetchFn = deps.fetch ?? fetch;
+  const store = deps.store;
+  const limiter = new Limiter(config.threshold);
+  const authDown = new Map<string, number>();  // provider id -> until when its key is considered refused
+  const started = now();
+  const inflight = new Set<Promise<void>>();
+  const scrubText = (s: string) => scrub(s, config.keys);
+
+  // ---- one attempt at one candidate ----
+
+  async function attempt(cr: ChatRequest, route: Route, m: Model, reservation: Reservation, prior: Attempt[], row: Row, res: ServerResponse, client: AbortSignal): Promise<Outcome> {
+    const started = now();
+    const adapter = ADAPTERS[m.provider.kind];
+    const fail: Fail = (status, message, opts = {}) => {
+      if (opts.release !== false) limiter.release(reservation, now());
+      const msg = scrubText(message);
+      const err = new TwError(opts.timedOut ? 504 : status >= 400 && status < 500 && status !== 429 && status !== 408 ? status : 502, opts.code ?? "upstream_error", msg);
+      return { done: false, attempt: { provider: m.provider.id, model: m.id, status, error: msg, ms: now() - started }, spent: opts.spent ?? true, error: err, timedOut: opts.timedOut ?? false };
+    };
+    let up: UpstreamRequest;
+    try { up = adapter.build(cr, m, config.default_max_tokens); }
+    catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
+
+    const ac = new AbortController();
+    const onClient = () => ac.abort(CLIENT_GONE);
+    client.addEventListener("abort", onClient);
+    const timer = setTimeout(() => ac.abort(TIMED_OUT), config.timeout_ms);
+    try {
+      let resp: Response;
+      try { resp = await fetchFn(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal }); }
+      catch (e) {
+        if (ac.signal.reason === CLIENT_GONE) { limiter.release(reservation, now()); throw CLIENT_GONE; }
+        const timedOut = ac.signal.reason === TIMED_OUT;
+        return fail(0, timedOut ? `No answer within ${config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
+      }
+      const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms);
+      if (cool) limiter.cool(m.key, cool);
+      if (!resp.ok) return await upstreamError(resp, m, ac, timer, fail);
+      const body = { m, route, reservation, prior, row, res, resp, ac, timer, started };
+      return cr.stream ? await relayStream(cr, body, fail) : await relayJson(body, fail);
+    } finally {
+      clearTimeout(timer);
+      client.removeEventListener("abort", onClient);
+    }
+  }
+
+  /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
+  async function upstreamError(resp: Response, m: Model, ac: AbortController, timer: NodeJS.Timeout, fail: Fail): Promise<Failure> {
+    const text = await readText(resp, ac, timer, 65_536).catch(() => "");
+    const info = ADAPTERS[m.provider.kind].error(resp.status, text);
+    const s = resp.status;
+    if (s === 429) return fail(s, info.message, { spent: false });
+    if (s === 401 || s === 403) { authDown.set(m.provider.id, now() + config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
+    if (s === 408 || s >= 500) return fail(s, info.message);
+    return { ...fail(s, info.message), final: true, error: new TwError(s, info.code ?? "upstream_error", scrubText(info.message), { type: info.type }) };
+  }
+
+  /** Read a body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
+  async function readText(resp: Response, _ac: AbortController, timer: NodeJS.Timeout, max = Infinity): Promise<string> {
+    if (!resp.body) return "";
+    const chunks: Buffer[] = [];
+    let size = 0;
+    for await (const c of resp.body as unknown as AsyncIterable<Uint8Array>) {
+      timer.refresh();
+      if (size < max) chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
+      size += c.byteLength;
+    }
+    return Buffer.concat(chunks).toString("utf8");
+  }
+
+
+  function routingHeaders(m: Model, route: Route): Record<string, string> {
+    return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
+  }
+
+  function account(r: Relay, usage: Usage | undefined, fallback: Usage): { usage: Usage; cost: number } {
+    const u = usage ?? fallback;
+    limiter.settle(r.reservation, totalTokens(u), now());
+    const cost = r.m.priced ? costUsd(r.m, u) : 0;
+    Object.assign(r.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
+    return { usage: u, cost };
+  }
+
+  async function relayJson(r: Relay, fail: Fail): Promise<Outcome> {
+    let parsed: { completion: Completion; usage: Usage | undefined };
+    try {
+      const text = await readText(r.resp, r.ac, r.timer);
+      parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, now());
+    } catch (e) {
+      if (r.ac.signal.reason === CLIENT_GONE) { limiter.release(r.reservation, now()); throw CLIENT_GONE; }
+      if (r.ac.signal.reason === TIMED_OUT) return fail(0, `The answer stalled for ${config.timeout_ms} ms`, { timedOut: true });
+      return fail(502, e instanceof TwError ? e.message : `The answer broke off: ${(e as Error).message}`);
+    }
+    const { completion } = parsed;
+    const content = completion.choices?.[0]?.message?.content;
+    const { usage, cost } = account(r, parsed.usage, { input: r.reservation.tokens - config.default_max_tokens, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
+    const attempts = [...r.prior, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
+    completion.usage = { ...completion.usage, ...openAIUsage(usage, cost) };
+    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.route.complexity, reason: r.route.reason, attempts };
+    if (!r.m.priced) completion.routing = { ...(completion.routing as object), unpriced: true };
+    sendJson(r.res, 200, completion, routingHeaders(r.m, r.route));
+    return { done: true };
+  }
+
+  async function relayStream(cr: ChatRequest, r: Relay, fail: Fail): Promise<Outcome> {
+    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, cr.stream_options?.include_usage === true, now());
+    const split = new SseSplitter();
+    let committed = false, sentChars = 0;
+    const send = async (out: Buffer | string) => {
+      if (!committed) {
+        committed = true;
+        r.row.ttft_ms = now() - r.row.ts;
+        r.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, r.route) });
+      }
+      sentChars += out.length;
+      if (!r.res.write(out)) await drained(r.res);
+    };
+    let broke: Error | undefined;
+    try {
+      for await (const c of r.resp.body as unknown as AsyncIterable<Uint8Array>) {
+        r.timer.refresh();
+        for (const ev of split.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength))) {
+          const out = tr.feed(ev);
+          if (tr.error) break;
+          if (out) await send(out);
+        }
+        if (tr.error || tr.done) break;
+      }
+    } catch (e) { broke = e as Error; }
+    const fallback = { input: r.reservation.tokens - config.default_max_tokens, cached: 0, cache_write: 0, output: Math.ceil(sentChars / 16) };
+    if (r.ac.signal.reason === CLIENT_GONE) { account(r, tr.usage, fallback); throw CLIENT_GONE; }
+    const timedOut = r.ac.signal.reason === TIMED_OUT;
+    const why = tr.error ? tr.error.message : timedOut ? `The stream stalled for ${config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
+    if (!committed) {
+      if (tr.error?.type === "rate_limit_error") limiter.cool(r.m.key, now() + config.cooldown_ms);
+      return why ? fail(tr.error ? 502 : 0, why, { timedOut }) : fail(502, "The stream ended without any event");
+    }
+    account(r, tr.usage, fallback);
+    if (why) {
+      const err = new TwError(timedOut ? 504 : 502, tr.error?.code ?? "upstream_stream_error", scrubText(why), { type: tr.error?.type });
+      Object.assign(r.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
+      r.res.write(sseData(err.body()));
+    }
+    r.res.end();
+    return { done: true };
+  }
+
+  // ---- the routing loop: walk the candidates, wait for capacity, fail over ----
+
+  async function serve(cr: ChatRequest, route: Route, row: Row, res: ServerResponse, client: AbortSignal): Promise<void> {
+    const estimate = estimateTokens(cr, config.default_max_tokens);
+    const deadline = row.ts + config.max_wait_ms;
+    const spent = new Set<Model>();
+    const attempts: Attempt[] = [];
+    const failures: Failure[] = [];
+    for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
+      if (client.aborted) throw CLIENT_GONE;
+      const t = now();
+      const open = route.candidates.filter((m) => !spent.has(m) && !((authDown.get(m.provider.id) ?? 0) > t));
+      if (!open.length) break;
+      const pick = pickCandidate(open, estimate, t);
+      if ("wait" in pick) {
+        if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
+        await capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
+        continue;
+      }
+      tries++;
+      row.provider = pick.model.provider.id;
+      row.model = pick.model.id;
+      const out = await attempt(cr, route, pick.model, pick.reservation, attempts, row, res, client);
+      row.attempts = attempts.length + 1;
+      if (out.done) { row.status = res.statusCode; return; }
+      attempts.push(out.attempt);
+      row.failover = [...new Set([...(row.failover?.split(", ") ?? []), failLabel(out.attempt.status, out.timedOut)])].join(", ");
+      if (out.final) throw withAttempts(out.error, attempts);
+      failures.push(out);
+      if (out.spent) spent.add(pick.model);
+    }
+    throw exhausted(failures, attempts);
+  }
+
+  /** Reserve the first candidate with room; otherwise say when to look again (and whether only cooldowns block). */
+  function pickCandidate(open: Model[], estimate: number, t: number): { model: Model; reservation: Reservation } | { wait: number; allCooling: boolean } {
+    let wait = Infinity, allCooling = true;
+    for (const m of open) {
+      const v = limiter.reserve(m, estimate, t);
+      if (v.ok) return { model: m, reservation: v.reservation };
+      if (v.why !== "cooling") allCooling = false;
+      wait = Math.min(wait, v.until ?? t + 1000);
+    }
+    return { wait, allCooling };
+  }
+
+  /** Sleep until a reservation is settled somewhere (capacity may be back) or `ms` pass, whichever is first. */
+  function capacityOrTimeout(ms: number, client: AbortSignal): Promise<void> {
+    return new Promise((done) => {
+      const finish = () => { clearTimeout(timer); stop(); client.removeEventListener("abort", finish); done(); };
+      const timer = setTimeout(finish, Math.max(10, Math.min(ms, 1000)));
+      const stop = limiter.onNextChange(finish);
+      client.addEventListener("abort", finish);
+    });
+  }
+
+  function saturated(route: Route, until: number, t: number): TwError {
+    const secs = Math.max(1, Math.ceil((until === Infinity ? 60_000 : until - t) / 1000));
+    return new TwError(429, "all_providers_saturated", `Every candidate (${route.candidates.map((m) => m.id).join(", ")}) is at its rate limit: retry in ${secs} s, or raise the limits in the config.`, { headers: { "retry-after": String(secs) } });
+  }
+
+  function withAttempts(e: TwError, attempts: Attempt[]): TwError {
+    (e as TwError & { attempts?: Attempt[] }).attempts = attempts;
+    return e;
+  }
+
+  /** Every candidate failed: 400 when none could take the request, 504 when the last timed out, else 502. */
+  function exhausted(fails: Failure[], attempts: Attempt[]): TwError {
+    if (fails.length && fails.every((f) => f.error.status === 400)) return withAttempts(fails[0].error, attempts);
+    const last = fails[fails.length - 1];
+    const list = attempts.map((a) => `${a.provider}/${a.model}: ${a.status || "no answer"} ${a.error ?? ""}`.trim()).join("; ");
+    return withAttempts(new TwError(last?.timedOut ? 504 : 502, last?.timedOut ? "upstream_timeout" : "upstream_failed", `Every candidate failed (${list || "none could be tried"}). Retry later, or check the providers' status.`), attempts);
+  }
+
+  // ---- routes ----
+
+  async function chat({ req, res }: Ctx): Promise<void> {
+    const row: Row = { ts: now(), provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null };
+    const client = new AbortController();
+    res.on("close", () => { if (!res.writableFinished) client.abort(); });
+    try {
+      if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
+      const type = header(req, "content-type") ?? "";
+      if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${JSON.stringify(type || "none")}).`);
+      const cr = validateChatRequest(parseBody(await readBody(req, config.max_body_bytes)));
+      row.requested_model = cr.model ?? "auto";
+      row.stream = cr.stream === true;
+      const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
+      row.complexity = r.complexity;
+      await serve(cr, r, row, res, client.signal);
+    } catch (e) {
+      const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
+      if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
+      Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
+      const attempts = (err as TwError & { attempts?: Attempt[] }).attempts;
+      const body = attempts ? { error: { ...err.body().error, attempts } } : err.body();
+      if (err.status === 413) { res.setHeader("connection", "close"); res.once("finish", () => req.destroy()); }
+      if (err !== CLIENT_GONE) sendJson(res, err.status, body, err.headers);
+    } finally {
+      row.latency_ms = now() - row.ts;
+      store.add(row);
+    }
+  }
+
+  function models({ res }: Ctx): void {
+    const data = config.models.filter((m) => m.provider.enabled).map((m) => ({ id: m.id, object: "model", created: 0, owned_by: m.provider.id }));
+    for (const [alias, target] of Object.entries(config.aliases)) {
+      const m = config.models.find((x) => x.id === target && x.provider.enabled);
+      if (m) data.push({ id: alias, object: "model", created: 0, owned_by: m.provider.id });
+    }
+    sendJson(res, 200, { object: "list", data });
+  }
+
+  function stats({ res, url }: Ctx): void {
+    const w = url.searchParams.get("window") ?? "24h";
+    const spans: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 604_800_000, all: Infinity };
+    if (!(w in spans)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${JSON.stringify(w)}.`, "window");
+    sendJson(res, 200, statsBody(w, spans[w]), { "cache-control": "no-store" });
+  }
+
+  const percentile = (xs: number[], p: number) => (xs.length ? xs.sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))] : null);
+
+  function modelStats(t: number, since: number) {
+    const agg = new Map(store.byModel(since).map((r) => [`${r.provider}/${r.model}`, r]));
+    const list = [...config.models];
+    for (const k of agg.keys()) if (!list.some((m) => m.key === k)) { const [p, ...id] = k.split("/"); const prov = config.providers.find((x) => x.id === p); if (prov) list.push(unpricedModel(prov, id.join("/"))); }
+    return list.map((m) => {
+      const a = agg.get(m.key), h = limiter.headroom(m, t);
+      const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
+      const ttft = lat.map((l) => l.ttft_ms).filter((x): x is number => x !== null);
+      const free = h.coolUntil ? h.coolUntil - t : 0;
+      return {
+        provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
+        requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
+        p50_ms: percentile(lat.map((l) => l.latency_ms), 50), p95_ms: percentile(lat.map((l) => l.latency_ms), 95),
+        ttft_p50_ms: percentile([...ttft], 50), ttft_p95_ms: percentile([...ttft], 95),
+        window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
+        percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil(free / 1000),
+        price_in: m.input, price_out: m.output,
+      };
+    });
+  }
+
+  function statsBody(w: string, span: number) {
+    store.flush();
+    const t = now(), since = Number.isFinite(span) ? t - span : 0;
+    const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
+    const fix = (x: Totals) => ({ ...x, cost_usd: round12(x.cost_usd) });
+    const byProv = new Map<string, { requests: number; errors: number; cost_usd: number }>();
+    const models = modelStats(t, since);
+    for (const m of models) { const p = byProv.get(m.provider) ?? { requests: 0, errors: 0, cost_usd: 0 }; p.requests += m.requests; p.errors += m.errors; p.cost_usd = round12(p.cost_usd + m.cost_usd); byProv.set(m.provider, p); }
+    const routing = store.routing(since);
+    const count = (c: string) => routing.find((r) => r.complexity === c)?.requests ?? 0;
+    const series = (minutes: number, bucket: number) => {
+      const rows = new Map(store.series(t - minutes * 60_000, bucket).map((r) => [r.b, r]));
+      const last = Math.floor(t / 60_000 / bucket);
+      return Array.from({ length: minutes / bucket }, (_, i) => {
+        const b = last - minutes / bucket + 1 + i, r = rows.get(b);
+        return { t: b * bucket * 60_000, requests: r?.requests ?? 0, input_tokens: r?.input_tokens ?? 0, output_tokens: r?.output_tokens ?? 0, cost_usd: round12(r?.cost_usd ?? 0) };
+      });
+    };
+    return {
+      uptime_s: Math.floor((t - started) / 1000), version: VERSION, window: w, now: t, threshold: config.threshold,
+      totals: fix(store.totals(0)),
+      periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all: fix(store.totals(0)) },
+      models,
+      providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0 }), disabled_for_s: Math.max(0, Math.ceil(((authDown.get(p.id) ?? 0) - t) / 1000)) })),
+      routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
+      series: { minute: series(60, 1), hour: series(24 * 60, 60) },
+      recent: store.recent(50).map(rowOut),
+      errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
+      error_groups: store.errorGroups(since),
+      store: { path: store.path, pending_rows: store.pending, last_error: store.lastError },
+    };
+  }
+
+  const rowOut = (r: Row) => ({ ts: r.ts, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
+
+  function limits({ res }: Ctx): void {
+    const t = now();
+    sendJson(res, 200, { threshold: config.threshold, models: modelStats(t, t - 3_600_000).map(({ provider, model, window_tokens, window_requests, inflight, limit, rpm, percent_used, saturated, cooling, free_in_s }) => ({ provider, model, window_tokens, window_requests, inflight, limit, rpm, percent_used, saturated, cooling, free_in_s })) });
+  }
+
+  const ROUTES: Record<string, Handler> = {
+    "POST /v1/chat/completions": chat,
+    "GET /v1/models": models,
+    "GET /stats": stats,
+    "GET /api/stats": stats,
+    "GET /api/limits": limits,
+    "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
+    "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
+  };
+  const OPEN = new Set(["GET /health", "GET /"]); // the page itself holds no data; it asks for the key
+
+  /** The node:http request listener. */
+  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    let url: URL;
+    try { url = new URL(req.url ?? "/", "http://localhost"); } catch { return sendJson(res, 400, bad("The request URL cannot be parsed.").body()); }
+    const key = `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`;
+    const fn = ROUTES[key];
+    try {
+      if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
+        throw new TwError(403, "host_not_allowed", `Host ${JSON.stringify(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
+      if (!fn) {
+        const allowed = Object.keys(ROUTES).filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
+        if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
+        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname}. Routes: POST /v1/chat/completions, GET /v1/models, GET /stats, GET /health, GET /.`);
+      }
+      if (deps.apiKey && !OPEN.has(key) && !keyMatches(req, deps.apiKey))
+        throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
+      const p = Promise.resolve(fn({ req, res, url }));
+      inflight.add(p);
+      await p.finally(() => inflight.delete(p));
+    } catch (e) {
+      const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}`);
+      sendJson(res, err.status, err.body(), err.headers);
+    }
+  }
+
+  /** Wait (up to `ms`) for the requests in flight to finish: the first half of a clean shutdown. */
+  async function drain(ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms;
+    while (inflight.size && Date.now() < deadline) await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => setTimeout(r, Math.min(100, deadline - Date.now())))]);
+    return inflight.size === 0;
+  }
+
+  return { handle, limiter, drain, stats: statsBody, get inflight() { return inflight.size; } };
+}
+
+/** Resolve when the response may take more data, or is gone. */
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((done) => {
+    const finish = () => { res.off("drain", finish); res.off("close", finish); done(); };
+    res.on("drain", finish);
+    res.on("close", finish);
+  });
+}
+
+// ============================================================================================
+// 9. Dashboard: one self-contained page (no external assets) that refreshes itself from /stats.
+// ============================================================================================
+
+const DASHBOARD_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+const DASHBOARD_HTML = `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>TokenWatch</title></head>
+<body><h1>TokenWatch</h1><pre id="out"></pre><script>
+async function tick(){const r=await fetch("/stats");document.getElementById("out").textContent=JSON.stringify(await r.json(),null,2)}
+tick();setInterval(tick,3000);
+</script></body></html>`;
+
+// ============================================================================================
+// 10. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
+//     importing this file (the tests do) starts nothing.
+// ============================================================================================
+
+const HELP = `TokenWatch ${VERSION}: a self-contained LLM router for AI agents.
+
+Usage: node tokenwatch.ts [flags]        (or: deno run -A tokenwatch.ts [flags])
+
+Point any OpenAI-compatible client at http://127.0.0.1:8080/v1. Requests go to Anthropic, Kimi or
+OpenAI by rate-limit headroom, task complexity and cost; every request is logged with its cost.
+
+Flags (override the environment):
+  --port N         port to listen on                      (TOKENWATCH_PORT, default 8080)
+  --host H         address to listen on                   (TOKENWATCH_HOST, default 127.0.0.1)
+  --db PATH        SQLite file, or :memory:               (TOKENWATCH_DB, default ~/.tokenwatch/tokenwatch.db)
+  --config PATH    JSON config merged over PROVIDERS      (TOKENWATCH_CONFIG)
+  --help           show this help
+  --version        print the version
+
+Environment:
+  ANTHROPIC_API_KEY, KIMI_API_KEY (or MOONSHOT_API_KEY), OPENAI_API_KEY   provider keys
+  ANTHROPIC_BASE_URL (without /v1), KIMI_BASE_URL, OPENAI_BASE_URL (with /v1)
+  TOKENWATCH_API_KEY       require this key (Bearer or x-api-key) on every route but /health
+  TOKENWATCH_MAX_WAIT_MS   how long a request may wait for capacity (default 30000)
+
+Routes:
+  POST /v1/chat/completions   OpenAI Chat Completions, streaming included
+  GET  /v1/models             the enabled models
+  GET  /                      the live dashboard
+  GET  /stats                 JSON for the dashboard and scripts (?window=1h|24h|7d|all)
+  GET  /health                {"status":"ok"}
+`;
+
+export class UsageError extends Error {}
+
+export type Options = { port: number; host: string; db: string; configPath: string | undefined; help: boolean; version: boolean };
+
+const FLAGS = new Set(["--port", "--host", "--db", "--config"]);
+
+/** Flags override the environment; the environment overrides the defaults. Bad values throw UsageError. */
+export function parseOptions(argv: string[], env: Record<string, string | undefined>): Options {
+  const flags: Record<string, string> = {};
+  let help = false, version = false;
+  for (let i = 0; i < argv.length; i++) {
+    const [name, inline] = argv[i].split(/=(.*)/s, 2);
+    if (name === "--help" || name === "-h") { help = true; continue; }
+    if (name === "--version" || name === "-v") { version = true; continue; }
+    if (!FLAGS.has(name)) throw new UsageError(`Unknown flag ${JSON.stringify(argv[i])}: see --help.`);
+    const value = inline ?? argv[++i];
+    if (value === undefined || value === "") throw new UsageError(`Flag ${name} needs a value: see --help.`);
+    flags[name.slice(2)] = value;
+  }
+  const portText = flags.port ?? env.TOKENWATCH_PORT ?? "8080";
+  const port = Number(portText);
+  if (!/^\d+$/.test(portText) || port > 65535) throw new UsageError(`Port ${JSON.stringify(portText)} is not a port number from 0 to 65535.`);
+  const db = flags.db ?? env.TOKENWATCH_DB ?? resolve(homedir(), ".tokenwatch", "tokenwatch.db");
+  return { port, host: flags.host ?? env.TOKENWATCH_HOST ?? "127.0.0.1", db, configPath: flags.config ?? env.TOKENWATCH_CONFIG, help, version };
+}
+
+/** Read and validate the config file; every problem becomes one line naming the file and the key. */
+export function loadConfig(path: string | undefined, env: Record<string, string | undefined>): Config {
+  let file: unknown = {};
+  if (path) {
+    let text: string;
+    try { text = readFileSync(path, "utf8"); } catch (e) { throw new ConfigError(`Cannot read config ${JSON.stringify(path)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
+    try { file = JSON.parse(text); } catch (e) { throw new ConfigError(`Cannot read config ${JSON.stringify(path)}: not valid JSON (${(e as Error).message})`); }
+  }
+  try { return buildConfig({ file, env }); } catch (e) {
+    if (e instanceof ConfigError) throw new ConfigError(`Invalid config${path ? ` ${JSON.stringify(path)}` : ""}: ${e.message}`);
+    throw e;
+  }
+}
+
+const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/;
+
+/** The Host headers a loopback listener answers; any other name is a DNS-rebinding attempt. */
+function hostsFor(host: string, port: number): Set<string> | undefined {
+  if (!LOOPBACK.test(host)) return undefined;
+  return new Set(["127.0.0.1", "localhost", "[::1]", host.includes(":") ? `[${host}]` : host].flatMap((h) => [h, `${h}:${port}`]));
+}
+
+export type Running = { url: string; port: number; server: http.Server; store: Store; router: ReturnType<typeof createRouter>; config: Config; close(drainMs?: number): Promise<void> };
+
+/** Open the store and listen: what main() does, and what the tests call to get a real server. */
+export async function start(opts: { config: Config; port?: number; host?: string; db?: string; env?: Record<string, string | undefined>; fetch?: typeof fetch; now?: () => number; log?: (l: string) => void }): Promise<Running> {
+  const env = opts.env ?? {};
+  const host = opts.host ?? "127.0.0.1";
+  const store = new Store(opts.db ?? ":memory:");
+  const deps: Deps = { store, fetch: opts.fetch, now: opts.now, apiKey: env.TOKENWATCH_API_KEY || undefined, log: opts.log };
+  const router = createRouter(opts.config, deps);
+  const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0 }, (req, res) => void router.handle(req, res));
+  await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); });
+  const port = (server.address() as { port: number }).port;
+  deps.allowedHosts = hostsFor(host, port);
+  const shown = host.includes(":") ? `[${host}]` : host;
+  let closing: Promise<void> | undefined;
+  const close = (drainMs = 10_000) => (closing ??= (async () => {
+    server.close();
+    await router.drain(drainMs);
+    server.closeAllConnections();
+    store.close();
+  })());
+  return { url: `http://${shown}:${port}`, port, server, store, router, config: opts.config, close };
+}
+
+function banner(r: Running, opts: Options): string {
+  const on = r.config.providers.filter((p) => p.enabled), off = r.config.providers.filter((p) => !p.enabled);
+  const today = new Date().toISOString().slice(0, 10);
+  const lines = [
+    `TokenWatch ${VERSION} listening on ${r.url}/v1`,
+    `  dashboard  ${r.url}/`,
+    `  database   ${r.store.path}`,
+    `  providers  ${on.map((p) => `${p.id} (${p.why})`).join(", ") || "none enabled"}`,
+  ];
+  if (off.length) lines.push(`  disabled   ${off.map((p) => `${p.id}: ${p.why}`).join("; ")}`);
+  for (const m of r.config.models) if (m.eol && m.eol <= today) lines.push(`  warning    ${m.key} reached its end of life on ${m.eol}: requests to it will fail; remove it or alias it to a current model`);
+  if (!LOOPBACK.test(opts.host) && !process.env.TOKENWATCH_API_KEY) lines.push(`  warning    listening on ${opts.host} without TOKENWATCH_API_KEY: anyone who can reach this port can spend your tokens`);
+  return lines.join("\n");
+}
+
+async function main(argv: string[]): Promise<void> {
+  const env = process.env as Record<string, string | undefined>;
+  let opts: Options, config: Config;
+  try {
+    opts = parseOptions(argv, env);
+    if (opts.help) { process.stdout.write(HELP); return; }
+    if (opts.version) { process.stdout.write(`${VERSION}\n`); return; }
+    config = loadConfig(opts.configPath, env);
+  } catch (e) {
+    process.stderr.write(`tokenwatch: ${(e as Error).message}\n`);
+    process.exit(e instanceof UsageError ? 2 : 1);
+  }
+  let running: Running;
+  try {
+    running = await start({ config, port: opts.port, host: opts.host, db: opts.db, env, log: (l) => process.stderr.write(`${l}\n`) });
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException;
+    const why = err.code === "EADDRINUSE" ? `port ${opts.port} is already in use: stop the other process or pick another with --port` : err.message;
+    process.stderr.write(`tokenwatch: Cannot start on ${opts.host}:${opts.port}: ${why}\n`);
+    process.exit(1);
+  }
+  process.stdout.write(`${banner(running, opts)}\n`);
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) { process.stderr.write(`tokenwatch: ${signal} again, exiting now\n`); process.exit(130); }
+    stopping = true;
+    process.stdout.write(`tokenwatch: ${signal}: finishing ${running.router.inflight} request(s) in flight, then writing the log\n`);
+    running.close(10_000).then(() => process.exit(0), (e) => { process.stderr.write(`tokenwatch: ${(e as Error).message}\n`); process.exit(1); });
+  };
+  process.on("SIGINT", () => stop("SIGINT"));
+  process.on("SIGTERM", () => stop("SIGTERM"));
+}
+
+/** True when this file is the program being run (directly or through a symlink), not an import. */
+function isMain(): boolean {
+  const meta = import.meta as ImportMeta & { main?: boolean };
+  if (typeof meta.main === "boolean") return meta.main;
+  try { return Boolean(process.argv[1]) && realpathSync(process.argv[1]) === realpathSync(fileURLToPath(import.meta.url)); } catch { return false; }
+}
+
+if (isMain()) void main(process.argv.slice(2));
