@@ -910,11 +910,14 @@ function blocksOf(content: ChatMessage["content"], where: string): Block[] {
   return (content ?? []).map((p, j) => partToBlock(p, `${where}[${j}]`)).filter((b): b is Block => b !== undefined);
 }
 
+/** Anthropic accepts tool ids of [a-zA-Z0-9_-] only; other providers' ids (Kimi's "functions.f:0") are mapped the same way on both sides. */
+const toolId = (id: string) => id.replace(/[^a-zA-Z0-9_-]/g, "_");
+
 function toolUses(m: ChatMessage, i: number): Block[] {
   return (m.tool_calls ?? []).map((t, j) => {
     const input = t.function.arguments.trim() ? parseJson(t.function.arguments) : {};
     if (!isObj(input)) throw bad(`messages[${i}].tool_calls[${j}].function.arguments must be a JSON object string, like "{\\"city\\": \\"Paris\\"}".`, "messages");
-    return { type: "tool_use", id: t.id, name: t.function.name, input };
+    return { type: "tool_use", id: toolId(t.id), name: t.function.name, input };
   });
 }
 
@@ -938,7 +941,7 @@ export function toAnthropicMessages(messages: ChatMessage[]): { system: Block[];
     else if (m.role === "assistant") pushTurn(turns, "assistant", [...blocksOf(m.content, where), ...toolUses(m, i)]);
     else {
       const text = textOf(m.content);
-      const result: Block = { type: "tool_result", tool_use_id: m.tool_call_id ?? m.name ?? "" };
+      const result: Block = { type: "tool_result", tool_use_id: toolId(m.tool_call_id ?? m.name ?? "") };
       if (text.trim()) result.content = text;
       pushTurn(turns, "user", [result]);
     }
@@ -1503,7 +1506,7 @@ export function createRouter(config: Config, deps: Deps) {
       row.model = pick.model.id;
       const out = await attempt(cr, route, pick.model, pick.reservation, attempts, row, res, client);
       row.attempts = attempts.length + 1;
-      if (out.done) { row.status = res.statusCode; return; }
+      if (out.done) { row.status ||= res.statusCode; return; }
       attempts.push(out.attempt);
       row.failover = [...new Set([...(row.failover?.split(", ") ?? []), failLabel(out.attempt.status, out.timedOut)])].join(", ");
       if (out.final) throw withAttempts(out.error, attempts);

@@ -1,0 +1,1269 @@
+// Mock upstream LLM providers (OpenAI Chat Completions, Kimi/Moonshot, Anthropic Messages) for TokenWatch tests.
+// Wire formats follow /work/shared/reference/providers.md (§1 OpenAI, §2 Anthropic, §3 Kimi, §6 pitfalls).
+// Only node: built-ins; runs under Node's type stripping (erasable syntax only).
+//
+// Behaviour summary:
+// - Every request that reaches the handler is recorded (parsed JSON body, or the raw string) before anything is validated.
+// - Each request to the chat endpoint (POST /v1/chat/completions, POST /v1/messages) takes the next queued Script (or the
+//   default) on arrival, valid or not. Authentication and request validation then run first: an invalid request gets the
+//   provider's real 4xx answer and its script is spent. Scripts are only played for requests the real API would accept.
+// - GET /v1/models (and /v1/models/{id}) answers after auth and never consumes a script.
+
+import { createServer } from "node:http";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import type { AddressInfo, Socket } from "node:net";
+import { randomBytes, randomUUID } from "node:crypto";
+
+export type Flavor = "openai" | "kimi" | "anthropic";
+export type Script =
+  | { type: "reply"; text?: string; tool_calls?: { name: string; arguments: string }[]; usage?: Partial<MockUsage>; delayMs?: number; chunks?: number; finish?: string; headers?: Record<string, string> }
+  | { type: "error"; status: number; body?: unknown; headers?: Record<string, string> }
+  | { type: "raw"; status: number; body: string; headers?: Record<string, string> }
+  | { type: "hang" }
+  | { type: "reset" }
+  | { type: "stream-break"; afterChunks: number }
+  | { type: "stream-error"; afterChunks: number; message?: string }
+  | { type: "stall"; afterChunks: number };
+export type MockUsage = { input: number; output: number; cached: number; cache_write: number };
+export type Recorded = { method: string; path: string; headers: Record<string, string | string[] | undefined>; body: any; at: number };
+export interface Mock {
+  url: string;
+  flavor: Flavor;
+  key: string;
+  requests: Recorded[];
+  queue(...s: Script[]): void;
+  setDefault(s: Script): void;
+  openConnections(): number;
+  closedRequests(): number;
+  waitForClosedRequest(): Promise<void>;
+  close(): Promise<void>;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// small helpers
+
+type Json = Record<string, unknown>;
+type Fail = { status?: number; message: string; param?: string | null; code?: string | null; type?: string };
+type Frame = { lines: string[]; kind: "start" | "content" | "other" };
+type ToolCall = { name: string; arguments: string };
+type AnswerScript = Extract<Script, { type: "reply" | "stream-break" | "stream-error" | "stall" }>;
+
+const DEFAULT_KEYS: Record<Flavor, string> = { openai: "sk-test-openai", kimi: "sk-test-kimi", anthropic: "sk-ant-test" };
+const B62 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+const noop = (): void => {};
+
+function rand62(n: number): string {
+  const b = randomBytes(n);
+  let s = "";
+  for (let i = 0; i < n; i++) s += B62[b[i] % 62];
+  return s;
+}
+const hex = (n: number): string => randomBytes(Math.ceil(n / 2)).toString("hex").slice(0, n);
+const isObj = (v: unknown): v is Json => typeof v === "object" && v !== null && !Array.isArray(v);
+const isInt = (v: unknown): v is number => typeof v === "number" && Number.isInteger(v);
+const isNum = (v: unknown): v is number => typeof v === "number" && Number.isFinite(v);
+const has = (o: Json, k: string): boolean => Object.prototype.hasOwnProperty.call(o, k) && o[k] !== undefined;
+
+/** OpenAI-style type names used in its validation messages. */
+function oaiType(v: unknown): string {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return "an array";
+  if (typeof v === "string") return "a string";
+  if (typeof v === "boolean") return "a boolean";
+  if (typeof v === "number") return Number.isInteger(v) ? "an integer" : "a decimal";
+  return "an object";
+}
+
+/** Split text into content pieces: one per word by default (leading whitespace kept with its word), or `chunks` pieces. */
+function splitText(text: string, chunks?: number): string[] {
+  if (text === "") return [];
+  const words = text.match(/\s*\S+/g) ?? [text];
+  const joined = words.join("");
+  if (joined.length < text.length) words[words.length - 1] += text.slice(joined.length);
+  if (chunks === undefined || !(chunks >= 1)) return words;
+  let k = Math.floor(chunks);
+  if (k <= words.length) {
+    const out: string[] = [];
+    for (let i = 0; i < k; i++) out.push(words.slice(Math.floor((i * words.length) / k), Math.floor(((i + 1) * words.length) / k)).join(""));
+    return out;
+  }
+  const cps = Array.from(text);
+  k = Math.min(k, cps.length);
+  const out: string[] = [];
+  for (let i = 0; i < k; i++) out.push(cps.slice(Math.floor((i * cps.length) / k), Math.floor(((i + 1) * cps.length) / k)).join(""));
+  return out;
+}
+
+/** Split a tool-argument string in about two fragments. */
+function halves(s: string): string[] {
+  const cps = Array.from(s);
+  if (cps.length === 0) return [];
+  if (cps.length < 2) return [s];
+  const m = Math.ceil(cps.length / 2);
+  return [cps.slice(0, m).join(""), cps.slice(m).join("")];
+}
+
+const wordCount = (t: string): number => t.split(/\s+/).filter(Boolean).length;
+
+function maskKey(k: string): string {
+  if (k.length <= 8) return "*".repeat(Math.max(k.length, 4));
+  const head = k.slice(0, Math.min(8, Math.floor(k.length / 3)));
+  const tail = k.length >= 16 ? k.slice(-4) : "";
+  return head + "*".repeat(k.length - head.length - tail.length) + tail;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// error bodies
+
+function anthropicErrorType(status: number): string {
+  switch (status) {
+    case 400: return "invalid_request_error";
+    case 401: return "authentication_error";
+    case 402: return "billing_error";
+    case 403: return "permission_error";
+    case 404: return "not_found_error";
+    case 413: return "request_too_large";
+    case 429: return "rate_limit_error";
+    case 500: return "api_error";
+    case 504: return "timeout_error";
+    case 529: return "overloaded_error";
+    default: return status >= 500 ? "api_error" : "invalid_request_error";
+  }
+}
+
+function errorPayload(flavor: Flavor, status: number, f: Fail, requestId: string): unknown {
+  if (flavor === "anthropic") return { type: "error", error: { type: f.type ?? anthropicErrorType(status), message: f.message }, request_id: requestId };
+  if (flavor === "kimi") return { error: { type: f.type ?? (status >= 500 ? "server_error" : "invalid_request_error"), message: f.message } };
+  return { error: { message: f.message, type: f.type ?? (status >= 500 ? "server_error" : "invalid_request_error"), param: f.param ?? null, code: f.code ?? null } };
+}
+
+/** The flavor's real-looking error for a scripted status. */
+function defaultError(flavor: Flavor, status: number, model: string, key: string): Fail {
+  if (flavor === "anthropic") {
+    const type = anthropicErrorType(status);
+    const messages: Record<string, string> = {
+      invalid_request_error: "Invalid request",
+      authentication_error: "invalid x-api-key",
+      billing_error: "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing to upgrade or purchase credits.",
+      permission_error: "Your API key does not have permission to use the specified resource.",
+      not_found_error: `model: ${model}`,
+      request_too_large: "Request exceeds the maximum allowed number of bytes.",
+      rate_limit_error: "This request would exceed the rate limit for your organization of 30,000 input tokens per minute. For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later. You may also contact sales at https://www.anthropic.com/contact-sales to discuss your options for a rate limit increase.",
+      api_error: "Internal server error",
+      timeout_error: "Request timed out",
+      overloaded_error: "Overloaded",
+    };
+    return { type, message: messages[type] ?? "Error" };
+  }
+  if (flavor === "kimi") {
+    switch (status) {
+      case 400: return { type: "invalid_request_error", message: "Invalid request: the request is invalid" };
+      case 401: return { type: "invalid_authentication_error", message: "Invalid Authentication" };
+      case 403: return { type: "exceeded_current_quota_error", message: "Your account org-mock is suspended, please check your plan and billing details" };
+      case 404: return { type: "resource_not_found_error", message: `Not found the model ${model} or Permission denied` };
+      case 429: return { type: "rate_limit_reached_error", message: "Your account org-mock request reached organization max RPM: 3, please try again after 1 seconds" };
+      default: return status >= 500 ? { type: "server_error", message: "Unexpected server error, please try again later" } : { type: "invalid_request_error", message: "Invalid request" };
+    }
+  }
+  switch (status) {
+    case 400: return { message: "Invalid request.", type: "invalid_request_error" };
+    case 401: return { message: `Incorrect API key provided: ${maskKey(key)}. You can find your API key at https://platform.openai.com/account/api-keys.`, type: "invalid_request_error", code: "invalid_api_key" };
+    case 403: return { message: "Country, region, or territory not supported", type: "request_forbidden", code: "unsupported_country_region_territory" };
+    case 404: return { message: `The model \`${model}\` does not exist or you do not have access to it.`, type: "invalid_request_error", code: "model_not_found" };
+    case 408: return { message: "Request timed out.", type: "invalid_request_error" };
+    case 409: return { message: "The request could not be completed due to a conflict. Please retry.", type: "invalid_request_error" };
+    case 422: return { message: "Unprocessable request.", type: "invalid_request_error" };
+    case 429: return { message: `Rate limit reached for ${model} in organization org-mock on tokens per min (TPM): Limit 30000, Used 29937, Requested 385. Please try again in 644ms. Visit https://platform.openai.com/account/rate-limits to learn more.`, type: "tokens", code: "rate_limit_exceeded" };
+    case 500: return { message: "The server had an error while processing your request. Sorry about that!", type: "server_error" };
+    case 502: return { message: "Bad gateway.", type: "server_error" };
+    case 503: return { message: "The server is overloaded or not ready yet.", type: "server_error" };
+    default: return status >= 500 ? { message: "The server had an error while processing your request. Sorry about that!", type: "server_error" } : { message: "Invalid request.", type: "invalid_request_error" };
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// OpenAI / Kimi request validation (§1.1, §3.1, §6)
+
+const OPENAI_FIELDS = [
+  "model", "messages", "tools", "tool_choice", "parallel_tool_calls", "response_format", "max_tokens", "max_completion_tokens",
+  "temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "stop", "n", "stream",
+  "stream_options", "user", "seed", "reasoning_effort", "metadata", "store", "service_tier", "modalities", "audio", "prediction",
+  "verbosity", "web_search_options", "prompt_cache_key", "prompt_cache_retention", "safety_identifier",
+];
+const OPENAI_ALLOWED = new Set(OPENAI_FIELDS);
+// Kimi: no max_completion_tokens; accepts `thinking` ({type:"enabled"|"disabled"}, kimi-k2.5+; reference §3.1.5).
+const KIMI_ALLOWED = new Set([...OPENAI_FIELDS.filter((f) => f !== "max_completion_tokens"), "thinking"]);
+const OPENAI_ROLES = ["system", "developer", "user", "assistant", "tool", "function"];
+
+function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
+  const kimi = flavor === "kimi";
+  // Kimi errors carry no param/code; its messages are prefixed "Invalid request: ".
+  const bad = (message: string, param: string | null = null, code: string | null = null): Fail =>
+    kimi ? { message: `Invalid request: ${message}` } : { message, param, code };
+  const missing = (p: string): Fail => bad(`Missing required parameter: '${p}'.`, p, "missing_required_parameter");
+  const wrongType = (p: string, want: string, v: unknown): Fail => bad(`Invalid type for '${p}': expected ${want}, but got ${oaiType(v)} instead.`, p, "invalid_type");
+
+  if (!isObj(body)) return bad("Invalid type for request body: expected an object.", null, "invalid_type");
+  const allowed = kimi ? KIMI_ALLOWED : OPENAI_ALLOWED;
+  for (const k of Object.keys(body)) {
+    if (!allowed.has(k)) return kimi ? { message: `Unrecognized request argument supplied: ${k}` } : { message: `Unrecognized request argument supplied: ${k}`, param: null, code: null };
+  }
+  if (typeof body.model !== "string" || body.model === "") return kimi ? { message: "Invalid request: model is required" } : { message: "you must provide a model parameter" };
+  const model = body.model;
+
+  // messages
+  if (!has(body, "messages")) return missing("messages");
+  const msgs = body.messages;
+  if (!Array.isArray(msgs)) return wrongType("messages", "an array", msgs);
+  if (msgs.length === 0) return bad("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.", "messages", "empty_array");
+  for (let i = 0; i < msgs.length; i++) {
+    const m: unknown = msgs[i];
+    const p = `messages[${i}]`;
+    if (!isObj(m)) return wrongType(p, "an object", m);
+    if (!has(m, "role")) return missing(`${p}.role`);
+    if (typeof m.role !== "string" || !OPENAI_ROLES.includes(m.role)) {
+      return bad(`Invalid value: '${String(m.role)}'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.`, `${p}.role`, "invalid_value");
+    }
+    const role = m.role;
+    const c = m.content;
+    if (role === "assistant") {
+      const tc = m.tool_calls;
+      const hasCalls = Array.isArray(tc) && tc.length > 0;
+      if (tc !== undefined && tc !== null && !Array.isArray(tc)) return wrongType(`${p}.tool_calls`, "an array", tc);
+      if ((c === undefined || c === null) && !hasCalls && !has(m, "function_call")) {
+        return bad("Invalid value for 'content': expected a string, got null.", `messages.[${i}].content`);
+      }
+      if (c !== undefined && c !== null && typeof c !== "string" && !Array.isArray(c)) return wrongType(`${p}.content`, "one of a string or array of objects", c);
+      if (Array.isArray(tc)) {
+        for (let j = 0; j < tc.length; j++) {
+          const call: unknown = tc[j];
+          const q = `${p}.tool_calls[${j}]`;
+          if (!isObj(call)) return wrongType(q, "an object", call);
+          if (typeof call.id !== "string") return missing(`${q}.id`);
+          if (call.type !== "function") return call.type === undefined ? missing(`${q}.type`) : bad(`Invalid value: '${String(call.type)}'. Supported values are: 'function'.`, `${q}.type`, "invalid_value");
+          if (!isObj(call.function)) return missing(`${q}.function`);
+          if (typeof call.function.name !== "string") return missing(`${q}.function.name`);
+          if (typeof call.function.arguments !== "string") return call.function.arguments === undefined ? missing(`${q}.function.arguments`) : wrongType(`${q}.function.arguments`, "a string", call.function.arguments);
+        }
+      }
+    } else {
+      if (c === undefined) return missing(`${p}.content`);
+      if (c === null || (typeof c !== "string" && !Array.isArray(c))) {
+        return bad(`Invalid value for 'content': expected a string, got ${c === null ? "null" : oaiType(c).replace(/^an? /, "")}.`, `messages.[${i}].content`);
+      }
+      if (Array.isArray(c)) {
+        if (c.length === 0 && role !== "assistant") return bad(`Invalid '${p}.content': empty array. Expected an array with minimum length 1, but got an empty array instead.`, `${p}.content`, "empty_array");
+        const partTypes = role === "user" ? ["text", "image_url", "input_audio", "file"] : ["text"];
+        for (let j = 0; j < c.length; j++) {
+          const part: unknown = c[j];
+          const q = `${p}.content[${j}]`;
+          if (!isObj(part)) return wrongType(q, "an object", part);
+          if (typeof part.type !== "string" || !partTypes.includes(part.type)) {
+            return bad(`Invalid value: '${String(part.type)}'. Supported values are: ${partTypes.map((t) => `'${t}'`).join(", ")}.`, `${q}.type`, "invalid_value");
+          }
+          if (part.type === "text" && typeof part.text !== "string") return part.text === undefined ? missing(`${q}.text`) : wrongType(`${q}.text`, "a string", part.text);
+          if (part.type === "image_url") {
+            if (!isObj(part.image_url)) return missing(`${q}.image_url`);
+            if (typeof part.image_url.url !== "string") return missing(`${q}.image_url.url`);
+          }
+        }
+      }
+      if (role === "tool" && typeof m.tool_call_id !== "string") {
+        return bad("Missing parameter 'tool_call_id': messages with role 'tool' must have a 'tool_call_id'.", `messages.[${i}].tool_call_id`);
+      }
+      if (role === "function" && typeof m.name !== "string") {
+        return bad("Missing parameter 'name': messages with role 'function' must have a 'name'.", `messages.[${i}].name`);
+      }
+    }
+  }
+
+  // tool-call pairing (§6): tool messages must answer the immediately preceding assistant tool_calls
+  for (let i = 0; i < msgs.length; i++) {
+    const m = msgs[i] as Json;
+    if (m.role === "tool") {
+      let j = i - 1;
+      while (j >= 0 && (msgs[j] as Json).role === "tool") j--;
+      const prev = j >= 0 ? (msgs[j] as Json) : undefined;
+      const calls = prev && prev.role === "assistant" && Array.isArray(prev.tool_calls) ? (prev.tool_calls as Json[]) : [];
+      if (calls.length === 0) {
+        return kimi
+          ? { message: `Invalid request: tool_call_id ${String(m.tool_call_id)} is not found` }
+          : bad("Invalid parameter: messages with role 'tool' must be a response to a preceeding message with 'tool_calls'.", `messages.[${i}].role`);
+      }
+      if (!calls.some((c) => c.id === m.tool_call_id)) {
+        return kimi
+          ? { message: `Invalid request: tool_call_id ${String(m.tool_call_id)} is not found` }
+          : bad(`Invalid parameter: 'tool_call_id' of '${String(m.tool_call_id)}' not found in 'tool_calls' of previous message.`, `messages.[${i}].tool_call_id`);
+      }
+    } else if (!kimi && m.role === "assistant" && Array.isArray(m.tool_calls) && m.tool_calls.length > 0) {
+      const answered = new Set<unknown>();
+      let j = i + 1;
+      for (; j < msgs.length && (msgs[j] as Json).role === "tool"; j++) answered.add((msgs[j] as Json).tool_call_id);
+      const unanswered = (m.tool_calls as Json[]).map((c) => c.id).filter((id) => !answered.has(id));
+      if (unanswered.length > 0) {
+        return bad(`An assistant message with 'tool_calls' must be followed by tool messages responding to each 'tool_call_id'. The following tool_call_ids did not have response messages: ${unanswered.join(", ")}`, `messages.[${j}].role`);
+      }
+    }
+  }
+
+  // tools / tool_choice
+  const hasTools = Array.isArray(body.tools) && body.tools.length > 0;
+  if (has(body, "tools") && body.tools !== null) {
+    const tools = body.tools;
+    if (!Array.isArray(tools)) return wrongType("tools", "an array", tools);
+    if (tools.length === 0 && !kimi) return bad("Invalid 'tools': empty array. Expected an array with minimum length 1, but got an empty array instead.", "tools", "empty_array");
+    for (let i = 0; i < tools.length; i++) {
+      const t: unknown = tools[i];
+      const p = `tools[${i}]`;
+      if (!isObj(t)) return wrongType(p, "an object", t);
+      if (t.type === "custom" && !kimi) {
+        if (!isObj(t.custom) || typeof t.custom.name !== "string") return missing(`${p}.custom.name`);
+        continue;
+      }
+      if (t.type !== "function") return t.type === undefined ? missing(`${p}.type`) : bad(`Invalid value: '${String(t.type)}'. Supported values are: 'function' and 'custom'.`, `${p}.type`, "invalid_value");
+      if (!isObj(t.function)) return missing(`${p}.function`);
+      if (typeof t.function.name !== "string") return missing(`${p}.function.name`);
+      if (!/^[a-zA-Z0-9_-]{1,64}$/.test(t.function.name)) {
+        return bad(`Invalid '${p}.function.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.`, `${p}.function.name`, "invalid_value");
+      }
+      if (has(t.function, "parameters") && !isObj(t.function.parameters)) return wrongType(`${p}.function.parameters`, "an object", t.function.parameters);
+    }
+  }
+  if (has(body, "tool_choice") && body.tool_choice !== null) {
+    const tc = body.tool_choice;
+    if (typeof tc === "string") {
+      if (!["none", "auto", "required"].includes(tc)) return bad(`Invalid value: '${tc}'. Supported values are: 'none', 'auto', and 'required'.`, "tool_choice", "invalid_value");
+      if (kimi && tc === "required") return { message: "Invalid request: tool_choice 'required' is not supported" };
+    } else if (isObj(tc)) {
+      if (tc.type === "function") {
+        if (!isObj(tc.function) || typeof tc.function.name !== "string") return missing("tool_choice.function.name");
+      } else if (kimi || (tc.type !== "allowed_tools" && tc.type !== "custom")) {
+        return bad(`Invalid value: '${String(tc.type)}'. Supported values are: 'function', 'allowed_tools' and 'custom'.`, "tool_choice.type", "invalid_value");
+      }
+    } else return wrongType("tool_choice", "one of a string or object", tc);
+    if (!hasTools && !kimi) return bad("Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.", "tool_choice");
+  }
+  if (has(body, "parallel_tool_calls") && body.parallel_tool_calls !== null) {
+    if (typeof body.parallel_tool_calls !== "boolean") return wrongType("parallel_tool_calls", "a boolean", body.parallel_tool_calls);
+    if (!hasTools && !kimi) return bad("Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' are specified.", "parallel_tool_calls");
+  }
+
+  // stream / stream_options
+  if (has(body, "stream") && body.stream !== null && typeof body.stream !== "boolean") return wrongType("stream", "a boolean", body.stream);
+  if (has(body, "stream_options") && body.stream_options !== null) {
+    if (body.stream !== true) return bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options");
+    if (!isObj(body.stream_options)) return wrongType("stream_options", "an object", body.stream_options);
+  }
+
+  // stop
+  if (has(body, "stop") && body.stop !== null) {
+    const s = body.stop;
+    if (Array.isArray(s)) {
+      if (s.length > 4) return bad(`Invalid 'stop': array too long. Expected an array with maximum length 4, but got an array with length ${s.length} instead.`, "stop", "array_above_max_length");
+      if (s.some((x) => typeof x !== "string")) return wrongType("stop", "an array of strings", s);
+    } else if (typeof s !== "string") return wrongType("stop", "one of a string or array of strings", s);
+  }
+
+  // numeric ranges
+  const range = (name: string, lo: number, hi: number, integer = false): Fail | null => {
+    if (!has(body, name) || body[name] === null) return null;
+    const v = body[name];
+    if (integer ? !isInt(v) : !isNum(v)) return wrongType(name, integer ? "an integer" : "a decimal", v);
+    const kind = integer ? "integer" : "decimal";
+    if ((v as number) < lo) return bad(`Invalid '${name}': ${kind} below minimum value. Expected a value >= ${lo}, but got ${String(v)} instead.`, name, `${kind}_below_min_value`);
+    if ((v as number) > hi) return bad(`Invalid '${name}': ${kind} above maximum value. Expected a value <= ${hi}, but got ${String(v)} instead.`, name, `${kind}_above_max_value`);
+    return null;
+  };
+  if (kimi && has(body, "temperature") && body.temperature !== null) {
+    const t = body.temperature;
+    if (!isNum(t) || t < 0 || t > 1) return { type: "invalid_request_error", message: "Invalid request: temperature must be in [0, 1]" };
+  }
+  const numeric =
+    range("temperature", 0, 2) ?? range("top_p", 0, 1) ?? range("frequency_penalty", -2, 2) ?? range("presence_penalty", -2, 2) ??
+    range("top_logprobs", 0, 20, true) ?? range("n", 1, kimi ? 5 : 128, true) ?? range("max_tokens", 1, Number.MAX_SAFE_INTEGER, true) ??
+    range("max_completion_tokens", 1, Number.MAX_SAFE_INTEGER, true) ?? range("seed", Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true);
+  if (numeric) return numeric;
+  if (has(body, "logprobs") && body.logprobs !== null && typeof body.logprobs !== "boolean") return wrongType("logprobs", "a boolean", body.logprobs);
+  if (has(body, "response_format") && body.response_format !== null) {
+    const rf = body.response_format;
+    if (!isObj(rf)) return wrongType("response_format", "an object", rf);
+    if (!["text", "json_object", "json_schema"].includes(String(rf.type))) {
+      return bad(`Invalid value: '${String(rf.type)}'. Supported values are: 'text', 'json_object', and 'json_schema'.`, "response_format.type", "invalid_value");
+    }
+    if (rf.type === "json_schema" && (!isObj(rf.json_schema) || typeof rf.json_schema.name !== "string")) return missing("response_format.json_schema.name");
+  }
+
+  // model-specific rules (§1.5, §3.1.4, §6)
+  if (!kimi) {
+    const reasoning = /^(o\d|gpt-5)/.test(model) && !model.includes("chat");
+    const classic = /^(gpt-4|gpt-3\.5|chatgpt-)/.test(model) || (/^gpt-5/.test(model) && model.includes("chat"));
+    if (reasoning && has(body, "max_tokens") && body.max_tokens !== null) {
+      return { message: "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", param: "max_tokens", code: "unsupported_parameter" };
+    }
+    if (reasoning && isNum(body.temperature) && body.temperature !== 1) {
+      return { message: `Unsupported value: 'temperature' does not support ${String(body.temperature)} with this model. Only the default (1) value is supported.`, param: "temperature", code: "unsupported_value" };
+    }
+    if (classic && has(body, "reasoning_effort") && body.reasoning_effort !== null) {
+      return { message: "Unsupported parameter: 'reasoning_effort' is not supported with this model.", param: "reasoning_effort", code: "unsupported_parameter" };
+    }
+  } else if (/^kimi-k(2\.[5-9]|[3-9])/.test(model)) {
+    if (isNum(body.temperature) && body.temperature !== 1) return { message: "invalid temperature: only 1 is allowed for this model" };
+    if (isNum(body.top_p) && body.top_p !== 0.95) return { message: "invalid top_p: only 0.95 is allowed for this model" };
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Anthropic request validation (§2.1, §6)
+
+const ANTHROPIC_ALLOWED = new Set([
+  "model", "max_tokens", "messages", "system", "tools", "tool_choice", "stop_sequences", "temperature", "top_p", "top_k", "stream",
+  "metadata", "thinking", "service_tier", "output_config", "container", "mcp_servers", "context_management", "inference_geo",
+]);
+const ANTHROPIC_BLOCK_TYPES = [
+  "text", "image", "document", "search_result", "tool_use", "tool_result", "thinking", "redacted_thinking", "server_tool_use",
+  "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
+  "text_editor_code_execution_tool_result", "tool_search_tool_result", "mcp_tool_use", "mcp_tool_result", "container_upload",
+];
+const IMAGE_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp"];
+const TOOL_ID = /^[a-zA-Z0-9_-]+$/;
+
+function validateAnthropic(body: unknown): Fail | null {
+  const bad = (message: string): Fail => ({ message });
+  if (!isObj(body)) return bad("Input should be a valid dictionary");
+  for (const k of Object.keys(body)) if (!ANTHROPIC_ALLOWED.has(k)) return bad(`${k}: Extra inputs are not permitted`);
+  if (!has(body, "model")) return bad("model: Field required");
+  if (typeof body.model !== "string") return bad("model: Input should be a valid string");
+  if (!has(body, "max_tokens")) return bad("max_tokens: Field required");
+  if (!isInt(body.max_tokens)) return bad("max_tokens: Input should be a valid integer");
+  if (body.max_tokens < 0) return bad("max_tokens: Input should be greater than or equal to 0");
+  if (!has(body, "messages")) return bad("messages: Field required");
+  const msgs = body.messages;
+  if (!Array.isArray(msgs)) return bad("messages: Input should be a valid list");
+  if (msgs.length === 0) return bad("messages: at least one message is required");
+
+  // per-message shape; normalised copy for the pairing check
+  type Norm = { role: string; blocks: Json[]; index: number };
+  const norm: Norm[] = [];
+  for (let i = 0; i < msgs.length; i++) {
+    const m: unknown = msgs[i];
+    const p = `messages.${i}`;
+    if (!isObj(m)) return bad(`${p}: Input should be a valid dictionary`);
+    for (const k of Object.keys(m)) if (k !== "role" && k !== "content") return bad(`${p}.${k}: Extra inputs are not permitted`);
+    if (!has(m, "role")) return bad(`${p}.role: Field required`);
+    if (m.role === "system") {
+      return bad('messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.');
+    }
+    if (m.role !== "user" && m.role !== "assistant") return bad(`${p}.role: Input should be 'user' or 'assistant'`);
+    const role = m.role;
+    const isFinalAssistant = role === "assistant" && i === msgs.length - 1;
+    if (!has(m, "content")) return bad(`${p}.content: Field required`);
+    const c = m.content;
+    let blocks: Json[];
+    if (typeof c === "string") {
+      if (c === "") {
+        if (!isFinalAssistant) return bad("messages: all messages must have non-empty content except for the optional final assistant message");
+      } else if (c.trim() === "") {
+        return bad("messages: text content blocks must contain non-whitespace text");
+      }
+      blocks = c === "" ? [] : [{ type: "text", text: c }];
+    } else if (Array.isArray(c)) {
+      if (c.length === 0 && !isFinalAssistant) return bad("messages: all messages must have non-empty content except for the optional final assistant message");
+      blocks = [];
+      for (let j = 0; j < c.length; j++) {
+        const b: unknown = c[j];
+        const q = `${p}.content.${j}`;
+        if (!isObj(b)) return bad(`${q}: Input should be a valid dictionary`);
+        if (typeof b.type !== "string") return bad(`${q}: Unable to extract tag using discriminator 'type'`);
+        if (!ANTHROPIC_BLOCK_TYPES.includes(b.type)) {
+          return bad(`${q}: Input tag '${b.type}' found using 'type' does not match any of the expected tags: ${ANTHROPIC_BLOCK_TYPES.map((t) => `'${t}'`).join(", ")}`);
+        }
+        const f = validateAnthropicBlock(b, q, role);
+        if (f) return f;
+        blocks.push(b);
+      }
+    } else {
+      return bad(`${p}.content: Input should be a valid list`);
+    }
+    if (isFinalAssistant) {
+      const last = blocks[blocks.length - 1];
+      if (last && last.type === "text" && typeof last.text === "string" && /\s$/.test(last.text)) {
+        return bad("messages: final assistant content cannot end with trailing whitespace");
+      }
+    }
+    norm.push({ role, blocks, index: i });
+  }
+
+  // merge consecutive same-role turns (the API combines them), then check tool_use / tool_result pairing
+  const turns: Norm[] = [];
+  for (const n of norm) {
+    const prev = turns[turns.length - 1];
+    if (prev && prev.role === n.role) prev.blocks = [...prev.blocks, ...n.blocks];
+    else turns.push({ role: n.role, blocks: [...n.blocks], index: n.index });
+  }
+  for (let t = 0; t < turns.length; t++) {
+    const turn = turns[t];
+    if (turn.role !== "user") continue;
+    const prev = t > 0 ? turns[t - 1] : undefined;
+    const useIds = new Set(prev ? prev.blocks.filter((b) => b.type === "tool_use").map((b) => b.id) : []);
+    const results = turn.blocks.map((b, j) => ({ b, j })).filter((x) => x.b.type === "tool_result");
+    for (const r of results) {
+      if (!useIds.has(r.b.tool_use_id)) {
+        return bad(`messages.${turn.index}.content.${r.j}: unexpected \`tool_use_id\` found in \`tool_result\` blocks: ${String(r.b.tool_use_id)}. Each \`tool_result\` block must have a corresponding \`tool_use\` block in the previous message.`);
+      }
+    }
+  }
+  for (let t = 0; t < turns.length; t++) {
+    const turn = turns[t];
+    if (turn.role !== "assistant") continue;
+    const ids = turn.blocks.filter((b) => b.type === "tool_use").map((b) => String(b.id));
+    if (ids.length === 0 || t === turns.length - 1) continue;
+    const next = turns[t + 1];
+    const resultIds = new Set(next.blocks.filter((b) => b.type === "tool_result").map((b) => String(b.tool_use_id)));
+    const missingIds = ids.filter((id) => !resultIds.has(id));
+    if (missingIds.length > 0) {
+      return bad(`messages.${next.index}: \`tool_use\` ids were found without \`tool_result\` blocks immediately after: ${missingIds.join(", ")}. Each \`tool_use\` block must have a corresponding \`tool_result\` block in the next message.`);
+    }
+    let leading = 0;
+    while (leading < next.blocks.length && next.blocks[leading].type === "tool_result") leading++;
+    if (leading < resultIds.size) {
+      const notAtStart = next.blocks.slice(leading).filter((b) => b.type === "tool_result").length;
+      return bad(`messages.${next.index}.content: Did not find ${notAtStart} \`tool_result\` block(s) at the beginning of this message. Messages following \`tool_use\` blocks must begin with \`tool_result\` blocks.`);
+    }
+  }
+
+  // system
+  if (has(body, "system")) {
+    const s = body.system;
+    if (Array.isArray(s)) {
+      for (let j = 0; j < s.length; j++) {
+        const b: unknown = s[j];
+        if (!isObj(b) || b.type !== "text") return bad(`system.${j}.type: Input should be 'text'`);
+        if (typeof b.text !== "string") return bad(`system.${j}.text: Field required`);
+        if (b.text === "") return bad("system: text content blocks must be non-empty");
+        if (b.text.trim() === "") return bad("system: text content blocks must contain non-whitespace text");
+      }
+    } else if (typeof s !== "string") return bad("system: Input should be a valid string");
+  }
+
+  // sampling
+  const bounded = (name: string, lo: number, hi: number): Fail | null => {
+    if (!has(body, name)) return null;
+    const v = body[name];
+    if (!isNum(v)) return bad(`${name}: Input should be a valid number`);
+    if (v < lo) return bad(`${name}: Input should be greater than or equal to ${lo}`);
+    if (v > hi) return bad(`${name}: Input should be less than or equal to ${hi}`);
+    return null;
+  };
+  const sampling = bounded("temperature", 0, 1) ?? bounded("top_p", 0, 1);
+  if (sampling) return sampling;
+  if (has(body, "top_k") && (!isInt(body.top_k) || body.top_k < 0)) return bad("top_k: Input should be greater than or equal to 0");
+  if (has(body, "stream") && typeof body.stream !== "boolean") return bad("stream: Input should be a valid boolean");
+  if (has(body, "stop_sequences") && (!Array.isArray(body.stop_sequences) || body.stop_sequences.some((x) => typeof x !== "string"))) {
+    return bad("stop_sequences: Input should be a valid list");
+  }
+  if (has(body, "metadata")) {
+    if (!isObj(body.metadata)) return bad("metadata: Input should be a valid dictionary");
+    for (const k of Object.keys(body.metadata)) if (k !== "user_id") return bad(`metadata.${k}: Extra inputs are not permitted`);
+  }
+
+  // tools
+  if (has(body, "tools")) {
+    const tools = body.tools;
+    if (!Array.isArray(tools)) return bad("tools: Input should be a valid list");
+    const names = new Set<string>();
+    for (let i = 0; i < tools.length; i++) {
+      const t: unknown = tools[i];
+      const p = `tools.${i}`;
+      if (!isObj(t)) return bad(`${p}: Input should be a valid dictionary`);
+      if (typeof t.type === "string" && t.type !== "custom") {
+        // server / versioned tools (web_search_20250305, bash_20250124, ...)
+        if (typeof t.name !== "string") return bad(`${p}.${t.type}.name: Field required`);
+      } else {
+        if (!has(t, "name")) return bad(`${p}.custom.name: Field required`);
+        if (typeof t.name !== "string" || !/^[a-zA-Z0-9_-]{1,128}$/.test(t.name)) return bad(`${p}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{1,128}$'`);
+        if (!has(t, "input_schema")) return bad(`${p}.custom.input_schema: Field required`);
+        if (!isObj(t.input_schema)) return bad(`${p}.custom.input_schema: Input should be a valid dictionary`);
+        if (t.input_schema.type !== "object") return bad(`${p}.custom.input_schema.type: Input should be 'object'`);
+      }
+      if (names.has(String(t.name))) return bad("tools: Tool names must be unique.");
+      names.add(String(t.name));
+    }
+  }
+  if (has(body, "tool_choice")) {
+    const tc = body.tool_choice;
+    if (!isObj(tc)) return bad("tool_choice: Input should be a valid dictionary");
+    if (!["auto", "any", "tool", "none"].includes(String(tc.type))) {
+      return bad(`tool_choice: Input tag '${String(tc.type)}' found using 'type' does not match any of the expected tags: 'auto', 'any', 'tool', 'none'`);
+    }
+    if (tc.type === "tool" && typeof tc.name !== "string") return bad("tool_choice.tool.name: Field required");
+    if (has(tc, "disable_parallel_tool_use") && typeof tc.disable_parallel_tool_use !== "boolean") {
+      return bad(`tool_choice.${String(tc.type)}.disable_parallel_tool_use: Input should be a valid boolean`);
+    }
+  }
+
+  // extended thinking
+  if (has(body, "thinking")) {
+    const th = body.thinking;
+    if (!isObj(th) || !["enabled", "disabled", "adaptive"].includes(String(th.type))) {
+      return bad(`thinking: Input tag '${isObj(th) ? String(th.type) : ""}' found using 'type' does not match any of the expected tags: 'enabled', 'disabled', 'adaptive'`);
+    }
+    if (th.type === "enabled") {
+      if (!isInt(th.budget_tokens)) return bad("thinking.enabled.budget_tokens: Field required");
+      if (th.budget_tokens < 1024) return bad("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024");
+      if ((body.max_tokens as number) <= th.budget_tokens) {
+        return bad("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size");
+      }
+    }
+  }
+
+  // newest models only take default sampling (§2.1: models released after Opus 4.6)
+  if (/^claude-[a-z]+-(4-[7-9]|[5-9])(\b|-|$)/.test(body.model)) {
+    if (has(body, "temperature") && body.temperature !== 1) return bad(`temperature: only the default value 1.0 is supported for ${body.model}`);
+    if (has(body, "top_p") && (body.top_p as number) < 0.99) return bad(`top_p: values below 0.99 are not supported for ${body.model}`);
+    if (has(body, "top_k")) return bad(`top_k: not supported for ${body.model}`);
+  }
+  return null;
+}
+
+function validateAnthropicBlock(b: Json, q: string, role: string): Fail | null {
+  const bad = (message: string): Fail => ({ message });
+  switch (b.type) {
+    case "text":
+      if (typeof b.text !== "string") return bad(`${q}.text.text: Field required`);
+      if (b.text === "") return bad("messages: text content blocks must be non-empty");
+      if (b.text.trim() === "") return bad("messages: text content blocks must contain non-whitespace text");
+      return null;
+    case "image": {
+      const s = b.source;
+      if (!isObj(s)) return bad(`${q}.image.source: Field required`);
+      if (s.type === "base64") {
+        if (!IMAGE_TYPES.includes(String(s.media_type))) return bad(`${q}.image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'`);
+        if (typeof s.data !== "string") return bad(`${q}.image.source.base64.data: Field required`);
+        return null;
+      }
+      if (s.type === "url") return typeof s.url === "string" ? null : bad(`${q}.image.source.url.url: Field required`);
+      return bad(`${q}.image.source: Input tag '${String(s.type)}' found using 'type' does not match any of the expected tags: 'base64', 'url'`);
+    }
+    case "document":
+      return isObj(b.source) ? null : bad(`${q}.document.source: Field required`);
+    case "tool_use":
+      if (role !== "assistant") return bad(`${q}: \`tool_use\` blocks can only appear in assistant messages`);
+      if (typeof b.id !== "string") return bad(`${q}.tool_use.id: Field required`);
+      if (!TOOL_ID.test(b.id)) return bad(`${q}.tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'`);
+      if (typeof b.name !== "string") return bad(`${q}.tool_use.name: Field required`);
+      if (!has(b, "input")) return bad(`${q}.tool_use.input: Field required`);
+      if (!isObj(b.input)) return bad(`${q}.tool_use.input: Input should be a valid dictionary`);
+      return null;
+    case "tool_result":
+      if (role !== "user") return bad(`${q}: \`tool_result\` blocks can only appear in user messages`);
+      if (typeof b.tool_use_id !== "string") return bad(`${q}.tool_result.tool_use_id: Field required`);
+      if (!TOOL_ID.test(b.tool_use_id)) return bad(`${q}.tool_result.tool_use_id: String should match pattern '^[a-zA-Z0-9_-]+$'`);
+      if (has(b, "content") && typeof b.content !== "string") {
+        if (!Array.isArray(b.content)) return bad(`${q}.tool_result.content: Input should be a valid list`);
+        for (let k = 0; k < b.content.length; k++) {
+          const inner: unknown = b.content[k];
+          if (!isObj(inner) || typeof inner.type !== "string") return bad(`${q}.tool_result.content.${k}: Input should be a valid dictionary`);
+          if (inner.type === "text") {
+            if (typeof inner.text !== "string") return bad(`${q}.tool_result.content.${k}.text.text: Field required`);
+            if (inner.text === "") return bad("messages: text content blocks must be non-empty");
+          }
+        }
+      }
+      if (has(b, "is_error") && typeof b.is_error !== "boolean") return bad(`${q}.tool_result.is_error: Input should be a valid boolean`);
+      return null;
+    case "thinking":
+      if (role !== "assistant") return bad(`${q}: \`thinking\` blocks can only appear in assistant messages`);
+      if (typeof b.thinking !== "string") return bad(`${q}.thinking.thinking: Field required`);
+      if (typeof b.signature !== "string") return bad(`${q}.thinking.signature: Field required`);
+      return null;
+    case "redacted_thinking":
+      if (role !== "assistant") return bad(`${q}: \`redacted_thinking\` blocks can only appear in assistant messages`);
+      return typeof b.data === "string" ? null : bad(`${q}.redacted_thinking.data: Field required`);
+    default:
+      return null;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// the mock server
+
+type Ctx = {
+  req: IncomingMessage;
+  res: ServerResponse;
+  gone: boolean; // the response's connection is closed (client abort, or we destroyed it)
+  self: boolean; // we destroyed the socket on purpose (reset / stream-break)
+  onGone?: () => void;
+};
+
+export function startMock(flavor: Flavor, opts: { key?: string; model?: string } = {}): Promise<Mock> {
+  const key = opts.key ?? DEFAULT_KEYS[flavor];
+  const scripts: Script[] = [];
+  let fallback: Script = { type: "reply" };
+  const requests: Recorded[] = [];
+  const sockets = new Set<Socket>();
+  const timers = new Set<ReturnType<typeof setTimeout>>();
+  let closing = false;
+  let closedCount = 0;
+  let closedSeen = 0;
+  let waiters: (() => void)[] = [];
+  let closePromise: Promise<void> | undefined;
+
+  const server = createServer((req, res) => handle(req, res));
+  server.on("connection", (s: Socket) => {
+    if (closing) {
+      s.destroy();
+      return;
+    }
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+    s.on("error", noop);
+  });
+  server.on("clientError", (_err: Error, s: Socket) => s.destroy());
+
+  // ---- timing / writing helpers bound to a request -----------------------------------------------------------
+
+  const wait = (ctx: Ctx, ms: number): Promise<boolean> =>
+    new Promise((resolve) => {
+      if (!(ms > 0) || ctx.gone) {
+        resolve(!ctx.gone);
+        return;
+      }
+      const t = setTimeout(() => {
+        timers.delete(t);
+        ctx.onGone = undefined;
+        resolve(!ctx.gone);
+      }, ms);
+      timers.add(t);
+      ctx.onGone = () => {
+        clearTimeout(t);
+        timers.delete(t);
+        resolve(false);
+      };
+    });
+
+  /** Write one SSE chunk and let it reach the socket before the next one (so clients see chunks one by one). */
+  const write = (ctx: Ctx, data: string): Promise<boolean> =>
+    new Promise((resolve) => {
+      if (ctx.gone || ctx.res.destroyed) {
+        resolve(false);
+        return;
+      }
+      ctx.onGone = () => resolve(false);
+      ctx.res.write(data, (err) => {
+        ctx.onGone = undefined;
+        if (err) resolve(false);
+        else setImmediate(() => resolve(!ctx.gone));
+      });
+    });
+
+  const destroySocket = (ctx: Ctx): void => {
+    ctx.self = true;
+    ctx.req.socket.destroy();
+  };
+
+  const requestId = (): string => (flavor === "anthropic" ? `req_011C${rand62(20)}` : `req_${hex(32)}`);
+
+  const providerHeaders = (reqId: string): Record<string, string> => {
+    if (flavor === "openai") {
+      return {
+        "x-request-id": reqId,
+        "openai-version": "2020-10-01",
+        "openai-organization": "user-mock",
+        "openai-processing-ms": "12",
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-limit-tokens": "30000000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-remaining-tokens": "29999950",
+        "x-ratelimit-reset-requests": "6ms",
+        "x-ratelimit-reset-tokens": "0s",
+      };
+    }
+    if (flavor === "anthropic") {
+      const reset = new Date(Date.now() + 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+      return {
+        "request-id": reqId,
+        "anthropic-organization-id": randomUUID(),
+        "anthropic-ratelimit-requests-limit": "4000",
+        "anthropic-ratelimit-requests-remaining": "3999",
+        "anthropic-ratelimit-requests-reset": reset,
+        "anthropic-ratelimit-tokens-limit": "2400000",
+        "anthropic-ratelimit-tokens-remaining": "2400000",
+        "anthropic-ratelimit-tokens-reset": reset,
+        "anthropic-ratelimit-input-tokens-limit": "2000000",
+        "anthropic-ratelimit-input-tokens-remaining": "2000000",
+        "anthropic-ratelimit-input-tokens-reset": reset,
+        "anthropic-ratelimit-output-tokens-limit": "400000",
+        "anthropic-ratelimit-output-tokens-remaining": "400000",
+        "anthropic-ratelimit-output-tokens-reset": reset,
+      };
+    }
+    return {};
+  };
+
+  const sendJson = (ctx: Ctx, status: number, payload: unknown, reqId: string, extra?: Record<string, string>): void => {
+    if (ctx.gone) return;
+    const text = JSON.stringify(payload);
+    const headers: Record<string, string> = {
+      "content-type": "application/json",
+      ...providerHeaders(reqId),
+      ...(extra ?? {}),
+      "content-length": String(Buffer.byteLength(text)),
+    };
+    ctx.res.writeHead(status, headers);
+    ctx.res.end(text);
+  };
+
+  const sendFail = (ctx: Ctx, status: number, f: Fail, extra?: Record<string, string>): void => {
+    const reqId = requestId();
+    sendJson(ctx, status, errorPayload(flavor, status, f, reqId), reqId, extra);
+  };
+
+  // ---- request entry -----------------------------------------------------------------------------------------
+
+  function handle(req: IncomingMessage, res: ServerResponse): void {
+    const rec: Recorded = { method: req.method ?? "", path: req.url ?? "/", headers: { ...req.headers }, body: undefined, at: Date.now() };
+    requests.push(rec);
+    const ctx: Ctx = { req, res, gone: false, self: false };
+    req.on("error", noop);
+    res.on("error", noop);
+    res.on("close", () => {
+      ctx.gone = true;
+      const cb = ctx.onGone;
+      ctx.onGone = undefined;
+      cb?.();
+      if (!res.writableFinished && !ctx.self && !closing) {
+        closedCount++;
+        if (waiters.length > 0) {
+          closedSeen = closedCount;
+          const ws = waiters;
+          waiters = [];
+          for (const w of ws) w();
+        }
+      }
+    });
+    const parts: Buffer[] = [];
+    req.on("data", (c: Buffer) => parts.push(c));
+    req.on("end", () => {
+      const raw = Buffer.concat(parts).toString("utf8");
+      let parsed: unknown = raw;
+      let ok = false;
+      try {
+        parsed = JSON.parse(raw);
+        ok = true;
+      } catch {
+        // keep the raw string
+      }
+      rec.body = parsed;
+      try {
+        route(ctx, ok, parsed);
+      } catch {
+        if (!ctx.gone) res.destroy();
+      }
+    });
+  }
+
+  function route(ctx: Ctx, parsedOk: boolean, body: unknown): void {
+    const method = ctx.req.method ?? "GET";
+    const path = (ctx.req.url ?? "/").split("?")[0];
+    const chatPath = flavor === "anthropic" ? "/v1/messages" : "/v1/chat/completions";
+    if (method === "POST" && path === chatPath) {
+      const script = scripts.length > 0 ? (scripts.shift() as Script) : fallback;
+      chat(ctx, parsedOk, body, script);
+      return;
+    }
+    if (method === "GET" && (path === "/v1/models" || path.startsWith("/v1/models/"))) {
+      const authFail = checkAuth(ctx);
+      if (authFail) return sendFail(ctx, authFail.status ?? 401, authFail);
+      return models(ctx, path === "/v1/models" ? undefined : decodeURIComponent(path.slice("/v1/models/".length)));
+    }
+    if (flavor === "anthropic") return sendFail(ctx, 404, { message: "Not Found" });
+    return sendFail(ctx, 404, { message: `Invalid URL (${method} ${path})`, type: "invalid_request_error" });
+  }
+
+  function checkAuth(ctx: Ctx): Fail | null {
+    const h = ctx.req.headers;
+    if (flavor === "anthropic") {
+      const k = h["x-api-key"];
+      if (k === undefined || k === "") return { status: 401, message: "x-api-key header is required" };
+      if (k !== key) return { status: 401, message: "invalid x-api-key" };
+      const v = h["anthropic-version"];
+      if (v === undefined || v === "") return { status: 400, message: "anthropic-version: header is required" };
+      if (v !== "2023-06-01" && v !== "2023-01-01") return { status: 400, message: `anthropic-version: invalid version '${String(v)}'` };
+      return null;
+    }
+    const auth = h.authorization;
+    const m = typeof auth === "string" ? /^Bearer\s+(.+)$/i.exec(auth.trim()) : null;
+    if (flavor === "kimi") {
+      if (!m || m[1] !== key) return { status: 401, type: "invalid_authentication_error", message: "Invalid Authentication" };
+      return null;
+    }
+    if (!m) {
+      return {
+        status: 401,
+        message: "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) if you're accessing the API from your browser and are prompted for a username. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+        type: "invalid_request_error",
+      };
+    }
+    if (m[1] !== key) {
+      return { status: 401, message: `Incorrect API key provided: ${maskKey(m[1])}. You can find your API key at https://platform.openai.com/account/api-keys.`, type: "invalid_request_error", code: "invalid_api_key" };
+    }
+    return null;
+  }
+
+  function models(ctx: Ctx, one: string | undefined): void {
+    const reqId = requestId();
+    const ids =
+      flavor === "openai" ? ["gpt-4o-mini", "gpt-4o"] : flavor === "kimi" ? ["kimi-k2.5", "kimi-k2-0905-preview", "moonshot-v1-8k"] : ["claude-haiku-4-5-20251001", "claude-sonnet-4-5-20250929", "claude-opus-4-5-20251101"];
+    if (opts.model && !ids.includes(opts.model)) ids.unshift(opts.model);
+    const created = 1721172741;
+    const entry = (id: string): Json =>
+      flavor === "anthropic"
+        ? { type: "model", id, display_name: id, created_at: "2025-10-01T00:00:00Z" }
+        : { id, object: "model", created, owned_by: flavor === "kimi" ? "moonshot" : "system" };
+    if (one !== undefined) {
+      if (!ids.includes(one)) return sendFail(ctx, 404, defaultError(flavor, 404, one, key));
+      return sendJson(ctx, 200, entry(one), reqId);
+    }
+    const payload =
+      flavor === "anthropic"
+        ? { data: ids.map(entry), has_more: false, first_id: ids[0], last_id: ids[ids.length - 1] }
+        : { object: "list", data: ids.map(entry) };
+    sendJson(ctx, 200, payload, reqId);
+  }
+
+  function chat(ctx: Ctx, parsedOk: boolean, body: unknown, script: Script): void {
+    const authFail = checkAuth(ctx);
+    if (authFail) return sendFail(ctx, authFail.status ?? 401, authFail);
+    const ct = ctx.req.headers["content-type"];
+    const jsonCt = typeof ct === "string" && /^application\/json\b/i.test(ct.trim());
+    if (!jsonCt || !parsedOk) {
+      if (flavor === "anthropic") return sendFail(ctx, 400, { message: jsonCt ? "There was an issue with your request body: invalid JSON" : "Invalid content-type header: expected application/json" });
+      if (flavor === "kimi") return sendFail(ctx, 400, { message: "Invalid request: failed to parse the request body as JSON" });
+      return sendFail(ctx, 400, {
+        message: "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. If you have trouble figuring out how to fix this, please contact us through our help center at help.openai.com.)",
+        type: "invalid_request_error",
+      });
+    }
+    const invalid = flavor === "anthropic" ? validateAnthropic(body) : validateOpenAI(flavor, body);
+    if (invalid) return sendFail(ctx, invalid.status ?? 400, invalid);
+    const req = body as Json;
+    const reqModel = String(req.model);
+
+    switch (script.type) {
+      case "error": {
+        const reqId = requestId();
+        const payload = script.body !== undefined ? script.body : errorPayload(flavor, script.status, defaultError(flavor, script.status, reqModel, key), reqId);
+        return sendJson(ctx, script.status, payload, reqId, script.headers);
+      }
+      case "raw": {
+        const type = script.body.trimStart().startsWith("<") ? "text/html; charset=utf-8" : "application/json";
+        ctx.res.writeHead(script.status, { "content-type": type, ...(script.headers ?? {}), "content-length": String(Buffer.byteLength(script.body)) });
+        ctx.res.end(script.body);
+        return;
+      }
+      case "hang":
+        return; // never answer; close() or the client ends it
+      case "reset":
+        return destroySocket(ctx);
+      default:
+        answer(ctx, req, reqModel, script).catch(() => {
+          if (!ctx.gone) ctx.res.destroy();
+        });
+    }
+  }
+
+  // ---- answering (reply / stream-break / stream-error / stall) -----------------------------------------------
+
+  async function answer(ctx: Ctx, req: Json, reqModel: string, script: AnswerScript): Promise<void> {
+    const reply = script.type === "reply" ? script : undefined;
+    const toolCalls: ToolCall[] = reply?.tool_calls ?? [];
+    const text = reply?.text !== undefined ? reply.text : toolCalls.length > 0 ? "" : `Hello from ${reqModel}`;
+    const usage: MockUsage = {
+      input: Math.ceil(JSON.stringify(req.messages ?? []).length / 4),
+      output: Math.max(1, wordCount(text)),
+      cached: 0,
+      cache_write: 0,
+    };
+    for (const k of ["input", "output", "cached", "cache_write"] as const) {
+      const v = reply?.usage?.[k];
+      if (typeof v === "number") usage[k] = v;
+    }
+    const model = opts.model ?? reqModel;
+    const stream = req.stream === true;
+    const reqId = requestId();
+    const extra = reply?.headers ?? {};
+
+    if (!stream) {
+      if (script.type === "stream-error") {
+        // a non-streamed request has no mid-stream: the failure surfaces as the flavor's 5xx
+        const status = flavor === "anthropic" ? 529 : 500;
+        const f = defaultError(flavor, status, reqModel, key);
+        return sendFail(ctx, status, script.message ? { ...f, message: script.message } : f);
+      }
+      const payload =
+        flavor === "anthropic" ? anthropicJson(model, text, toolCalls, usage, reply?.finish) : openaiJson(req, model, text, toolCalls, usage, reply?.finish);
+      const bodyText = JSON.stringify(payload);
+      if (ctx.gone) return;
+      if (script.type === "stall") {
+        ctx.res.writeHead(200, { "content-type": "application/json", ...providerHeaders(reqId) });
+        ctx.res.flushHeaders();
+        return;
+      }
+      if (script.type === "stream-break") {
+        ctx.res.writeHead(200, { "content-type": "application/json", ...providerHeaders(reqId), "content-length": String(Buffer.byteLength(bodyText)) });
+        if (await write(ctx, bodyText.slice(0, Math.floor(bodyText.length / 2)))) destroySocket(ctx);
+        return;
+      }
+      if (reply?.delayMs && !(await wait(ctx, reply.delayMs))) return;
+      return sendJson(ctx, 200, payload, reqId, extra);
+    }
+
+    const frames = flavor === "anthropic" ? anthropicFrames(model, text, toolCalls, usage, reply) : openaiFrames(req, model, text, toolCalls, usage, reply);
+    const errMessage = script.type === "stream-error" ? script.message : undefined;
+    const errorFrame =
+      flavor === "anthropic"
+        ? `event: error\ndata: ${JSON.stringify({ type: "error", error: { type: "overloaded_error", message: errMessage ?? "Overloaded" } })}\n\n`
+        : flavor === "kimi"
+          ? `data: ${JSON.stringify({ error: { type: "server_error", message: errMessage ?? "The server had an error while processing your request. Sorry about that!" } })}\n\n`
+          : `data: ${JSON.stringify({ error: { message: errMessage ?? "The server had an error while processing your request. Sorry about that!", type: "server_error", param: null, code: null } })}\n\n`;
+
+    if (ctx.gone) return;
+    ctx.res.writeHead(200, {
+      "content-type": "text/event-stream; charset=utf-8",
+      "cache-control": "no-cache",
+      ...providerHeaders(reqId),
+      ...extra,
+    });
+    ctx.res.flushHeaders();
+    if (reply?.delayMs && !(await wait(ctx, reply.delayMs))) return;
+
+    const limit = script.type === "reply" ? Infinity : Math.max(0, script.afterChunks);
+    let sent = 0;
+    for (const f of frames) {
+      if (f.kind !== "start" && sent >= limit) {
+        if (script.type === "stream-break") destroySocket(ctx);
+        else if (script.type === "stream-error") {
+          if (await write(ctx, errorFrame)) ctx.res.end();
+        }
+        return; // stall: send nothing more
+      }
+      for (const line of f.lines) if (!(await write(ctx, line))) return;
+      if (f.kind === "content") sent++;
+    }
+    if (!ctx.gone) ctx.res.end();
+  }
+
+  // ---- OpenAI / Kimi bodies -----------------------------------------------------------------------------------
+
+  function toolId(i: number, name: string): string {
+    return flavor === "kimi" ? `functions.${name}:${i}` : `call_${rand62(24)}`;
+  }
+
+  function openaiUsage(u: MockUsage, streamed: boolean): Json {
+    const prompt = u.input + u.cached + u.cache_write;
+    if (flavor === "kimi") return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, cached_tokens: u.cached };
+    const details: Json = streamed ? { cached_tokens: u.cached } : { cached_tokens: u.cached, audio_tokens: 0 };
+    if (u.cache_write > 0) details.cache_write_tokens = u.cache_write;
+    return {
+      prompt_tokens: prompt,
+      completion_tokens: u.output,
+      total_tokens: prompt + u.output,
+      prompt_tokens_details: details,
+      completion_tokens_details: streamed ? { reasoning_tokens: 0 } : { reasoning_tokens: 0, audio_tokens: 0 },
+    };
+  }
+
+  function openaiJson(req: Json, model: string, text: string, calls: ToolCall[], u: MockUsage, finish?: string): Json {
+    const kimi = flavor === "kimi";
+    const n = isInt(req.n) ? req.n : 1;
+    const toolCalls = calls.map((c, i) => (kimi ? { index: i, id: toolId(i, c.name), type: "function", function: { name: c.name, arguments: c.arguments } } : { id: toolId(i, c.name), type: "function", function: { name: c.name, arguments: c.arguments } }));
+    const finishReason = finish ?? (calls.length > 0 ? "tool_calls" : "stop");
+    const choices = Array.from({ length: n }, (_, index) => {
+      const message: Json = kimi
+        ? { role: "assistant", content: text }
+        : { role: "assistant", content: text === "" && calls.length > 0 ? null : text, refusal: null };
+      if (toolCalls.length > 0) message.tool_calls = toolCalls;
+      return kimi ? { index, message, finish_reason: finishReason } : { index, message, logprobs: null, finish_reason: finishReason };
+    });
+    const out: Json = { id: `chatcmpl-${rand62(29)}`, object: "chat.completion", created: Math.floor(Date.now() / 1000), model, choices, usage: openaiUsage(u, false) };
+    if (!kimi) {
+      out.service_tier = "default";
+      out.system_fingerprint = `fp_${hex(10)}`;
+    }
+    return out;
+  }
+
+  function openaiFrames(req: Json, model: string, text: string, calls: ToolCall[], u: MockUsage, reply?: Extract<Script, { type: "reply" }>): Frame[] {
+    const kimi = flavor === "kimi";
+    const so = isObj(req.stream_options) ? req.stream_options : {};
+    const includeUsage = !kimi && so.include_usage === true;
+    const obfuscate = !kimi && so.include_obfuscation !== false;
+    const n = isInt(req.n) ? req.n : 1;
+    const id = `chatcmpl-${rand62(29)}`;
+    const created = Math.floor(Date.now() / 1000);
+    const fp = `fp_${hex(10)}`;
+    const line = (choices: unknown[], usage: unknown = null): string => {
+      const o: Json = { id, object: "chat.completion.chunk", created, model };
+      if (!kimi) {
+        o.service_tier = "default";
+        o.system_fingerprint = fp;
+      }
+      o.choices = choices;
+      if (includeUsage) o.usage = usage;
+      if (obfuscate) o.obfuscation = rand62(1 + (randomBytes(1)[0] % 12));
+      return `data: ${JSON.stringify(o)}\n\n`;
+    };
+    const choice = (index: number, delta: Json, finish: string | null = null): Json =>
+      kimi ? { index, delta, finish_reason: finish } : { index, delta, logprobs: null, finish_reason: finish };
+    const each = (delta: Json, kind: Frame["kind"]): Frame => ({ kind, lines: Array.from({ length: n }, (_, i) => line([choice(i, delta)])) });
+
+    const frames: Frame[] = [];
+    const ids = calls.map((c, i) => toolId(i, c.name));
+    const head = (k: number): Json => ({ index: k, id: ids[k], type: "function", function: { name: calls[k].name, arguments: "" } });
+    let firstTool = 0;
+    if (text !== "" || calls.length === 0) {
+      frames.push(each(kimi ? { role: "assistant", content: "" } : { role: "assistant", content: "", refusal: null }, "start"));
+      for (const piece of splitText(text, reply?.chunks)) frames.push(each({ content: piece }, "content"));
+    } else {
+      // tool-only answer: the role rides on the first tool-call fragment (§1.3 example)
+      frames.push(each({ role: "assistant", content: null, tool_calls: [head(0)] }, "content"));
+      for (const frag of halves(calls[0].arguments)) frames.push(each({ tool_calls: [{ index: 0, function: { arguments: frag } }] }, "content"));
+      firstTool = 1;
+    }
+    for (let k = firstTool; k < calls.length; k++) {
+      frames.push(each({ tool_calls: [head(k)] }, "content"));
+      for (const frag of halves(calls[k].arguments)) frames.push(each({ tool_calls: [{ index: k, function: { arguments: frag } }] }, "content"));
+    }
+    const finish = reply?.finish ?? (calls.length > 0 ? "tool_calls" : "stop");
+    frames.push({
+      kind: "other",
+      lines: Array.from({ length: n }, (_, i) => {
+        const c = choice(i, {}, finish);
+        if (kimi && i === 0) c.usage = openaiUsage(u, true); // Kimi: usage inside choices[0] of the finish chunk, always
+        return line([c]);
+      }),
+    });
+    if (includeUsage) frames.push({ kind: "other", lines: [line([], openaiUsage(u, true))] });
+    frames.push({ kind: "other", lines: ["data: [DONE]\n\n"] });
+    return frames;
+  }
+
+  // ---- Anthropic bodies ---------------------------------------------------------------------------------------
+
+  function anthropicUsage(u: MockUsage, outputTokens: number): Json {
+    return {
+      input_tokens: u.input,
+      cache_creation_input_tokens: u.cache_write,
+      cache_read_input_tokens: u.cached,
+      cache_creation: { ephemeral_5m_input_tokens: u.cache_write, ephemeral_1h_input_tokens: 0 },
+      output_tokens: outputTokens,
+      service_tier: "standard",
+    };
+  }
+
+  function parseInput(args: string): Json {
+    try {
+      const v: unknown = JSON.parse(args);
+      return isObj(v) ? v : {};
+    } catch {
+      return {};
+    }
+  }
+
+  function anthropicJson(model: string, text: string, calls: ToolCall[], u: MockUsage, finish?: string): Json {
+    const content: Json[] = [];
+    if (text !== "") content.push({ type: "text", text });
+    for (const c of calls) content.push({ type: "tool_use", id: `toolu_01${rand62(22)}`, name: c.name, input: parseInput(c.arguments) });
+    return {
+      id: `msg_01${rand62(22)}`,
+      type: "message",
+      role: "assistant",
+      model,
+      content,
+      stop_reason: finish ?? (calls.length > 0 ? "tool_use" : "end_turn"),
+      stop_sequence: null,
+      usage: anthropicUsage(u, u.output),
+    };
+  }
+
+  function anthropicFrames(model: string, text: string, calls: ToolCall[], u: MockUsage, reply?: Extract<Script, { type: "reply" }>): Frame[] {
+    const ev = (name: string, data: Json): string => `event: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+    const frames: Frame[] = [];
+    let started = false; // still in the leading "start" frames until the first content delta
+    const push = (kind: Frame["kind"], name: string, data: Json): void => {
+      if (kind === "content") started = true;
+      frames.push({ kind: kind === "start" && started ? "other" : kind, lines: [ev(name, data)] });
+    };
+    const ping = (): void => push("start", "ping", { type: "ping" });
+    push("start", "message_start", {
+      type: "message_start",
+      message: { id: `msg_01${rand62(22)}`, type: "message", role: "assistant", model, content: [], stop_reason: null, stop_sequence: null, usage: anthropicUsage(u, 1) },
+    });
+    let index = 0;
+    if (text !== "") {
+      push("start", "content_block_start", { type: "content_block_start", index, content_block: { type: "text", text: "" } });
+      ping();
+      for (const piece of splitText(text, reply?.chunks)) push("content", "content_block_delta", { type: "content_block_delta", index, delta: { type: "text_delta", text: piece } });
+      push("other", "content_block_stop", { type: "content_block_stop", index });
+      index++;
+    }
+    for (const c of calls) {
+      push("start", "content_block_start", { type: "content_block_start", index, content_block: { type: "tool_use", id: `toolu_01${rand62(22)}`, name: c.name, input: {} } });
+      if (index === 0) ping();
+      for (const frag of ["", ...halves(c.arguments)]) push("content", "content_block_delta", { type: "content_block_delta", index, delta: { type: "input_json_delta", partial_json: frag } });
+      push("other", "content_block_stop", { type: "content_block_stop", index });
+      index++;
+    }
+    if (index === 0) ping();
+    push("other", "message_delta", { type: "message_delta", delta: { stop_reason: reply?.finish ?? (calls.length > 0 ? "tool_use" : "end_turn"), stop_sequence: null }, usage: { output_tokens: u.output } });
+    push("other", "message_stop", { type: "message_stop" });
+    return frames;
+  }
+
+  // ---- lifecycle ----------------------------------------------------------------------------------------------
+
+  return new Promise<Mock>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      server.off("error", reject);
+      const port = (server.address() as AddressInfo).port;
+      const mock: Mock = {
+        url: flavor === "anthropic" ? `http://127.0.0.1:${port}` : `http://127.0.0.1:${port}/v1`,
+        flavor,
+        key,
+        requests,
+        queue: (...s: Script[]) => {
+          scripts.push(...s);
+        },
+        setDefault: (s: Script) => {
+          fallback = s;
+        },
+        openConnections: () => sockets.size,
+        closedRequests: () => closedCount,
+        waitForClosedRequest: () =>
+          new Promise<void>((res) => {
+            if (closedCount > closedSeen) {
+              closedSeen = closedCount;
+              res();
+            } else waiters.push(res);
+          }),
+        close: () => {
+          if (closePromise) return closePromise;
+          closing = true;
+          for (const t of timers) clearTimeout(t);
+          timers.clear();
+          const socketsClosed = [...sockets].map((s) => new Promise<void>((res) => s.once("close", () => res())));
+          const serverClosed = new Promise<void>((res) => server.close(() => res()));
+          for (const s of sockets) s.destroy();
+          server.closeAllConnections();
+          closePromise = Promise.all([serverClosed, ...socketsClosed]).then(() => {
+            sockets.clear();
+          });
+          return closePromise;
+        },
+      };
+      resolve(mock);
+    });
+  });
+}

@@ -1,0 +1,1118 @@
+// Tests for tokenwatch.ts: one describe per banner section, in the same order. The pure parts are
+// tested as functions (with a fake clock); everything else through the HTTP surface a user has, with
+// the official `openai` client, against mock providers that validate like the real APIs (test/mocks.ts).
+
+import { describe, it, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
+import OpenAI from "openai";
+import {
+  PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
+  parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, mergeConfig, buildConfig,
+  SlidingWindow, Limiter, classify, route, openAIBody, anthropicBody, toAnthropicMessages, fromAnthropicMessage, AnthropicStream,
+  ADAPTERS, Store, parseBody, start, parseOptions, loadConfig, UsageError,
+} from "./tokenwatch.ts";
+import type { ChatRequest, Config, Model, Row, Running } from "./tokenwatch.ts";
+import { startMock } from "./test/mocks.ts";
+import type { Mock, Flavor } from "./test/mocks.ts";
+
+const user = (content: string): ChatRequest => ({ messages: [{ role: "user", content }] });
+const ALL_KEYS = { ANTHROPIC_API_KEY: "sk-ant-x", KIMI_API_KEY: "sk-kimi-x", OPENAI_API_KEY: "sk-openai-x" };
+const cfg = (env: Record<string, string> = ALL_KEYS, file: unknown = {}) => buildConfig({ env, file });
+const model = (c: Config, key: string): Model => c.models.find((m) => m.key === key)!;
+const ids = (ms: Model[]) => ms.map((m) => m.id);
+
+// ============================================================================================
+describe("1. PROVIDERS", () => {
+  it("keeps every model name of the seed working, directly or as an alias of a current model", () => {
+    const c = cfg();
+    for (const name of ["claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5", "kimi-k2.5", "kimi-k1.5", "gpt-4o", "gpt-4o-mini"]) {
+      const r = route({ ...user("hi"), model: name }, c);
+      const target = ALIASES[name] ?? name;
+      assert.equal(r.candidates[0].id, target, name);
+    }
+  });
+
+  it("prices models in dollars per million tokens (gpt-4o-mini: $0.15 in, $0.60 out)", () => {
+    const m = PROVIDERS.openai.models["gpt-4o-mini"];
+    assert.equal(costUsd(m, { input: 1_000_000, cached: 0, cache_write: 0, output: 1_000_000 }), 0.75);
+  });
+
+  it("gives every built-in model a limit, an rpm, a tier and a price, and the table validates", () => {
+    for (const [pid, p] of Object.entries(PROVIDERS))
+      for (const [id, m] of Object.entries(p.models)) {
+        assert.ok(m.limit > 0 && (m.rpm ?? 0) > 0 && m.input > 0 && m.output > 0, `${pid}/${id}`);
+        assert.ok(m.tier === "simple" || m.tier === "complex");
+      }
+    assert.doesNotThrow(() => mergeConfig(PROVIDERS, { providers: structuredClone(PROVIDERS) }));
+  });
+
+  it("maps every alias to a model that is in the table", () => {
+    const all = Object.values(PROVIDERS).flatMap((p) => Object.keys(p.models));
+    for (const [alias, target] of Object.entries(ALIASES)) assert.ok(all.includes(target), `${alias} -> ${target}`);
+  });
+});
+
+// ============================================================================================
+describe("3. Pure helpers", () => {
+  it("costUsd() charges cache reads and writes at their own price", () => {
+    const sonnet = PROVIDERS.anthropic.models["claude-sonnet-5"];
+    // 1000 uncached in at $2, 2000 cache reads at $0.2, 500 cache writes at $2.5, 100 out at $10 (per million)
+    assert.equal(costUsd(sonnet, { input: 1000, cached: 2000, cache_write: 500, output: 100 }), 0.00465); // 0.002 + 0.0004 + 0.00125 + 0.001, rounded like money
+  });
+
+  it("costUsd() falls back to the input price when no cache price is given", () => {
+    assert.equal(costUsd({ input: 1, output: 2 }, { input: 10, cached: 10, cache_write: 10, output: 10 }), 0.00005);
+  });
+
+  it("openAIUsage() counts the whole prompt, cached part included", () => {
+    assert.deepEqual(openAIUsage({ input: 5, cached: 7, cache_write: 3, output: 2 }, 0.5), { prompt_tokens: 15, completion_tokens: 2, total_tokens: 17, prompt_tokens_details: { cached_tokens: 7 }, cost_usd: 0.5 });
+  });
+
+  it("usageFromOpenAI() reads OpenAI's details and Kimi's top-level cached_tokens", () => {
+    assert.deepEqual(usageFromOpenAI({ prompt_tokens: 100, completion_tokens: 9, prompt_tokens_details: { cached_tokens: 40 } }), { input: 60, cached: 40, cache_write: 0, output: 9 });
+    assert.deepEqual(usageFromOpenAI({ prompt_tokens: 100, completion_tokens: 9, cached_tokens: 30 }), { input: 70, cached: 30, cache_write: 0, output: 9 });
+    assert.equal(usageFromOpenAI(null), undefined);
+  });
+
+  it("usageFromAnthropic() keeps the four numbers apart", () => {
+    assert.deepEqual(usageFromAnthropic({ input_tokens: 3, cache_read_input_tokens: 100, cache_creation_input_tokens: 20, output_tokens: 7 }), { input: 3, cached: 100, cache_write: 20, output: 7 });
+  });
+
+  it("estimateTokens() counts the prompt at four characters a token plus the capped output", () => {
+    const est = estimateTokens({ messages: [{ role: "user", content: "x".repeat(400) }], max_tokens: 50 }, 4096);
+    assert.equal(est, 100 + 4 + 50);
+    assert.equal(estimateTokens(user(""), 4096), 4 + 4096);
+  });
+
+  it("parseSseEvent() reads event names, joins data lines and skips comments", () => {
+    assert.deepEqual(parseSseEvent("event: ping\ndata: {\"a\":1}\n\n"), { event: "ping", data: "{\"a\":1}" });
+    assert.deepEqual(parseSseEvent(": keep-alive\ndata: a\ndata: b\r\n\r\n"), { event: undefined, data: "a\nb" });
+    assert.equal(parseSseEvent(": only a comment\n\n"), undefined);
+  });
+
+  it("SseSplitter cuts whole events out of chunks split anywhere, LF or CRLF", () => {
+    const text = "data: one\n\nevent: x\r\ndata: two\r\n\r\ndata: three\n\n";
+    for (let cut = 1; cut < text.length; cut++) {
+      const s = new SseSplitter();
+      const out = [...s.push(Buffer.from(text.slice(0, cut))), ...s.push(Buffer.from(text.slice(cut)))].map(String);
+      assert.deepEqual(out, ["data: one\n\n", "event: x\r\ndata: two\r\n\r\n", "data: three\n\n"], `cut at ${cut}`);
+      assert.equal(s.pending, 0);
+    }
+  });
+
+  it("parseDuration() reads OpenAI's Go-style reset durations", () => {
+    assert.equal(parseDuration("6m0s"), 360_000);
+    assert.equal(parseDuration("1h2m3s"), 3_723_000);
+    assert.equal(parseDuration("17.5ms"), 17.5);
+    assert.equal(parseDuration("1.5s"), 1500);
+    assert.equal(parseDuration("soon"), undefined);
+  });
+
+  describe("coolUntil()", () => {
+    const now = 1_000_000;
+    const h = (o: Record<string, string>) => (n: string) => o[n] ?? null;
+    const cases: [string, Record<string, string>, number, number | undefined][] = [
+      ["retry-after in seconds", { "retry-after": "7" }, 429, now + 7000],
+      ["retry-after-ms first", { "retry-after-ms": "250", "retry-after": "7" }, 429, now + 250],
+      ["retry-after as an HTTP date", { "retry-after": new Date(now + 30_000).toUTCString() }, 429, Math.floor((now + 30_000) / 1000) * 1000],
+      ["OpenAI's exhausted token limit", { "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s", "x-ratelimit-remaining-requests": "10", "x-ratelimit-reset-requests": "1s" }, 429, now + 360_000],
+      ["Anthropic's RFC 3339 reset", { "anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": new Date(now + 12_000).toISOString() }, 429, now + 12_000],
+      ["a 429 with no header at all", {}, 429, now + DEFAULTS.cooldown_ms],
+      ["a 200 that used the last request", { "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "2s" }, 200, now + 2000],
+      ["a 200 with room left", { "x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "2s" }, 200, undefined],
+    ];
+    for (const [name, headers, status, want] of cases)
+      it(`reads ${name}`, () => assert.equal(coolUntil(h(headers), status, now, DEFAULTS.cooldown_ms), want));
+  });
+
+  it("scrub() removes configured keys and anything shaped like a key", () => {
+    const out = scrub("Incorrect API key provided: sk-proj-abcdef123456 and my-secret-key-0001", ["my-secret-key-0001"]);
+    assert.equal(out, "Incorrect API key provided: [redacted] and [redacted]");
+  });
+
+  describe("validateChatRequest()", () => {
+    const cases: [string, unknown, RegExp][] = [
+      ["a non-object body", [1, 2], /JSON object/],
+      ["missing messages", { model: "auto" }, /"messages" must be a non-empty array/],
+      ["empty messages", { messages: [] }, /non-empty array/],
+      ["an unknown role", { messages: [{ role: "robot", content: "x" }] }, /role "robot" is not one of/],
+      ["content of the wrong type", { messages: [{ role: "user", content: 5 }] }, /must be a string or an array/],
+      ["a user message without content", { messages: [{ role: "user" }] }, /content is missing/],
+      ["a tool message without tool_call_id", { messages: [{ role: "tool", content: "42" }] }, /tool_call_id/],
+      ["a bad tool call", { messages: [{ role: "assistant", tool_calls: [{ id: "1", function: { name: "f" } }] }] }, /tool_calls\[0\] must be/],
+      ["a model that is not a string", { model: 4, messages: [{ role: "user", content: "x" }] }, /"model" must be/],
+      ["stream that is not boolean", { stream: "yes", messages: [{ role: "user", content: "x" }] }, /"stream" must be true or false/],
+      ["stream_options without stream", { stream_options: { include_usage: true }, messages: [{ role: "user", content: "x" }] }, /only allowed with "stream": true/],
+      ["an unknown complexity", { complexity: "medium", messages: [{ role: "user", content: "x" }] }, /"complexity" must be "simple" or "complex"/],
+      ["a negative max_tokens", { max_tokens: -1, messages: [{ role: "user", content: "x" }] }, /"max_tokens" must be an integer/],
+      ["a temperature of 3", { temperature: 3, messages: [{ role: "user", content: "x" }] }, /"temperature" must be a number from 0 to 2/],
+      ["five stop sequences", { stop: ["a", "b", "c", "d", "e"], messages: [{ role: "user", content: "x" }] }, /at most 4/],
+      ["tools that are not an array", { tools: {}, messages: [{ role: "user", content: "x" }] }, /"tools" must be an array/],
+      ["an image part without a url", { messages: [{ role: "user", content: [{ type: "image_url", image_url: {} }] }] }, /image_url.url must be a string/],
+    ];
+    for (const [name, body, re] of cases)
+      it(`refuses ${name} with a 400 that says what to fix`, () => {
+        assert.throws(() => validateChatRequest(body), (e: unknown) => e instanceof TwError && e.status === 400 && re.test(e.message));
+      });
+    it("accepts a full tool-calling conversation", () => {
+      const body = { model: "auto", messages: [{ role: "system", content: "s" }, { role: "user", content: [{ type: "text", text: "hi" }] }, { role: "assistant", content: null, tool_calls: [{ id: "c1", type: "function", function: { name: "f", arguments: "{}" } }] }, { role: "tool", tool_call_id: "c1", content: "42" }] };
+      assert.equal(validateChatRequest(body), body);
+    });
+  });
+
+  it("parseBody() refuses invalid UTF-8, empty bodies, deep nesting and bad JSON with distinct messages", () => {
+    const msg = (b: Buffer) => { try { parseBody(b); return ""; } catch (e) { return (e as TwError).message; } };
+    assert.match(msg(Buffer.from([0x7b, 0xff, 0x7d])), /not valid UTF-8/);
+    assert.match(msg(Buffer.from("  ")), /body is empty/);
+    assert.match(msg(Buffer.from("[".repeat(100) + "]".repeat(100))), /nested more than 64/);
+    assert.match(msg(Buffer.from("{\"a\":")), /not valid JSON/);
+    assert.deepEqual(parseBody(Buffer.from("{\"a\":\"[{\\\"\"}")), { a: "[{\"" });
+  });
+
+  it("jsonDepthExceeds() ignores brackets inside strings", () => {
+    assert.equal(jsonDepthExceeds(JSON.stringify({ a: "[[[[[[[[[[" }), 3), false);
+    assert.equal(jsonDepthExceeds("[[[[1]]]]", 3), true);
+  });
+
+  describe("config validation", () => {
+    const cases: [string, unknown, RegExp][] = [
+      ["a file that is not an object", [], /^config must be a JSON object/],
+      ["an unknown top-level key", { treshold: 0.8 }, /^treshold is not a known key/],
+      ["a threshold above 1", { threshold: 80 }, /^threshold must be a number above 0 and at most 1/],
+      ["a model price that is a string", { providers: { openai: { models: { "gpt-4o": { input: "2.5", output: 10, limit: 1, tier: "complex" } } } } }, /^providers\.openai\.models\.gpt-4o\.input must be a number/],
+      ["an unknown model key", { providers: { openai: { models: { "gpt-4o": { input: 1, output: 1, limit: 1, tier: "complex", tpm: 5 } } } } }, /^providers\.openai\.models\.gpt-4o\.tpm is not a known key/],
+      ["a bad tier", { providers: { openai: { models: { x: { input: 1, output: 1, limit: 1, tier: "cheap" } } } } }, /tier must be "simple" or "complex"/],
+      ["a new provider without kind", { providers: { local: { base_url: "http://127.0.0.1:1/v1", models: {} } } }, /^providers\.local\.kind is required for a new provider/],
+      ["a bad kind", { providers: { local: { kind: "gemini", base_url: "http://127.0.0.1:1/v1" } } }, /^providers\.local\.kind must be "openai" or "anthropic"/],
+      ["a base_url that is not a URL", { providers: { openai: { base_url: "api.openai.com" } } }, /^providers\.openai\.base_url must be an http\(s\) URL/],
+    ];
+    for (const [name, file, re] of cases)
+      it(`stops on ${name} with one line naming the key`, () => {
+        assert.throws(() => buildConfig({ file }), (e: unknown) => e instanceof ConfigError && re.test(e.message) && !e.message.includes("\n"));
+      });
+
+    it("merges a provider over the built-in one, and its models replace the list", () => {
+      const c = buildConfig({ env: ALL_KEYS, file: { providers: { openai: { priority: 0, models: { "gpt-5": { input: 1.25, output: 10, limit: 500000, rpm: 500, tier: "complex" } } } } } });
+      const openai = c.models.filter((m) => m.provider.id === "openai");
+      assert.deepEqual(ids(openai), ["gpt-5"]);
+      assert.equal(openai[0].provider.priority, 0);
+      assert.equal(openai[0].provider.baseUrl, "https://api.openai.com/v1");
+      assert.ok(c.models.some((m) => m.id === "claude-sonnet-5"));
+    });
+
+    it("adds a new provider; one on a local URL needs no key", () => {
+      const c = buildConfig({ file: { providers: { local: { kind: "openai", base_url: "http://127.0.0.1:11434/v1", models: { llama: { input: 0, output: 0, limit: 1e9, tier: "simple" } } } } } });
+      const p = c.providers.find((x) => x.id === "local")!;
+      assert.equal(p.enabled, true);
+      assert.equal(p.name, "local");
+      assert.equal(c.providers.find((x) => x.id === "openai")!.enabled, false);
+    });
+
+    it("reads keys from the environment, KIMI_API_KEY or MOONSHOT_API_KEY, and base URLs", () => {
+      const c = buildConfig({ env: { MOONSHOT_API_KEY: "m-key", ANTHROPIC_BASE_URL: "https://proxy.example/" } });
+      assert.equal(c.providers.find((p) => p.id === "kimi")!.apiKey, "m-key");
+      assert.equal(c.providers.find((p) => p.id === "anthropic")!.baseUrl, "https://proxy.example");
+      assert.match(c.providers.find((p) => p.id === "openai")!.why, /no key \(set OPENAI_API_KEY\)/);
+    });
+
+    it("TOKENWATCH_MAX_WAIT_MS overrides the config file", () => {
+      assert.equal(buildConfig({ env: { TOKENWATCH_MAX_WAIT_MS: "1234" }, file: { max_wait_ms: 5 } }).max_wait_ms, 1234);
+      assert.throws(() => buildConfig({ env: { TOKENWATCH_MAX_WAIT_MS: "soon" } }), /TOKENWATCH_MAX_WAIT_MS must be a number/);
+    });
+  });
+});
+
+// ============================================================================================
+describe("4. Limiter", () => {
+  const m = { key: "p/m", limit: 1000, rpm: 10 };
+
+  it("SlidingWindow forgets usage older than 60 seconds", () => {
+    const w = new SlidingWindow();
+    w.add(0, 100, 1);
+    w.add(30_000, 50, 1);
+    assert.deepEqual(w.totals(59_999), { tokens: 150, requests: 2 });
+    assert.deepEqual(w.totals(60_500), { tokens: 50, requests: 1 });
+    assert.deepEqual(w.totals(91_000), { tokens: 0, requests: 0 });
+    assert.equal(w.nextExpiry(59_999), 61_000);
+  });
+
+  it("reserve() admits requests while tokens stay under threshold x limit, counting those in flight", () => {
+    const l = new Limiter(0.8);
+    assert.ok(l.reserve(m, 500, 0).ok);
+    assert.ok(l.reserve(m, 300, 0).ok);             // 800 = 0.8 x 1000: still allowed
+    const v = l.reserve(m, 1, 0);
+    assert.equal(v.ok, false);
+    assert.equal(!v.ok && v.why, "tokens");
+  });
+
+  it("settle() replaces the estimate with the real usage", () => {
+    const l = new Limiter(0.8);
+    const r = l.reserve(m, 700, 0);
+    assert.ok(r.ok);
+    assert.equal(l.reserve(m, 200, 0).ok, false);
+    l.settle(r.reservation, 100, 10);
+    assert.equal(l.headroom(m, 10).tokens, 100);
+    assert.ok(l.reserve(m, 200, 10).ok);
+  });
+
+  it("frees capacity when the window slides past old usage (fake clock)", () => {
+    const l = new Limiter(0.8);
+    const r = l.reserve(m, 800, 0);
+    assert.ok(r.ok);
+    l.settle(r.reservation, 800, 0);
+    assert.equal(l.reserve(m, 10, 30_000).ok, false);
+    assert.ok(l.reserve(m, 10, 61_000).ok);
+  });
+
+  it("limits requests per minute at threshold x rpm", () => {
+    const l = new Limiter(0.8);
+    for (let i = 0; i < 8; i++) assert.ok(l.reserve(m, 1, i).ok, `request ${i}`);
+    const v = l.reserve(m, 1, 9);
+    assert.equal(!v.ok && v.why, "requests");
+    assert.ok(l.reserve(m, 1, 61_000).ok);
+  });
+
+  it("lets an idle model take one request larger than its threshold", () => {
+    const l = new Limiter(0.8);
+    assert.ok(l.reserve(m, 5000, 0).ok);
+    assert.equal(l.reserve(m, 1, 0).ok, false);
+  });
+
+  it("cool() blocks a model until the time given", () => {
+    const l = new Limiter(0.8);
+    l.cool(m.key, 5000);
+    const v = l.reserve(m, 1, 4999);
+    assert.deepEqual(!v.ok && [v.why, v.until], ["cooling", 5000]);
+    assert.ok(l.reserve(m, 1, 5000).ok);
+    assert.equal(l.headroom(m, 4000).coolUntil, 5000);
+  });
+
+  it("headroom() reports use against the full limit and saturation against the threshold", () => {
+    const l = new Limiter(0.8);
+    l.reserve(m, 850, 0);
+    const h = l.headroom(m, 0);
+    assert.equal(h.percent, 85);
+    assert.equal(h.saturated, true);
+    assert.equal(h.inflight, 1);
+  });
+
+  it("onNextChange() fires once, on the next settle", () => {
+    const l = new Limiter(0.8);
+    let fired = 0;
+    l.onNextChange(() => fired++);
+    const r = l.reserve(m, 10, 0);
+    assert.ok(r.ok);
+    l.release(r.reservation, 0);
+    l.release(r.reservation, 0); // a second release is a no-op
+    assert.equal(fired, 1);
+    assert.equal(l.headroom(m, 0).inflight, 0);
+  });
+});
+
+// ============================================================================================
+describe("5. Selector", () => {
+  const c = cfg();
+
+  it("route() with complexity simple orders every candidate cheapest first", () => {
+    const r = route({ ...user("hi"), complexity: "simple" }, c);
+    assert.deepEqual(ids(r.candidates), ["gpt-4o-mini", "kimi-k2.5", "kimi-k2.6", "claude-haiku-4-5", "claude-sonnet-5", "gpt-4o", "claude-opus-5"]);
+    assert.equal(r.complexity, "simple");
+  });
+
+  it("route() with complexity complex puts complex models by priority, then the simple ones", () => {
+    const r = route({ ...user("hi"), complexity: "complex" }, c);
+    assert.deepEqual(ids(r.candidates), ["claude-sonnet-5", "claude-opus-5", "gpt-4o", "claude-haiku-4-5", "kimi-k2.5", "kimi-k2.6", "gpt-4o-mini"]);
+  });
+
+  it("route() takes the hint from the x-tokenwatch-complexity header and refuses a bad one", () => {
+    assert.equal(route(user("hi"), c, "complex").candidates[0].id, "claude-sonnet-5");
+    assert.throws(() => route(user("hi"), c, "hard"), /x-tokenwatch-complexity must be "simple" or "complex"/);
+  });
+
+  it("route() ranks a named model by the hint when both are given (the seed's example)", () => {
+    const r = route({ ...user("hi"), model: "claude-opus-4-5", complexity: "simple" }, c);
+    assert.equal(r.candidates[0].id, "gpt-4o-mini");
+    assert.match(r.reason, /requested claude-opus-4-5 is ranked by the hint/);
+  });
+
+  it("route() puts the requested model first, then the others of its tier in that tier's order", () => {
+    assert.deepEqual(ids(route({ ...user("hi"), model: "gpt-4o" }, c).candidates), ["gpt-4o", "claude-sonnet-5", "claude-opus-5"]);
+    assert.deepEqual(ids(route({ ...user("hi"), model: "kimi-k2.6" }, c).candidates), ["kimi-k2.6", "gpt-4o-mini", "kimi-k2.5", "claude-haiku-4-5"]);
+  });
+
+  it("route() resolves aliases and says so", () => {
+    const r = route({ ...user("hi"), model: "kimi-k1.5" }, c);
+    assert.equal(r.candidates[0].key, "kimi/kimi-k2.5");
+    assert.match(r.reason, /alias of kimi-k2.5/);
+  });
+
+  it("route() skips a requested model whose provider has no key, and says why", () => {
+    const r = route({ ...user("hi"), model: "claude-opus-5" }, cfg({ OPENAI_API_KEY: "k" }));
+    assert.deepEqual(ids(r.candidates), ["gpt-4o"]);
+    assert.match(r.reason, /unavailable: Anthropic has no key \(set ANTHROPIC_API_KEY\)/);
+  });
+
+  it("route() falls back to the other tier when no model of the requested tier is enabled", () => {
+    const r = route({ ...user("hi"), model: "claude-opus-5" }, cfg({ KIMI_API_KEY: "k" }));
+    assert.deepEqual(ids(r.candidates), ["kimi-k2.5", "kimi-k2.6"]);
+    assert.match(r.reason, /no complex model is enabled/);
+  });
+
+  it("route() answers an unknown model with 404 model_not_found listing what exists", () => {
+    assert.throws(() => route({ ...user("hi"), model: "gpt-9" }, c), (e: unknown) =>
+      e instanceof TwError && e.status === 404 && e.code === "model_not_found" && /gpt-4o-mini/.test(e.message) && /kimi-k1.5/.test(e.message));
+    assert.throws(() => route({ ...user("hi"), model: "gpt-9", complexity: "simple" }, c), /does not exist here/);
+  });
+
+  it("route() sends provider/model exactly there, unpriced when not in the table", () => {
+    const r = route({ ...user("hi"), model: "openai/gpt-5" }, c);
+    assert.equal(r.candidates.length, 1);
+    assert.deepEqual([r.candidates[0].key, r.candidates[0].priced, r.candidates[0].input], ["openai/gpt-5", false, 0]);
+    assert.match(r.reason, /unpriced/);
+    const known = route({ ...user("hi"), model: "openai/gpt-4o" }, c).candidates[0];
+    assert.equal(known.priced, true);
+    assert.throws(() => route({ ...user("hi"), model: "openai/gpt-5" }, cfg({ KIMI_API_KEY: "k" })), /Provider "openai" is not enabled: no key \(set OPENAI_API_KEY\)/);
+  });
+
+  it("route() leaves out candidates that cannot give n > 1 choices, and refuses when none can", () => {
+    const r = route({ ...user("hi"), complexity: "complex", n: 2 }, c);
+    assert.deepEqual(ids(r.candidates), ["gpt-4o", "gpt-4o-mini"]);
+    assert.throws(() => route({ ...user("hi"), model: "claude-opus-5", n: 3 }, cfg({ ANTHROPIC_API_KEY: "k" })), /"n": 3 is not supported/);
+  });
+
+  it("route() answers 503 when no provider is enabled at all", () => {
+    assert.throws(() => route(user("hi"), cfg({})), (e: unknown) => e instanceof TwError && e.status === 503 && /set ANTHROPIC_API_KEY/.test(e.message));
+  });
+
+  describe("classify() and auto routing", () => {
+    const cases: [string, ChatRequest, "simple" | "complex", RegExp][] = [
+      ["a greeting", user("Hello there"), "simple", /no sign of complex work/],
+      ["a translation", user("Translate 'cat' to French"), "simple", /simple wording/],
+      ["a debugging request with code", user("Please debug this:\n```js\nfunction f(x) { return x.y }\n```"), "complex", /code.*asks to "debug"/],
+      ["a long prompt", user("word ".repeat(1500)), "complex", /long prompt/],
+      ["tools in a deep conversation", { messages: Array.from({ length: 8 }, (_, i) => ({ role: i % 2 ? "assistant" : "user", content: "ok" } as const)), tools: [{ type: "function", function: { name: "f" } }] }, "complex", /1 tool, 8 messages deep/],
+    ];
+    for (const [name, req, tier, re] of cases)
+      it(`classifies ${name} as ${tier} and names its signals`, () => {
+        assert.equal(classify(req).tier, tier);
+        const r = route({ ...req, model: "auto" }, c);
+        assert.equal(r.complexity, tier);
+        assert.match(r.reason, re);
+      });
+  });
+});
+
+// ============================================================================================
+describe("6. Adapters", () => {
+  const c = cfg();
+  const sonnet = model(c, "anthropic/claude-sonnet-5"), haiku = model(c, "anthropic/claude-haiku-4-5");
+  const kimi = model(c, "kimi/kimi-k2.5"), gpt = model(c, "openai/gpt-4o");
+
+  describe("kind openai", () => {
+    it("forwards only fields OpenAI knows; complexity never leaves", () => {
+      const body = openAIBody({ ...user("hi"), complexity: "simple", thinking: { type: "enabled" }, top_k: 3, temperature: 0.5, seed: 1 }, gpt, false);
+      assert.deepEqual(body, { messages: [{ role: "user", content: "hi" }], temperature: 0.5, seed: 1, model: "gpt-4o" });
+    });
+
+    it("sends the output cap under the name each provider wants", () => {
+      assert.equal(openAIBody({ ...user("hi"), max_tokens: 10 }, gpt, false).max_completion_tokens, 10);
+      assert.equal(openAIBody({ ...user("hi"), max_completion_tokens: 10 }, kimi, false).max_tokens, 10);
+      assert.equal(openAIBody({ ...user("hi"), max_completion_tokens: 10 }, kimi, false).max_completion_tokens, undefined);
+    });
+
+    it("drops sampling for fixed-sampling models and clamps Kimi's temperature to [0, 1]", () => {
+      assert.equal(openAIBody({ ...user("hi"), temperature: 1.7, top_p: 0.5 }, kimi, false).temperature, undefined);
+      const k26 = { ...model(c, "kimi/kimi-k2.6"), fixed_sampling: false };
+      assert.equal(openAIBody({ ...user("hi"), temperature: 1.7 }, k26, false).temperature, 1);
+    });
+
+    it("always asks a stream for usage, keeping the client's other stream options", () => {
+      assert.deepEqual(openAIBody({ ...user("hi"), stream: true }, gpt, true).stream_options, { include_usage: true });
+      assert.deepEqual(openAIBody({ ...user("hi"), stream: true, stream_options: { include_usage: false, include_obfuscation: false } }, gpt, true).stream_options, { include_usage: true, include_obfuscation: false });
+    });
+
+    it("turns any error body into a readable message: JSON, HTML or text", () => {
+      const e = ADAPTERS.openai.error;
+      assert.deepEqual(e(400, JSON.stringify({ error: { message: "bad", type: "invalid_request_error", code: "x" } })), { message: "bad", type: "invalid_request_error", code: "x" });
+      assert.match(e(502, "<html><body>Bad gateway</body></html>").message, /502 with an HTML page/);
+      assert.match(e(500, "").message, /an empty body/);
+    });
+
+    const chunk = (o: object) => Buffer.from(`data: ${JSON.stringify(o)}\n\n`);
+    const base = { id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o" };
+
+    it("passes stream events through byte for byte and adds cost_usd to the usage chunk asked for", () => {
+      const tr = ADAPTERS.openai.stream(gpt, true, 0);
+      const first = chunk({ ...base, choices: [{ index: 0, delta: { content: "Hi" }, finish_reason: null }], usage: null });
+      assert.equal(tr.feed(first), first);
+      const out = String(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 100, completion_tokens: 10, total_tokens: 110 } })));
+      assert.equal(JSON.parse(out.slice(6)).usage.cost_usd, costUsd(gpt, { input: 100, cached: 0, cache_write: 0, output: 10 }));
+      assert.equal(tr.feed(Buffer.from("data: [DONE]\n\n")), "data: [DONE]\n\n");
+      assert.equal(tr.done, true);
+    });
+
+    it("drops the usage chunk when the client did not ask, but still counts it", () => {
+      const tr = ADAPTERS.openai.stream(gpt, false, 0);
+      assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 5, completion_tokens: 1, total_tokens: 6 } })), "");
+      assert.deepEqual(tr.usage, { input: 5, cached: 0, cache_write: 0, output: 1 });
+    });
+
+    it("reads Kimi's usage inside choices[0] and gives the client a usage chunk before [DONE]", () => {
+      const tr = ADAPTERS.openai.stream(kimi, true, 0);
+      tr.feed(chunk({ ...base, choices: [{ index: 0, delta: { content: "x" }, finish_reason: null }] }));
+      tr.feed(chunk({ ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop", usage: { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11, cached_tokens: 4 } }] }));
+      const tail = String(tr.feed(Buffer.from("data: [DONE]\n\n")));
+      const [usageEvent, done] = tail.split("\n\n");
+      assert.deepEqual(JSON.parse(usageEvent.slice(6)).usage, { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11, prompt_tokens_details: { cached_tokens: 4 }, cost_usd: costUsd(kimi, { input: 5, cached: 4, cache_write: 0, output: 2 }) });
+      assert.equal(done, "data: [DONE]");
+    });
+
+    it("turns a mid-stream error event into an error, not content", () => {
+      const tr = ADAPTERS.openai.stream(gpt, false, 0);
+      assert.equal(tr.feed(chunk({ error: { message: "boom", type: "server_error" } })), null);
+      assert.equal(tr.error?.message, "boom");
+    });
+  });
+
+  describe("kind anthropic: request", () => {
+    it("moves system and developer messages to `system`, in order", () => {
+      const { system, turns } = toAnthropicMessages([{ role: "system", content: "A" }, { role: "user", content: "hi" }, { role: "developer", content: [{ type: "text", text: "B" }] }]);
+      assert.deepEqual(system, [{ type: "text", text: "A" }, { type: "text", text: "B" }]);
+      assert.deepEqual(turns, [{ role: "user", content: [{ type: "text", text: "hi" }] }]);
+    });
+
+    it("translates images from data URLs and http URLs, and PDFs to documents", () => {
+      const { turns } = toAnthropicMessages([{ role: "user", content: [
+        { type: "text", text: "look" },
+        { type: "image_url", image_url: { url: "data:image/png;base64,AAAA" } },
+        { type: "image_url", image_url: { url: "https://example.com/cat.jpg" } },
+        { type: "file", file: { file_data: "data:application/pdf;base64,JVBE" } },
+      ] }]);
+      assert.deepEqual(turns[0].content, [
+        { type: "text", text: "look" },
+        { type: "image", source: { type: "base64", media_type: "image/png", data: "AAAA" } },
+        { type: "image", source: { type: "url", url: "https://example.com/cat.jpg" } },
+        { type: "document", source: { type: "base64", media_type: "application/pdf", data: "JVBE" } },
+      ]);
+    });
+
+    it("refuses content parts Anthropic cannot take, saying what to send instead", () => {
+      assert.throws(() => toAnthropicMessages([{ role: "user", content: [{ type: "input_audio" }] }]), /"input_audio" part, which Anthropic models cannot take/);
+    });
+
+    it("turns tool calls into tool_use and tool messages into tool_result blocks at the start of one user turn", () => {
+      const { turns } = toAnthropicMessages([
+        { role: "user", content: "weather?" },
+        { role: "assistant", content: "", tool_calls: [{ id: "c1", type: "function", function: { name: "w", arguments: "{\"city\":\"Paris\"}" } }, { id: "c2", type: "function", function: { name: "w", arguments: "" } }] },
+        { role: "tool", tool_call_id: "c1", content: "sunny" },
+        { role: "tool", tool_call_id: "c2", content: [{ type: "text", text: "rain" }] },
+        { role: "user", content: "thanks" },
+      ]);
+      assert.deepEqual(turns, [
+        { role: "user", content: [{ type: "text", text: "weather?" }] },
+        { role: "assistant", content: [{ type: "tool_use", id: "c1", name: "w", input: { city: "Paris" } }, { type: "tool_use", id: "c2", name: "w", input: {} }] },
+        { role: "user", content: [{ type: "tool_result", tool_use_id: "c1", content: "sunny" }, { type: "tool_result", tool_use_id: "c2", content: "rain" }, { type: "text", text: "thanks" }] },
+      ]);
+    });
+
+    it("maps tool ids Anthropic refuses (Kimi's \"functions.f:0\") the same way on both sides", () => {
+    const { turns } = toAnthropicMessages([
+      { role: "assistant", tool_calls: [{ id: "functions.get_weather:0", type: "function", function: { name: "get_weather", arguments: "{}" } }] },
+      { role: "tool", tool_call_id: "functions.get_weather:0", content: "sunny" },
+    ]);
+    assert.equal(turns[0].content[0].id, "functions_get_weather_0");
+    assert.equal(turns[1].content[0].tool_use_id, "functions_get_weather_0");
+  });
+
+  it("drops empty text and merges same-role turns", () => {
+      const { turns } = toAnthropicMessages([{ role: "user", content: "a" }, { role: "user", content: "  " }, { role: "user", content: [{ type: "text", text: "" }, { type: "text", text: "b" }] }]);
+      assert.deepEqual(turns, [{ role: "user", content: [{ type: "text", text: "a" }, { type: "text", text: "b" }] }]);
+    });
+
+    it("refuses tool call arguments that are not a JSON object", () => {
+      assert.throws(() => toAnthropicMessages([{ role: "assistant", tool_calls: [{ id: "c", type: "function", function: { name: "f", arguments: "[1]" } }] }]), /must be a JSON object string/);
+    });
+
+    it("always sends max_tokens, maps stop, tools, tool_choice and user, and clamps temperature", () => {
+      const body = anthropicBody({ ...user("hi"), temperature: 1.5, top_p: 0.9, stop: "END", user: "u1", tools: [{ type: "function", function: { name: "f", description: "d", parameters: { type: "object", properties: { a: { type: "string" } } } } }], tool_choice: { type: "function", function: { name: "f" } }, parallel_tool_calls: false }, haiku, 4096);
+      assert.deepEqual(body, {
+        model: "claude-haiku-4-5", max_tokens: 4096, messages: [{ role: "user", content: [{ type: "text", text: "hi" }] }],
+        temperature: 1, top_p: 0.9, stop_sequences: ["END"], metadata: { user_id: "u1" },
+        tools: [{ name: "f", description: "d", input_schema: { type: "object", properties: { a: { type: "string" } } } }],
+        tool_choice: { type: "tool", name: "f", disable_parallel_tool_use: true },
+      });
+    });
+
+    it("maps every tool_choice", () => {
+      const tc = (tool_choice: ChatRequest["tool_choice"]) => anthropicBody({ ...user("hi"), tools: [{ type: "function", function: { name: "f" } }], tool_choice }, haiku, 10).tool_choice;
+      assert.deepEqual(tc("auto"), { type: "auto" });
+      assert.deepEqual(tc("required"), { type: "any" });
+      assert.deepEqual(tc("none"), { type: "none" });
+      assert.equal(tc(undefined), undefined);
+    });
+
+    it("takes max_completion_tokens over max_tokens, and leaves sampling out for fixed-sampling models", () => {
+      const body = anthropicBody({ ...user("hi"), max_tokens: 5, max_completion_tokens: 7, temperature: 0.2 }, sonnet, 4096);
+      assert.equal(body.max_tokens, 7);
+      assert.equal(body.temperature, undefined);
+    });
+
+    it("maps a json_schema response_format to output_config", () => {
+      const body = anthropicBody({ ...user("hi"), response_format: { type: "json_schema", json_schema: { name: "x", schema: { type: "object" } } } }, haiku, 10);
+      assert.deepEqual(body.output_config, { format: { type: "json_schema", schema: { type: "object" } } });
+    });
+
+    it("refuses a conversation with nothing left to send", () => {
+      assert.throws(() => anthropicBody({ messages: [{ role: "system", content: "s" }, { role: "user", content: " " }] }, haiku, 10), /no user or assistant content/);
+    });
+  });
+
+  describe("kind anthropic: response", () => {
+    const stops: [string, string][] = [["end_turn", "stop"], ["stop_sequence", "stop"], ["max_tokens", "length"], ["tool_use", "tool_calls"], ["refusal", "content_filter"], ["pause_turn", "stop"], ["model_context_window_exceeded", "length"]];
+    for (const [stop, finish] of stops)
+      it(`maps stop_reason ${stop} to finish_reason ${finish}`, () => {
+        assert.equal(fromAnthropicMessage({ content: [{ type: "text", text: "x" }], stop_reason: stop }, 0).completion.choices[0].finish_reason, finish);
+      });
+
+    it("joins text blocks, turns tool_use into tool_calls, drops thinking, keeps usage apart", () => {
+      const { completion, usage } = fromAnthropicMessage({
+        id: "msg_1", model: "claude-haiku-4-5-20251001", stop_reason: "tool_use",
+        content: [{ type: "thinking", thinking: "hmm" }, { type: "text", text: "I'll " }, { type: "text", text: "check." }, { type: "tool_use", id: "toolu_1", name: "w", input: { city: "Paris" } }],
+        usage: { input_tokens: 10, output_tokens: 5, cache_read_input_tokens: 100, cache_creation_input_tokens: 20 },
+      }, 1_700_000_000_000);
+      assert.deepEqual(completion, {
+        id: "msg_1", object: "chat.completion", created: 1_700_000_000, model: "claude-haiku-4-5-20251001",
+        choices: [{ index: 0, finish_reason: "tool_calls", logprobs: null, message: { role: "assistant", content: "I'll check.", tool_calls: [{ id: "toolu_1", type: "function", function: { name: "w", arguments: "{\"city\":\"Paris\"}" } }] } }],
+      });
+      assert.deepEqual(usage, { input: 10, cached: 100, cache_write: 20, output: 5 });
+    });
+
+    it("gives null content when there are only tool calls", () => {
+      const { completion } = fromAnthropicMessage({ content: [{ type: "tool_use", id: "t", name: "f", input: {} }], stop_reason: "tool_use" }, 0);
+      assert.equal(completion.choices[0].message.content, null);
+    });
+  });
+
+  describe("kind anthropic: stream events", () => {
+    const ev = (name: string, data: object) => Buffer.from(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`);
+    const payload = (s: string | null) => (s ? s.split("\n\n").filter(Boolean).map((l) => (l === "data: [DONE]" ? "[DONE]" : JSON.parse(l.slice(6)))) : []);
+    const deltas = (s: string | null) => payload(s).map((p) => (p === "[DONE]" ? p : { delta: p.choices[0]?.delta, finish: p.choices[0]?.finish_reason, usage: p.usage }));
+    const fresh = (includeUsage = true) => new AnthropicStream(haiku, includeUsage, 1_700_000_000_000);
+    const started = () => { const t = fresh(); t.feed(ev("message_start", { type: "message_start", message: { id: "msg_1", model: "claude-haiku-4-5-20251001", usage: { input_tokens: 10, cache_read_input_tokens: 5, output_tokens: 1 } } })); return t; };
+
+    it("message_start gives the role chunk with the message id and model", () => {
+      const out = payload(fresh().feed(ev("message_start", { type: "message_start", message: { id: "msg_1", model: "m-1", usage: { input_tokens: 3 } } })));
+      assert.deepEqual(out, [{ id: "msg_1", object: "chat.completion.chunk", created: 1_700_000_000, model: "m-1", choices: [{ index: 0, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }] }]);
+    });
+
+    it("text_delta gives content; ping, thinking, signature and block stops give nothing", () => {
+      const t = started();
+      assert.deepEqual(deltas(t.feed(ev("content_block_delta", { type: "content_block_delta", index: 0, delta: { type: "text_delta", text: "Hel" } }))), [{ delta: { content: "Hel" }, finish: null, usage: undefined }]);
+      for (const [name, data] of [["ping", { type: "ping" }], ["content_block_start", { type: "content_block_start", index: 1, content_block: { type: "thinking", thinking: "" } }], ["content_block_delta", { type: "content_block_delta", index: 1, delta: { type: "thinking_delta", thinking: "secret" } }], ["content_block_delta", { type: "content_block_delta", index: 1, delta: { type: "signature_delta", signature: "sig" } }], ["content_block_stop", { type: "content_block_stop", index: 1 }]] as const)
+        assert.equal(t.feed(ev(name, data)), null, name);
+    });
+
+    it("tool_use blocks get their own tool index, id and name first, then argument fragments", () => {
+      const t = started();
+      t.feed(ev("content_block_start", { type: "content_block_start", index: 0, content_block: { type: "text", text: "" } }));
+      const a = deltas(t.feed(ev("content_block_start", { type: "content_block_start", index: 1, content_block: { type: "tool_use", id: "toolu_1", name: "w", input: {} } })));
+      assert.deepEqual(a[0].delta, { tool_calls: [{ index: 0, id: "toolu_1", type: "function", function: { name: "w", arguments: "" } }] });
+      assert.equal(t.feed(ev("content_block_delta", { type: "content_block_delta", index: 1, delta: { type: "input_json_delta", partial_json: "" } })), null);
+      assert.deepEqual(deltas(t.feed(ev("content_block_delta", { type: "content_block_delta", index: 1, delta: { type: "input_json_delta", partial_json: "{\"city\":" } })))[0].delta, { tool_calls: [{ index: 0, function: { arguments: "{\"city\":" } }] });
+      const b = deltas(t.feed(ev("content_block_start", { type: "content_block_start", index: 2, content_block: { type: "tool_use", id: "toolu_2", name: "x", input: {} } })));
+      assert.equal((b[0].delta as { tool_calls: { index: number }[] }).tool_calls[0].index, 1);
+    });
+
+    it("message_delta gives the mapped finish_reason; message_stop gives usage (when asked) then [DONE]", () => {
+      const t = started();
+      assert.deepEqual(deltas(t.feed(ev("message_delta", { type: "message_delta", delta: { stop_reason: "max_tokens" }, usage: { output_tokens: 42 } }))), [{ delta: {}, finish: "length", usage: undefined }]);
+      const end = payload(t.feed(ev("message_stop", { type: "message_stop" })));
+      const usage = { input: 10, cached: 5, cache_write: 0, output: 42 };
+      assert.deepEqual(end, [{ id: "msg_1", object: "chat.completion.chunk", created: 1_700_000_000, model: "claude-haiku-4-5-20251001", choices: [], usage: openAIUsage(usage, costUsd(haiku, usage)) }, "[DONE]"]);
+      assert.equal(t.done, true);
+      assert.deepEqual(t.usage, usage);
+    });
+
+    it("message_stop without include_usage sends only [DONE] but the usage is still known", () => {
+      const t = new AnthropicStream(haiku, false, 0);
+      t.feed(ev("message_start", { type: "message_start", message: { id: "m", usage: { input_tokens: 4 } } }));
+      t.feed(ev("message_delta", { type: "message_delta", delta: { stop_reason: "end_turn" }, usage: { output_tokens: 3 } }));
+      assert.equal(t.feed(ev("message_stop", { type: "message_stop" })), "data: [DONE]\n\n");
+      assert.deepEqual(t.usage, { input: 4, cached: 0, cache_write: 0, output: 3 });
+    });
+
+    it("an error event becomes an error, not content", () => {
+      const t = started();
+      assert.equal(t.feed(ev("error", { type: "error", error: { type: "overloaded_error", message: "Overloaded" } })), null);
+      assert.deepEqual(t.error, { message: "Overloaded", type: "overloaded_error", code: "overloaded_error" });
+    });
+  });
+});
+
+// ============================================================================================
+describe("7. Store", () => {
+  const row = (o: Partial<Row> = {}): Row => ({ ts: Date.now(), provider: "openai", model: "gpt-4o", requested_model: "auto", complexity: "simple", status: 200, stream: false, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.001, latency_ms: 12, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, ...o });
+  let dir: string;
+  before(() => { dir = mkdtempSync(join(tmpdir(), "tw-store-")); });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it("writes queued rows in one batch and keeps totals across a reopen", () => {
+    const path = join(dir, "a.db");
+    const s = new Store(path);
+    for (let i = 0; i < 100; i++) s.add(row({ status: i < 10 ? 502 : 200 }));
+    assert.equal(s.pending, 100);
+    assert.equal(s.flush(), true);
+    assert.equal(s.pending, 0);
+    s.close();
+    const again = new Store(path);
+    const t = again.totals(0);
+    assert.deepEqual([t.requests, t.errors, t.input_tokens, t.output_tokens], [100, 10, 1000, 500]);
+    assert.ok(Math.abs(t.cost_usd - 0.1) < 1e-9);
+    assert.equal(again.count(), 100);
+    again.close();
+  });
+
+  it("uses WAL mode", () => {
+    const path = join(dir, "wal.db");
+    new Store(path).close();
+    const db = new DatabaseSync(path);
+    assert.equal((db.prepare("PRAGMA journal_mode").get() as { journal_mode: string }).journal_mode, "wal");
+    db.close();
+  });
+
+  it("keeps rows queued while the database is locked, says so, and writes them once it frees", () => {
+    const path = join(dir, "locked.db");
+    const s = new Store(path);
+    const other = new DatabaseSync(path);
+    other.exec("BEGIN EXCLUSIVE");
+    s.add(row());
+    assert.equal(s.flush(), false);
+    assert.match(s.lastError ?? "", /Cannot write to .*locked/);
+    assert.equal(s.pending, 1);
+    other.exec("COMMIT");
+    other.close();
+    assert.equal(s.flush(), true);
+    assert.equal(s.lastError, null);
+    assert.equal(s.count(), 1);
+    s.close();
+  });
+});
+
+// ============================================================================================
+// 8. HTTP edge, against mock providers, with the official openai client.
+
+type Env = { tw: Running; mocks: Record<Flavor, Mock>; client: OpenAI; close(): Promise<void> };
+
+async function setup(opts: { file?: Record<string, unknown>; env?: Record<string, string>; db?: string } = {}): Promise<Env> {
+  const [openai, kimi, anthropic] = await Promise.all([startMock("openai"), startMock("kimi"), startMock("anthropic")]);
+  const env: Record<string, string> = {
+    OPENAI_API_KEY: openai.key, OPENAI_BASE_URL: openai.url, KIMI_API_KEY: kimi.key, KIMI_BASE_URL: kimi.url,
+    ANTHROPIC_API_KEY: anthropic.key, ANTHROPIC_BASE_URL: anthropic.url, ...opts.env,
+  };
+  const config = buildConfig({ env, file: opts.file ?? {} });
+  const tw = await start({ config, env, db: opts.db });
+  const client = new OpenAI({ baseURL: `${tw.url}/v1`, apiKey: env.TOKENWATCH_API_KEY ?? "unused", maxRetries: 0 });
+  return { tw, mocks: { openai, kimi, anthropic }, client, close: async () => { await tw.close(1000); await Promise.all([openai.close(), kimi.close(), anthropic.close()]); } };
+}
+
+const rows = (e: Env) => { e.tw.store.flush(); return e.tw.store.recent(1000).reverse() as Row[]; };
+const post = (e: Env, body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${e.tw.url}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: typeof body === "string" ? body : JSON.stringify(body) });
+
+describe("8. HTTP edge: chat completions", () => {
+  let e: Env;
+  before(async () => { e = await setup(); });
+  after(() => e.close());
+
+  for (const [provider, id] of [["openai", "gpt-4o-mini"], ["kimi", "kimi-k2.5"], ["anthropic", "claude-haiku-4-5"]] as const)
+    it(`answers through ${provider} with routing headers, the routing object and the exact cost`, async () => {
+      const before = e.mocks[provider].requests.length;
+      const res = await e.client.chat.completions.create({ model: `${provider}/${id}`, messages: [{ role: "system", content: "Be brief." }, { role: "user", content: "Hello" }] }).withResponse();
+      const body = res.data as OpenAI.ChatCompletion & { routing: { provider: string; model: string; attempts: unknown[] }; usage: { cost_usd: number } };
+      assert.equal(res.response.headers.get("x-tokenwatch-provider"), provider);
+      assert.equal(res.response.headers.get("x-tokenwatch-model"), id);
+      assert.equal(res.response.headers.get("x-tokenwatch-complexity"), "simple");
+      assert.equal(body.choices[0].message.content, `Hello from ${id}`);
+      assert.deepEqual([body.routing.provider, body.routing.model, body.routing.attempts.length], [provider, id, 1]);
+      const sent = e.mocks[provider].requests[before].body;
+      assert.equal(sent.model, id);
+      const u = body.usage!;
+      const expect = costUsd(PROVIDERS[provider].models[id], { input: u.prompt_tokens - (u.prompt_tokens_details?.cached_tokens ?? 0), cached: u.prompt_tokens_details?.cached_tokens ?? 0, cache_write: 0, output: u.completion_tokens });
+      assert.equal(body.usage.cost_usd, expect);
+      assert.ok(expect > 0);
+      const last = rows(e).at(-1)!;
+      assert.deepEqual([last.provider, last.model, last.status, last.input_tokens, last.output_tokens, last.cost_usd], [provider, id, 200, u.prompt_tokens, u.completion_tokens, expect]);
+    });
+
+  it("never forwards complexity and always adds x-tokenwatch-hop upstream", async () => {
+    await post(e, { model: "openai/gpt-4o-mini", complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+    const sent = e.mocks.openai.requests.at(-1)!;
+    assert.equal(sent.body.complexity, undefined);
+    assert.equal(sent.headers["x-tokenwatch-hop"], "1");
+  });
+
+  it("translates a tool-calling round trip to Anthropic and back", async () => {
+    e.mocks.anthropic.queue({ type: "reply", text: "", tool_calls: [{ name: "get_weather", arguments: "{\"city\":\"Paris\"}" }] });
+    const tools = [{ type: "function" as const, function: { name: "get_weather", parameters: { type: "object", properties: { city: { type: "string" } } } } }];
+    const first = await e.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", tools, messages: [{ role: "user", content: "Weather in Paris?" }] });
+    const call = first.choices[0].message.tool_calls![0] as OpenAI.ChatCompletionMessageFunctionToolCall;
+    assert.equal(first.choices[0].finish_reason, "tool_calls");
+    assert.deepEqual([call.function.name, JSON.parse(call.function.arguments)], ["get_weather", { city: "Paris" }]);
+    const second = await e.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", tools, messages: [{ role: "user", content: "Weather in Paris?" }, first.choices[0].message, { role: "tool", tool_call_id: call.id, content: "sunny" }] });
+    assert.equal(second.choices[0].finish_reason, "stop");
+    const sent = e.mocks.anthropic.requests.at(-1)!.body;
+    assert.deepEqual(sent.messages.at(-1), { role: "user", content: [{ type: "tool_result", tool_use_id: call.id, content: "sunny" }] });
+  });
+
+  it("passes a plain upstream 4xx back to the client as it is, without failing over", async () => {
+    e.mocks.openai.queue({ type: "error", status: 400, body: { error: { message: "Invalid 'messages[0].name': string too long.", type: "invalid_request_error", param: "messages", code: "string_above_max_length" } } });
+    const res = await post(e, { model: "gpt-4o-mini", messages: [{ role: "user", content: "hi" }] });
+    assert.equal(res.status, 400);
+    const body = await res.json();
+    assert.equal(body.error.message, "Invalid 'messages[0].name': string too long.");
+    assert.equal(body.error.code, "string_above_max_length");
+    assert.equal(body.error.attempts.length, 1);
+  });
+
+  it("answers an unknown model with 404 model_not_found and routes nothing", async () => {
+    const n = e.mocks.openai.requests.length;
+    const res = await post(e, { model: "gpt-9", messages: [{ role: "user", content: "hi" }] });
+    assert.equal(res.status, 404);
+    assert.equal((await res.json()).error.code, "model_not_found");
+    assert.equal(e.mocks.openai.requests.length, n);
+  });
+
+  it("lists enabled models and aliases at /v1/models", async () => {
+    const list = await e.client.models.list();
+    const byId = Object.fromEntries(list.data.map((m) => [m.id, m.owned_by]));
+    assert.equal(byId["gpt-4o-mini"], "openai");
+    assert.equal(byId["claude-sonnet-4-5"], "anthropic");
+    assert.equal(byId["kimi-k1.5"], "kimi");
+  });
+
+  it("answers /health", async () => {
+    const res = await fetch(`${e.tw.url}/health`);
+    assert.deepEqual([res.status, await res.json()], [200, { status: "ok" }]);
+  });
+
+  it("refuses a request that comes back into TokenWatch with 508", async () => {
+    const res = await post(e, { messages: [{ role: "user", content: "hi" }] }, { "x-tokenwatch-hop": "1" });
+    assert.equal(res.status, 508);
+    assert.equal((await res.json()).error.code, "loop_detected");
+  });
+
+  it("answers bad input with OpenAI-shaped 4xx errors that reach no upstream", async () => {
+    const before = e.mocks.openai.requests.length + e.mocks.kimi.requests.length + e.mocks.anthropic.requests.length;
+    const cases: [BodyInit, Record<string, string>, number, RegExp][] = [
+      ["{not json", {}, 400, /not valid JSON/],
+      [JSON.stringify({ messages: [] }), {}, 400, /non-empty array/],
+      [JSON.stringify({ messages: [{ role: "user", content: "x" }] }), { "content-type": "text/plain" }, 415, /application\/json/],
+      [JSON.stringify({ messages: [{ role: "user", content: "x" }], n: 2, model: "anthropic/claude-haiku-4-5" }), {}, 400, /"n": 2 is not supported/],
+    ];
+    for (const [body, headers, status, re] of cases) {
+      const res = await fetch(`${e.tw.url}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body });
+      const json = await res.json();
+      assert.equal(res.status, status);
+      assert.match(json.error.message, re);
+      assert.equal(typeof json.error.type, "string");
+      assert.equal(typeof json.error.code, "string");
+    }
+    assert.equal(e.mocks.openai.requests.length + e.mocks.kimi.requests.length + e.mocks.anthropic.requests.length, before);
+  });
+
+  it("answers unknown routes with 404 and wrong methods with 405", async () => {
+    const a = await fetch(`${e.tw.url}/v2/nothing`);
+    assert.equal(a.status, 404);
+    const b = await fetch(`${e.tw.url}/v1/chat/completions`);
+    assert.equal(b.status, 405);
+    assert.equal(b.headers.get("allow"), "POST");
+  });
+});
+
+describe("8. HTTP edge: failover, cooldown and saturation", () => {
+  let e: Env;
+  const file = { max_wait_ms: 300, timeout_ms: 300, providers: { openai: { models: { "gpt-4o-mini": PROVIDERS.openai.models["gpt-4o-mini"] } }, kimi: { models: { "kimi-k2.5": PROVIDERS.kimi.models["kimi-k2.5"] } }, anthropic: { models: {} } } };
+  // with complexity "simple": gpt-4o-mini first, then kimi-k2.5
+  const ask = () => post(e, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+  before(async () => { e = await setup({ file }); });
+  after(() => e.close());
+
+  for (const [name, script] of [
+    ["a 500", { type: "error", status: 500 }],
+    ["a 529", { type: "error", status: 529 }],
+    ["a 408", { type: "error", status: 408 }],
+    ["an HTML error page", { type: "raw", status: 502, body: "<html><body>Bad Gateway</body></html>", headers: { "content-type": "text/html" } }],
+    ["malformed JSON", { type: "raw", status: 200, body: "{\"choices\": [", headers: { "content-type": "application/json" } }],
+    ["a connection reset", { type: "reset" }],
+    ["no answer at all", { type: "hang" }],
+  ] as const)
+    it(`fails over to the next candidate on ${name}`, async () => {
+      e.mocks.openai.queue(script);
+      const res = await ask();
+      assert.equal(res.status, 200);
+      assert.equal(res.headers.get("x-tokenwatch-provider"), "kimi");
+      const body = await res.json();
+      assert.deepEqual(body.routing.attempts.map((a: { provider: string }) => a.provider), ["openai", "kimi"]);
+      const last = rows(e).at(-1)!;
+      assert.equal(last.attempts, 2);
+      assert.ok(last.failover);
+    });
+
+  it("cools a model down after a 429 until its retry-after has passed", async () => {
+    e.mocks.openai.queue({ type: "error", status: 429, headers: { "retry-after": "20" } });
+    assert.equal((await ask()).headers.get("x-tokenwatch-provider"), "kimi");
+    const n = e.mocks.openai.requests.length;
+    assert.equal((await ask()).headers.get("x-tokenwatch-provider"), "kimi"); // openai is still cooling
+    assert.equal(e.mocks.openai.requests.length, n);
+    const stats = await (await fetch(`${e.tw.url}/stats`)).json();
+    const m = stats.models.find((x: { model: string }) => x.model === "gpt-4o-mini");
+    assert.equal(m.cooling, true);
+    assert.ok(m.free_in_s > 15 && m.free_in_s <= 20);
+  });
+
+  it("answers 502 with every attempt when all candidates fail, and 504 when the last timed out", async () => {
+    const fresh = await setup({ file });
+    try {
+      fresh.mocks.openai.queue({ type: "error", status: 500 });
+      fresh.mocks.kimi.queue({ type: "error", status: 503 });
+      const res = await post(fresh, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+      assert.equal(res.status, 502);
+      const body = await res.json();
+      assert.equal(body.error.code, "upstream_failed");
+      assert.equal(body.error.attempts.length, 2);
+      fresh.mocks.openai.queue({ type: "error", status: 500 });
+      fresh.mocks.kimi.queue({ type: "hang" });
+      const slow = await post(fresh, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+      assert.equal(slow.status, 504);
+    } finally { await fresh.close(); }
+  });
+
+  it("rests a provider whose key is refused and moves on", async () => {
+    const fresh = await setup({ file, env: { OPENAI_API_KEY: "sk-wrong-key-123456" } });
+    try {
+      const res = await post(fresh, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+      assert.equal(res.headers.get("x-tokenwatch-provider"), "kimi");
+      const body = await res.json();
+      assert.equal(body.routing.attempts[0].status, 401);
+      assert.ok(!JSON.stringify(body).includes("sk-wrong-key-123456"));
+      const n = fresh.mocks.openai.requests.length;
+      await post(fresh, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });
+      assert.equal(fresh.mocks.openai.requests.length, n); // not tried again while resting
+      const stats = await (await fetch(`${fresh.tw.url}/stats`)).json();
+      assert.ok(stats.providers.find((p: { provider: string }) => p.provider === "openai").disabled_for_s > 0);
+      assert.ok(!JSON.stringify(stats).includes("sk-wrong-key-123456"));
+    } finally { await fresh.close(); }
+  });
+
+  it("answers 429 all_providers_saturated with Retry-After when every candidate is over its threshold", async () => {
+    const tiny = { max_wait_ms: 200, providers: { openai: { models: { "gpt-4o-mini": { input: 0.15, output: 0.6, limit: 1_000_000, rpm: 2, tier: "simple" } } }, kimi: { models: {} }, anthropic: { models: {} } } };
+    const fresh = await setup({ file: tiny });
+    try {
+      const ok = await post(fresh, { messages: [{ role: "user", content: "hi" }] });
+      assert.equal(ok.status, 200); // 1 request of rpm 2: at 0.8 x 2 = 1.6, the next one would pass it
+      const res = await post(fresh, { messages: [{ role: "user", content: "hi" }] });
+      assert.equal(res.status, 429);
+      const retry = Number(res.headers.get("retry-after"));
+      assert.ok(Number.isInteger(retry) && retry >= 1 && retry <= 61, `retry-after ${retry}`);
+      assert.equal((await res.json()).error.code, "all_providers_saturated");
+      assert.equal(rows(fresh).at(-1)!.status, 429);
+    } finally { await fresh.close(); }
+  });
+
+  it("makes a request wait for capacity and go through when a request in flight finishes", async () => {
+    const tiny = { max_wait_ms: 5000, providers: { openai: { models: { "gpt-4o-mini": { input: 0.15, output: 0.6, limit: 5000, rpm: 1000, tier: "simple" } } }, kimi: { models: {} }, anthropic: { models: {} } } };
+    const fresh = await setup({ file: tiny });
+    try {
+      // each request reserves ~3000 tokens of 0.8 x 5000 = 4000: the second must wait until the first
+      // settles with its real (small) usage
+      fresh.mocks.openai.queue({ type: "reply", delayMs: 150, usage: { input: 5, output: 5 } });
+      const first = post(fresh, { max_tokens: 3000, messages: [{ role: "user", content: "one" }] });
+      await new Promise((r) => setTimeout(r, 30));
+      const second = post(fresh, { max_tokens: 3000, messages: [{ role: "user", content: "two" }] });
+      const [a, b] = await Promise.all([first, second]);
+      assert.deepEqual([a.status, b.status], [200, 200]);
+      const [ra, rb] = rows(fresh).slice(-2);
+      assert.ok(rb.latency_ms >= 100, `the second waited ${rb.latency_ms} ms`);
+      void ra;
+    } finally { await fresh.close(); }
+  });
+});
+
+describe("8. HTTP edge: streaming", () => {
+  let e: Env;
+  before(async () => { e = await setup({ file: { timeout_ms: 400 } }); });
+  after(() => e.close());
+
+  for (const [provider, id] of [["openai", "gpt-4o-mini"], ["kimi", "kimi-k2.5"], ["anthropic", "claude-haiku-4-5"]] as const) {
+    it(`streams text through ${provider} to the SDK, with usage and cost when asked`, async () => {
+      const stream = await e.client.chat.completions.create({ model: `${provider}/${id}`, stream: true, stream_options: { include_usage: true }, messages: [{ role: "user", content: "Hello" }] });
+      let text = "", usage: (OpenAI.CompletionUsage & { cost_usd?: number }) | undefined, finish: string | null = null;
+      for await (const chunk of stream) {
+        text += chunk.choices[0]?.delta?.content ?? "";
+        finish = chunk.choices[0]?.finish_reason ?? finish;
+        if (chunk.usage) usage = chunk.usage;
+      }
+      assert.equal(text, `Hello from ${id}`);
+      assert.equal(finish, "stop");
+      assert.ok(usage && usage.completion_tokens > 0);
+      const last = rows(e).at(-1)!;
+      assert.equal(usage!.cost_usd, last.cost_usd);
+      assert.deepEqual([last.status, Boolean(last.stream), last.output_tokens], [200, true, usage!.completion_tokens]);
+      assert.ok(last.ttft_ms !== null && last.ttft_ms >= 0);
+    });
+
+    it(`counts every token of a ${provider} stream even when the client did not ask for usage`, async () => {
+      const stream = await e.client.chat.completions.create({ model: `${provider}/${id}`, stream: true, messages: [{ role: "user", content: "Hello" }] });
+      let usageChunks = 0;
+      for await (const chunk of stream) if (chunk.usage && chunk.choices.length === 0) usageChunks++;
+      assert.equal(usageChunks, 0);
+      const last = rows(e).at(-1)!;
+      assert.ok(last.output_tokens > 0 && last.input_tokens > 0 && last.cost_usd > 0);
+    });
+
+    it(`assembles ${provider} tool calls with the SDK's own stream helper`, async () => {
+      e.mocks[provider].queue({ type: "reply", text: "", tool_calls: [{ name: "get_weather", arguments: "{\"city\":\"Paris\"}" }, { name: "get_time", arguments: "{\"tz\":\"CET\"}" }] });
+      const runner = e.client.chat.completions.stream({ model: `${provider}/${id}`, messages: [{ role: "user", content: "Weather and time in Paris?" }], tools: [{ type: "function", function: { name: "get_weather", parameters: { type: "object", properties: {} } } }, { type: "function", function: { name: "get_time", parameters: { type: "object", properties: {} } } }] });
+      const final = await runner.finalChatCompletion();
+      const calls = final.choices[0].message.tool_calls as OpenAI.ChatCompletionMessageFunctionToolCall[];
+      assert.deepEqual(calls.map((c) => [c.function.name, JSON.parse(c.function.arguments)]), [["get_weather", { city: "Paris" }], ["get_time", { tz: "CET" }]]);
+      assert.equal(final.choices[0].finish_reason, "tool_calls");
+    });
+  }
+
+  it("fails over a stream before its first byte", async () => {
+    e.mocks.openai.queue({ type: "error", status: 503 });
+    const res = await post(e, { complexity: "simple", stream: true, messages: [{ role: "user", content: "Hello" }] });
+    assert.equal(res.headers.get("x-tokenwatch-provider"), "kimi");
+    const events = (await res.text()).split("\n\n").filter(Boolean);
+    assert.equal(events.at(-1), "data: [DONE]");
+    const text = events.slice(0, -1).map((ev) => JSON.parse(ev.slice(6)).choices[0]?.delta?.content ?? "").join("");
+    assert.equal(text, "Hello from kimi-k2.5");
+  });
+
+  it("fails over when a 200 stream opens with an error event, before anything reaches the client", async () => {
+    e.mocks.openai.queue({ type: "raw", status: 200, headers: { "content-type": "text/event-stream" }, body: "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n" });
+    const res = await post(e, { model: "gpt-4o-mini", stream: true, messages: [{ role: "user", content: "Hello" }] });
+    assert.equal(res.headers.get("x-tokenwatch-provider"), "kimi");
+    assert.match(await res.text(), /data: \[DONE\]/);
+    assert.match(rows(e).at(-1)!.failover ?? "", /502/);
+  });
+
+  for (const provider of ["openai", "anthropic"] as const)
+    it(`ends a ${provider} stream that breaks in the middle with an error event and records it`, async () => {
+      e.mocks[provider].queue({ type: "stream-break", afterChunks: 2 });
+      const stream = await e.client.chat.completions.create({ model: provider === "openai" ? "openai/gpt-4o-mini" : "anthropic/claude-haiku-4-5", stream: true, messages: [{ role: "user", content: "one two three four five" }] });
+      let text = "";
+      await assert.rejects(async () => { for await (const c of stream) text += c.choices[0]?.delta?.content ?? ""; });
+      assert.ok(text.length > 0);
+      const last = rows(e).at(-1)!;
+      assert.equal(last.status, 502);
+      assert.equal(last.error_kind, "stream_broken");
+    });
+
+  it("cuts a stalled stream after timeout_ms between chunks", async () => {
+    e.mocks.openai.queue({ type: "stall", afterChunks: 2 });
+    const res = await post(e, { model: "openai/gpt-4o-mini", stream: true, messages: [{ role: "user", content: "one two three" }] });
+    const text = await res.text();
+    assert.match(text, /"error":\{"message":"The stream stalled for 400 ms"/);
+    assert.equal(rows(e).at(-1)!.status, 504);
+  });
+
+  it("forwards the first chunk before the upstream has finished", async () => {
+    e.mocks.openai.queue({ type: "stall", afterChunks: 1 });
+    const ac = new AbortController();
+    const res = await post(e, { model: "openai/gpt-4o-mini", stream: true, messages: [{ role: "user", content: "one two three" }] });
+    const reader = res.body!.getReader();
+    const { value } = await reader.read(); // the upstream is stalled: this can only come from an unbuffered relay
+    assert.match(Buffer.from(value!).toString(), /"role":"assistant"/);
+    await reader.cancel();
+    ac.abort();
+  });
+
+  it("aborts the upstream at once when the client goes away, and records status 499", async () => {
+    e.mocks.anthropic.queue({ type: "stall", afterChunks: 2 });
+    const closed = e.mocks.anthropic.waitForClosedRequest();
+    const ac = new AbortController();
+    const res = await fetch(`${e.tw.url}/v1/chat/completions`, { method: "POST", signal: ac.signal, headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "anthropic/claude-haiku-4-5", stream: true, messages: [{ role: "user", content: "one two three" }] }) });
+    const reader = res.body!.getReader();
+    await reader.read();
+    ac.abort();
+    await closed; // the upstream connection closes because TokenWatch aborted it, long before timeout_ms
+    await new Promise((r) => setTimeout(r, 20));
+    const last = rows(e).at(-1)!;
+    assert.equal(last.status, 499);
+    assert.equal(last.error_kind, "client_closed");
+    assert.ok(last.input_tokens > 0);
+  });
+});
+
+describe("8. HTTP edge: stats and persistence", () => {
+  it("/stats totals come from the store and survive a restart", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tw-stats-"));
+    const db = join(dir, "tw.db");
+    try {
+      const a = await setup({ db });
+      await a.client.chat.completions.create({ model: "openai/gpt-4o-mini", messages: [{ role: "user", content: "one" }] });
+      await a.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", messages: [{ role: "user", content: "two" }] });
+      await post(a, { model: "nope", messages: [{ role: "user", content: "x" }] });
+      const before = await (await fetch(`${a.tw.url}/stats`)).json();
+      await a.close();
+      assert.equal(before.totals.requests, 3);
+      assert.equal(before.totals.errors, 1);
+      assert.ok(before.totals.cost_usd > 0);
+      const b = await setup({ db });
+      const after = await (await fetch(`${b.tw.url}/stats`)).json();
+      assert.deepEqual(after.totals, before.totals);
+      const m = after.models.find((x: { model: string }) => x.model === "gpt-4o-mini");
+      assert.equal(m.requests, 1);
+      assert.ok(m.p50_ms !== null);
+      assert.equal(after.recent.length, 3);
+      assert.equal(after.series.minute.length, 60);
+      assert.equal(after.series.hour.length, 24);
+      await b.close();
+    } finally { rmSync(dir, { recursive: true, force: true }); }
+  });
+
+  it("/stats shows the live limiter view, and /api/stats and /api/limits stay as aliases", async () => {
+    const e = await setup();
+    try {
+      await e.client.chat.completions.create({ model: "openai/gpt-4o-mini", messages: [{ role: "user", content: "one" }] });
+      const s = await (await fetch(`${e.tw.url}/api/stats?window=1h`)).json();
+      const m = s.models.find((x: { model: string }) => x.model === "gpt-4o-mini");
+      assert.ok(m.window_tokens > 0 && m.window_requests === 1 && m.limit === 200000 && m.rpm === 500 && m.saturated === false);
+      const l = await (await fetch(`${e.tw.url}/api/limits`)).json();
+      assert.equal(l.models.find((x: { model: string }) => x.model === "gpt-4o-mini").window_requests, 1);
+      assert.equal((await fetch(`${e.tw.url}/stats?window=2y`)).status, 400);
+    } finally { await e.close(); }
+  });
+});
+
+// ============================================================================================
+describe("10. main", () => {
+  it("parseOptions() lets flags override the environment", () => {
+    const o = parseOptions(["--port", "9000", "--db=/tmp/x.db"], { TOKENWATCH_PORT: "7000", TOKENWATCH_HOST: "0.0.0.0" });
+    assert.deepEqual([o.port, o.host, o.db], [9000, "0.0.0.0", "/tmp/x.db"]);
+  });
+
+  it("parseOptions() refuses unknown flags and bad values with a UsageError", () => {
+    assert.throws(() => parseOptions(["--prot", "1"], {}), (e: unknown) => e instanceof UsageError && /Unknown flag "--prot"/.test((e as Error).message));
+    assert.throws(() => parseOptions(["--port", "http"], {}), /Port "http" is not a port number/);
+    assert.throws(() => parseOptions(["--db"], {}), /Flag --db needs a value/);
+  });
+
+  it("loadConfig() names the file and the problem in one line", () => {
+    const dir = mkdtempSync(join(tmpdir(), "tw-cfg-"));
+    try {
+      const p = join(dir, "c.json");
+      writeFileSync(p, "{ \"threshold\": 0.8, }");
+      assert.throws(() => loadConfig(p, {}), (e: unknown) => e instanceof ConfigError && e.message.startsWith(`Cannot read config "${p}": not valid JSON`));
+      writeFileSync(p, JSON.stringify({ providers: { openai: { models: { "gpt-4o": { input: 1 } } } } }));
+      assert.throws(() => loadConfig(p, {}), (e: unknown) => e instanceof ConfigError && e.message === `Invalid config "${p}": providers.openai.models.gpt-4o.output must be a number >= 0`);
+      assert.throws(() => loadConfig(join(dir, "missing.json"), {}), /Cannot read config ".*missing.json": ENOENT/);
+    } finally { rmSync(dir, { recursive: true, force: true }); }
+  });
+});
