@@ -1726,11 +1726,624 @@ function drained(res: ServerResponse): Promise<void> {
 
 const DASHBOARD_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-const DASHBOARD_HTML = `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>TokenWatch</title></head>
-<body><h1>TokenWatch</h1><pre id="out"></pre><script>
-async function tick(){const r=await fetch("/stats");document.getElementById("out").textContent=JSON.stringify(await r.json(),null,2)}
-tick();setInterval(tick,3000);
-</script></body></html>`;
+// The page below holds no backticks, "${" or backslashes, so it sits in this template literal unchanged.
+const DASHBOARD_HTML = `<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<title>TokenWatch</title>
+<link rel="icon" href="data:,">
+<style>
+:root{--bg:#f4f5f7;--card:#fff;--fg:#171a21;--muted:#667085;--line:#e4e7ec;--soft:#eef0f3;
+--green:#16a34a;--amber:#d97706;--red:#dc2626;--green-bg:#dcfce7;--amber-bg:#fef3c7;--red-bg:#fee2e2;
+--in:#4f46e5;--out:#a5b4fc;--cost:#0d9488;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#0d0f13;--card:#161920;--fg:#e6e8ee;--muted:#8f98aa;--line:#272c36;--soft:#20242d;
+--green:#22c55e;--amber:#f59e0b;--red:#f87171;--green-bg:rgba(34,197,94,.14);--amber-bg:rgba(245,158,11,.15);--red-bg:rgba(248,113,113,.15);
+--in:#818cf8;--out:#3f448f;--cost:#2dd4bf}}
+*{box-sizing:border-box}
+html{-webkit-text-size-adjust:100%}
+body{margin:0;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+[hidden]{display:none!important}
+.top{position:sticky;top:0;z-index:5;display:flex;flex-wrap:wrap;align-items:center;justify-content:space-between;gap:8px 16px;padding:10px 20px;background:var(--card);border-bottom:1px solid var(--line)}
+.brand{display:flex;align-items:center;gap:10px;min-width:0}
+.logo{width:12px;height:12px;border-radius:3px;background:linear-gradient(135deg,var(--in),var(--cost))}
+h1{font-size:17px;margin:0;letter-spacing:-.01em}
+.controls{display:flex;align-items:center;gap:10px;flex-wrap:wrap}
+.seg{display:inline-flex;border:1px solid var(--line);border-radius:8px;overflow:hidden;background:var(--bg)}
+.seg button{font:inherit;font-size:13px;border:0;background:transparent;color:var(--muted);padding:4px 11px;cursor:pointer}
+.seg button+button{border-left:1px solid var(--line)}
+.seg button[aria-pressed=true]{background:var(--card);color:var(--fg);font-weight:600;box-shadow:inset 0 -2px 0 var(--in)}
+#status{display:inline-flex;align-items:center;gap:6px;font-size:12.5px;padding:3px 10px;border-radius:999px;background:var(--soft);color:var(--muted);white-space:nowrap}
+.dot{width:8px;height:8px;border-radius:50%;background:var(--muted)}
+#status[data-state=live] .dot{background:var(--green);box-shadow:0 0 0 3px var(--green-bg)}
+#status[data-state=down]{background:var(--red-bg);color:var(--red)}
+#status[data-state=down] .dot{background:var(--red)}
+#status[data-state=auth]{background:var(--amber-bg);color:var(--amber)}
+#status[data-state=auth] .dot{background:var(--amber)}
+.muted,.cap{color:var(--muted)}
+.small,.cap{font-size:12.5px}
+main{max-width:1280px;margin:0 auto;padding:16px 20px 40px;display:grid;grid-template-columns:minmax(0,1fr);gap:16px}
+#empty-slot:empty{display:none}
+.grid2{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:16px}
+.card{background:var(--card);border:1px solid var(--line);border-radius:12px;padding:16px 18px;min-width:0}
+h2{font-size:14.5px;margin:0;font-weight:650}
+h3{font-size:12px;margin:0 0 8px;font-weight:600;color:var(--muted);text-transform:uppercase;letter-spacing:.05em}
+.hd{display:flex;align-items:baseline;justify-content:space-between;gap:4px 16px;flex-wrap:wrap;margin-bottom:12px}
+.banner{border:1px solid var(--red);background:var(--red-bg);border-radius:10px;padding:10px 14px}
+.banner b{color:var(--red)}
+.kpis{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:16px}
+.k-label{font-size:12px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted);font-weight:600}
+.k-val{font-size:28px;font-weight:650;letter-spacing:-.02em;font-variant-numeric:tabular-nums;line-height:1.25;margin-top:4px}
+.k-sub{display:flex;gap:18px;margin:10px 0 0;padding-top:9px;border-top:1px solid var(--line);font-size:13px}
+.k-sub dt{color:var(--muted);font-size:11.5px;white-space:nowrap}
+.k-sub dd{margin:0;font-weight:600;font-variant-numeric:tabular-nums}
+.tag{display:inline-block;font-size:11px;font-weight:600;padding:0 7px;border-radius:999px;background:var(--soft);color:var(--muted);line-height:18px;white-space:nowrap}
+.tag.red{background:var(--red-bg);color:var(--red)}
+.tag.amber{background:var(--amber-bg);color:var(--amber)}
+.tag.green{background:var(--green-bg);color:var(--green)}
+.prov+.prov{margin-top:18px}
+.prov-hd{display:flex;align-items:center;gap:8px;flex-wrap:wrap;padding-bottom:6px;border-bottom:1px solid var(--line)}
+.prov-hd b{font-size:14px}
+.prov-hd .right{margin-left:auto}
+.prov.off .hr-row{opacity:.45}
+.hr-row{display:grid;grid-template-columns:minmax(150px,1.1fr) minmax(0,2fr) minmax(0,2fr) 52px;gap:6px 22px;align-items:center;padding:10px 0 10px 10px;border-bottom:1px dashed var(--line);border-left:3px solid transparent}
+.hr-row:last-child{border-bottom:0}
+.hr-row.sat{border-left-color:var(--red)}
+.hr-row.cool{border-left-color:var(--amber)}
+.mname{font-weight:600;overflow-wrap:anywhere}
+.tags{display:flex;gap:5px;flex-wrap:wrap;align-items:center;margin-top:3px;font-size:12px}
+.m-top{display:flex;justify-content:space-between;gap:8px;font-size:12px;color:var(--muted);margin-bottom:5px}
+.m-val{color:var(--fg);font-variant-numeric:tabular-nums}
+.track{position:relative;height:8px;border-radius:4px;background:var(--soft)}
+.fill{height:100%;border-radius:4px}
+.green>.fill,.fill.green{background:var(--green)}.fill.amber{background:var(--amber)}.fill.red{background:var(--red)}
+.mark{position:absolute;top:-4px;bottom:-4px;width:2px;margin-left:-1px;background:var(--fg);opacity:.5;border-radius:1px}
+.pct{text-align:right;font-weight:650;font-size:15px;font-variant-numeric:tabular-nums}
+.pct.amber{color:var(--amber)}.pct.red{color:var(--red)}
+.lg{display:flex;gap:12px;flex-wrap:wrap;font-size:12px;color:var(--muted)}
+.lg i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:5px;vertical-align:-1px}
+.lg i.ln{height:3px;vertical-align:2px}
+.chart{width:100%;min-height:170px}
+.chart svg{display:block;overflow:visible}
+.ax{fill:var(--muted);font-size:11px;font-variant-numeric:tabular-nums}
+.gl{stroke:var(--line);stroke-width:1}
+.b-in{fill:var(--in)}.b-out{fill:var(--out)}
+.cl-h{fill:none;stroke:var(--card);stroke-width:4;stroke-linejoin:round;opacity:.8}
+.cl{fill:none;stroke:var(--cost);stroke-width:2;stroke-linejoin:round;stroke-linecap:round}
+.hit{fill:transparent}.hit:hover{fill:var(--fg);fill-opacity:.07}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;margin:0 -18px;padding:0 18px}
+td .tags{flex-wrap:nowrap;margin:0}
+.mc{display:inline-block;max-width:300px;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}
+table{width:100%;border-collapse:collapse;font-size:13px;white-space:nowrap}
+th{font-weight:600;color:var(--muted);font-size:11px;text-transform:uppercase;letter-spacing:.04em;text-align:left;padding:6px 10px;border-bottom:1px solid var(--line)}
+td{padding:7px 10px;border-bottom:1px solid var(--line);vertical-align:middle}
+tbody tr:last-child td{border-bottom:0}
+th:first-child,td:first-child{padding-left:0}
+th:last-child,td:last-child{padding-right:0}
+.n{text-align:right;font-variant-numeric:tabular-nums}
+.err{color:var(--red)}
+.msg{max-width:340px;overflow:hidden;text-overflow:ellipsis}
+.none{color:var(--muted);text-align:center;padding:16px 0}
+.bl{display:grid;grid-template-columns:minmax(0,1.3fr) minmax(50px,1fr) auto;gap:6px 12px;align-items:center;font-size:13px}
+.bl .lab{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.bl .n{font-weight:600}
+.bl .track{height:6px}
+.bl .fill{background:var(--in)}
+.split{display:flex;height:10px;border-radius:5px;overflow:hidden;background:var(--soft);margin:6px 0 8px}
+.split span{display:block;height:100%}
+.big{font-size:24px;font-weight:650;font-variant-numeric:tabular-nums;letter-spacing:-.02em}
+.sect+.sect{margin-top:16px;padding-top:14px;border-top:1px solid var(--line)}
+pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;overflow-x:auto;font:12.5px/1.55 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
+.empty h2{font-size:18px;margin-bottom:4px}
+.empty p{margin:6px 0 14px;color:var(--muted)}
+.code+.code{margin-top:18px}
+.code-hd{display:flex;align-items:center;justify-content:space-between;gap:8px}.code-hd h3{margin:0}
+.copy{font:inherit;font-size:12px;padding:2px 10px;border:1px solid var(--line);border-radius:6px;background:var(--card);color:var(--fg);cursor:pointer}
+.auth{max-width:440px;width:100%;justify-self:center}
+.auth p{margin:6px 0 12px;color:var(--muted)}
+.auth .row{display:flex;gap:8px}
+.auth input{flex:1;min-width:0;font:inherit;padding:7px 10px;border:1px solid var(--line);border-radius:8px;background:var(--bg);color:var(--fg)}
+.auth button{font:inherit;font-weight:600;padding:7px 14px;border:0;border-radius:8px;background:var(--in);color:#fff;cursor:pointer}
+#auth-msg.bad{color:var(--red)}
+@media (max-width:900px){.grid2{grid-template-columns:minmax(0,1fr)}.kpis{grid-template-columns:repeat(2,minmax(0,1fr))}}
+@media (max-width:640px){.top{padding:10px 14px;position:static}main{padding:12px 12px 32px;gap:12px}.card{padding:14px}.scroll{margin:0 -14px;padding:0 14px}.mc{max-width:190px}
+.kpis{gap:12px}.k-val{font-size:22px}.k-sub{gap:12px}
+.hr-row{grid-template-columns:minmax(0,1fr) auto;padding-left:8px}.hr-row .meter{grid-column:1/-1;order:2}}
+</style>
+</head>
+<body>
+<header class="top">
+  <div class="brand"><span class="logo" aria-hidden="true"></span><h1>TokenWatch</h1><span id="meta" class="small muted"></span></div>
+  <div class="controls">
+    <div class="seg" id="window" role="group" aria-label="Window for per-model tables">
+      <button type="button" data-window="1h">1h</button><button type="button" data-window="24h">24h</button><button type="button" data-window="7d">7d</button><button type="button" data-window="all">All</button>
+    </div>
+    <span id="status" data-state="connecting" role="status"><i class="dot"></i><span id="status-text">Connecting&hellip;</span></span>
+    <span id="updated" class="small muted"></span>
+  </div>
+</header>
+<main>
+  <div id="store-banner" class="banner" role="alert" hidden></div>
+  <form id="auth" class="card auth" hidden>
+    <h2>API key required</h2>
+    <p id="auth-msg">This TokenWatch server requires an API key.</p>
+    <div class="row"><input id="auth-key" type="password" autocomplete="off" placeholder="TokenWatch API key" aria-label="TokenWatch API key"><button type="submit">Connect</button></div>
+  </form>
+  <div id="loading" class="muted small">Loading&hellip;</div>
+  <section class="kpis" id="kpis" hidden>
+    <div class="card"><div class="k-label">Requests</div><div class="k-val" id="total-requests">0</div><dl class="k-sub"><div><dt>Today</dt><dd id="today-requests"></dd></div><div><dt>24h</dt><dd id="h24-requests"></dd></div><div><dt>Errors</dt><dd id="total-errors"></dd></div></dl></div>
+    <div class="card"><div class="k-label">Cost</div><div class="k-val" id="total-cost">$0.00</div><dl class="k-sub"><div><dt>Today</dt><dd id="today-cost"></dd></div><div><dt>24h</dt><dd id="h24-cost"></dd></div></dl></div>
+    <div class="card"><div class="k-label">Input tokens</div><div class="k-val" id="total-input">0</div><dl class="k-sub"><div><dt>Today</dt><dd id="today-input"></dd></div><div><dt>24h</dt><dd id="h24-input"></dd></div><div><dt>Cached</dt><dd id="total-cached"></dd></div></dl></div>
+    <div class="card"><div class="k-label">Output tokens</div><div class="k-val" id="total-output">0</div><dl class="k-sub"><div><dt>Today</dt><dd id="today-output"></dd></div><div><dt>24h</dt><dd id="h24-output"></dd></div></dl></div>
+  </section>
+  <div id="empty-slot"></div>
+  <section id="headroom" class="card" hidden>
+    <div class="hd"><h2>Headroom now</h2><span class="cap">Sliding minute &middot; bars show the full limit, marker at the <span id="hr-th">80%</span> routing threshold</span></div>
+    <div id="hr-body"></div>
+  </section>
+  <div id="busy" hidden>
+    <div class="grid2">
+      <section class="card"><div class="hd"><h2>Last hour <span class="cap">per minute</span></h2><span class="cap" id="sum-minute"></span></div><div class="chart" id="chart-minute"></div><div class="lg"><span><i style="background:var(--in)"></i>Input tokens</span><span><i style="background:var(--out)"></i>Output tokens</span><span><i class="ln" style="background:var(--cost)"></i>Cost</span></div></section>
+      <section class="card"><div class="hd"><h2>Last 24 hours <span class="cap">per hour</span></h2><span class="cap" id="sum-hour"></span></div><div class="chart" id="chart-hour"></div><div class="lg"><span><i style="background:var(--in)"></i>Input tokens</span><span><i style="background:var(--out)"></i>Output tokens</span><span><i class="ln" style="background:var(--cost)"></i>Cost</span></div></section>
+    </div>
+    <section class="card" style="margin-top:16px"><div class="hd"><h2>Models</h2><span class="cap">Usage, cost and latency &middot; <span class="win-label">last 24 hours</span></span></div>
+      <div class="scroll"><table><thead><tr><th>Model</th><th>Tier</th><th class="n">Requests</th><th class="n">Errors</th><th class="n">Input</th><th class="n">Output</th><th class="n">Cost</th><th class="n">p50</th><th class="n">p95</th><th class="n">TTFT p50</th><th class="n">TTFT p95</th></tr></thead><tbody id="models"></tbody></table></div>
+    </section>
+    <div class="grid2" style="margin-top:16px">
+      <section class="card"><div class="hd"><h2>Spend breakdown</h2><span class="cap win-label">last 24 hours</span></div>
+        <div class="sect"><h3>By provider</h3><div class="bl" id="cost-providers"></div></div>
+        <div class="sect"><h3>By model</h3><div class="bl" id="cost-models"></div></div>
+      </section>
+      <section class="card" id="routing"><div class="hd"><h2>Routing</h2><span class="cap" id="route-total"></span></div>
+        <div class="sect"><h3>Complexity</h3><div class="split" id="route-split"></div><div class="lg" id="route-legend"></div></div>
+        <div class="sect"><h3>Failovers</h3><div><span class="big" id="failovers">0</span> <span class="cap" id="failover-share"></span></div><div class="bl" id="failover-reasons" style="margin-top:10px"></div></div>
+      </section>
+    </div>
+    <section class="card" style="margin-top:16px"><div class="hd"><h2>Errors</h2><span class="cap">Latest, grouped by provider and kind</span></div>
+      <div class="scroll"><table><thead><tr><th>Provider</th><th>Kind</th><th class="n">Count</th><th>Last seen</th><th>Last message</th></tr></thead><tbody id="errors"></tbody></table></div>
+    </section>
+    <section class="card" style="margin-top:16px"><div class="hd"><h2>Recent requests</h2><span class="cap" id="recent-count"></span></div>
+      <div class="scroll"><table><thead><tr><th>Time</th><th>Model</th><th>Route</th><th class="n">Tokens in / out</th><th class="n">Cost</th><th class="n">Latency</th><th class="n">TTFT</th><th>Status</th></tr></thead><tbody id="recent"></tbody></table></div>
+    </section>
+  </div>
+</main>
+<script>
+(function () {
+  "use strict";
+  var NS = "http://www.w3.org/2000/svg", KEY = "tokenwatch_api_key", WINS = ["1h", "24h", "7d", "all"];
+  var WIN_LABEL = { "1h": "last hour", "24h": "last 24 hours", "7d": "last 7 days", "all": "all time" };
+  var C = String.fromCharCode, DASH = C(8212), DOT = " " + C(183) + " ", BS = C(92), NL = C(10);
+  var win = "24h", last = null, timer = 0, seq = 0, emptyNode = null, emptySig = "", resizeT = 0;
+
+  function $(id) { return document.getElementById(id); }
+  function add(p) {
+    for (var i = 1; i < arguments.length; i++) {
+      var c = arguments[i];
+      if (c === null || c === undefined || c === false) continue;
+      p.appendChild(typeof c === "object" ? c : document.createTextNode(String(c)));
+    }
+    return p;
+  }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+  function sv(tag, attrs, text) {
+    var e = document.createElementNS(NS, tag);
+    for (var k in attrs) if (Object.prototype.hasOwnProperty.call(attrs, k)) e.setAttribute(k, String(attrs[k]));
+    if (text !== undefined) e.textContent = String(text);
+    return e;
+  }
+  function setText(id, v, raw) { var e = $(id); if (!e) return; e.textContent = v; if (raw !== undefined) e.setAttribute("data-value", String(raw)); }
+  function num(v) { v = Number(v); return isFinite(v) ? v : 0; }
+  function has(v) { return v !== null && v !== undefined && v !== "" && isFinite(Number(v)); }
+  function str(v) { return v === null || v === undefined ? "" : String(v); }
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+  function round1(x) { return String(parseFloat(x.toFixed(1))); }
+  function sfx(v, d, s) { var x = v / d; return (Math.abs(x) < 99.95 ? round1(x) : x.toFixed(0)) + s; }
+  function fmtTok(v) {
+    v = num(v); var a = Math.abs(v);
+    if (a < 1000) return String(Math.round(v));
+    if (a < 999500) return sfx(v, 1e3, "k");
+    if (a < 999500000) return sfx(v, 1e6, "M");
+    return sfx(v, 1e9, "B");
+  }
+  function fmtInt(v) { return Math.round(num(v)).toLocaleString("en-US"); }
+  function fmtCost(v, short) {
+    v = num(v); var a = Math.abs(v);
+    if (a === 0) return short ? "$0" : "$0.00";
+    if (a >= 1) return "$" + v.toLocaleString("en-US", { minimumFractionDigits: short ? 0 : 2, maximumFractionDigits: 2 });
+    var d = Math.min(8, Math.max(2, 1 - Math.floor(Math.log10(a))));
+    return "$" + (short ? String(parseFloat(v.toFixed(d))) : v.toFixed(d));
+  }
+  function fmtMs(v) {
+    if (!has(v)) return DASH;
+    v = num(v);
+    if (v < 1000) return Math.round(v) + " ms";
+    if (v < 60000) return (v / 1000).toFixed(v < 10000 ? 2 : 1) + " s";
+    return fmtDur(v / 1000);
+  }
+  function fmtDur(s) {
+    s = Math.max(0, Math.ceil(num(s)));
+    if (s < 60) return s + "s";
+    if (s < 3600) return Math.floor(s / 60) + "m " + pad(s % 60) + "s";
+    if (s < 86400) return Math.floor(s / 3600) + "h " + pad(Math.floor(s / 60) % 60) + "m";
+    return Math.floor(s / 86400) + "d " + Math.floor(s / 3600) % 24 + "h";
+  }
+  function hms(d) { return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds()); }
+  function fmtTime(ts) {
+    if (!has(ts)) return DASH;
+    var d = new Date(num(ts)), s = hms(d);
+    if (d.toDateString() !== new Date().toDateString()) s = d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " " + s;
+    return s;
+  }
+  function pctOf(a, b) { return b > 0 ? Math.round(100 * a / b) + "%" : "0%"; }
+  function tag(text, cls) { return el("span", "tag" + (cls ? " " + cls : ""), text); }
+  function level(ratio, th) { return ratio >= th ? "red" : ratio >= th * 0.75 ? "amber" : "green"; }
+  function getKey() { try { return sessionStorage.getItem(KEY) || ""; } catch (e) { return ""; } }
+  function setKey(k) { try { if (k) sessionStorage.setItem(KEY, k); else sessionStorage.removeItem(KEY); } catch (e) { /* storage unavailable */ } }
+  function row(cells) {
+    var tr = el("tr");
+    cells.forEach(function (c) {
+      var td = el("td", c.cls || "");
+      if (c.node) add(td, c.node); else td.textContent = str(c.t);
+      if (c.title) td.title = c.title;
+      tr.appendChild(td);
+    });
+    return tr;
+  }
+  function noneRow(tbody, cols, text) {
+    var td = el("td", "none", text); td.colSpan = cols;
+    tbody.replaceChildren(add(el("tr"), td));
+  }
+
+  /* ---------- connection ---------- */
+  function setStatus(state, text) { var s = $("status"); s.setAttribute("data-state", state); $("status-text").textContent = text; }
+  function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
+  function poll() {
+    clearTimeout(timer);
+    var my = ++seq, key = getKey(), headers = { Accept: "application/json" };
+    if (key) headers.Authorization = "Bearer " + key;
+    var ctl = typeof AbortController === "function" ? new AbortController() : null;
+    var to = setTimeout(function () { if (ctl) ctl.abort(); }, 8000);
+    fetch("/stats?window=" + encodeURIComponent(win), { headers: headers, cache: "no-store", signal: ctl ? ctl.signal : undefined })
+      .then(function (r) {
+        if (r.status === 401) return { auth: true };
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json().then(function (d) { return { data: d }; });
+      })
+      .then(function (res) {
+        clearTimeout(to);
+        if (my !== seq) return;
+        if (res.auth) { askKey(key); return; }
+        $("auth").hidden = true;
+        setStatus("live", "Live");
+        try { render(res.data); } catch (e) { if (window.console) console.warn("render failed", e); }
+        setText("updated", "Updated " + hms(new Date()));
+        schedule(3000);
+      })
+      .catch(function () {
+        clearTimeout(to);
+        if (my !== seq) return;
+        setStatus("down", "Disconnected " + C(8212) + " retrying");
+        schedule(3000);
+      });
+  }
+  function askKey(sentKey) {
+    clearTimeout(timer);
+    setStatus("auth", "API key required");
+    $("loading").hidden = true;
+    var msg = $("auth-msg");
+    if (sentKey) { setKey(""); msg.textContent = "That key was not accepted. Please check it and try again."; msg.className = "bad"; }
+    else { msg.textContent = "This TokenWatch server requires an API key. It is kept in this tab only (sessionStorage)."; msg.className = ""; }
+    var f = $("auth"), wasHidden = f.hidden;
+    f.hidden = false;
+    if (wasHidden || sentKey) { $("auth-key").value = ""; $("auth-key").focus(); }
+  }
+  $("auth").addEventListener("submit", function (ev) {
+    ev.preventDefault();
+    var k = $("auth-key").value.trim();
+    if (!k) { $("auth-key").focus(); return; }
+    setKey(k);
+    $("auth-msg").textContent = "Connecting" + C(8230); $("auth-msg").className = "";
+    setStatus("connecting", "Connecting" + C(8230));
+    poll();
+  });
+
+  /* ---------- window selector ---------- */
+  function paintWindow() {
+    Array.prototype.forEach.call(document.querySelectorAll("#window button"), function (b) {
+      b.setAttribute("aria-pressed", String(b.getAttribute("data-window") === win));
+    });
+    Array.prototype.forEach.call(document.querySelectorAll(".win-label"), function (e) { e.textContent = WIN_LABEL[win]; });
+  }
+  $("window").addEventListener("click", function (ev) {
+    var b = ev.target.closest ? ev.target.closest("button[data-window]") : null;
+    if (!b) return;
+    win = b.getAttribute("data-window");
+    paintWindow();
+    try { history.replaceState(null, "", "?window=" + win); } catch (e) { /* ignore */ }
+    poll();
+  });
+
+  /* ---------- rendering ---------- */
+  function render(d) {
+    last = d;
+    var t = d.totals || {}, per = d.periods || {}, all = per.all || t, today = per.today || {}, h24 = per["24h"] || {};
+    var empty = !(num(t.requests) > 0);
+    $("loading").hidden = true;
+    $("kpis").hidden = false;
+    $("headroom").hidden = false;
+    $("busy").hidden = empty;
+    $("meta").textContent = (d.version ? "v" + str(d.version) + DOT : "") + "up " + fmtDur(d.uptime_s);
+
+    var st = d.store || {}, banner = $("store-banner");
+    if (st.last_error !== null && st.last_error !== undefined) {
+      banner.replaceChildren(add(el("b"), "Database writes are failing: "), str(st.last_error) + DOT + fmtInt(st.pending_rows) + " rows pending, retrying" + C(8230));
+      banner.title = str(st.path);
+      banner.hidden = false;
+    } else banner.hidden = true;
+
+    setText("total-requests", fmtInt(all.requests), num(all.requests));
+    setText("total-cost", fmtCost(all.cost_usd), num(all.cost_usd));
+    setText("total-input", fmtTok(all.input_tokens), num(all.input_tokens));
+    setText("total-output", fmtTok(all.output_tokens), num(all.output_tokens));
+    setText("total-errors", fmtInt(all.errors), num(all.errors));
+    setText("total-cached", fmtTok(all.cached_tokens), num(all.cached_tokens));
+    $("total-errors").className = num(all.errors) > 0 ? "err" : "";
+    [["today", today], ["h24", h24]].forEach(function (p) {
+      setText(p[0] + "-requests", fmtInt(p[1].requests), num(p[1].requests));
+      setText(p[0] + "-cost", fmtCost(p[1].cost_usd), num(p[1].cost_usd));
+      setText(p[0] + "-input", fmtTok(p[1].input_tokens), num(p[1].input_tokens));
+      setText(p[0] + "-output", fmtTok(p[1].output_tokens), num(p[1].output_tokens));
+    });
+    document.title = "TokenWatch" + DOT + fmtCost(today.cost_usd) + " today";
+
+    renderEmpty(empty);
+    renderHeadroom(d);
+    if (empty) return;
+    drawCharts();
+    renderModels(d.models || []);
+    renderBreakdown(d);
+    renderRouting(d.routing || {});
+    renderErrors(d.error_groups || []);
+    renderRecent(d.recent || []);
+  }
+
+  function renderEmpty(empty) {
+    var slot = $("empty-slot"), sig = location.origin + "|" + (getKey() ? 1 : 0);
+    if (!empty) { slot.replaceChildren(); return; }
+    if (slot.firstChild && sig === emptySig) return;
+    emptySig = sig;
+    var url = location.origin + "/v1/chat/completions", SQ = C(39);
+    var authLine = getKey() ? '  -H "Authorization: Bearer $TOKENWATCH_API_KEY" ' + BS + NL : "";
+    var curl = "curl " + url + " " + BS + NL + '  -H "Content-Type: application/json" ' + BS + NL + authLine +
+      "  -d " + SQ + '{"model":"auto","messages":[{"role":"user","content":"Hello"}]}' + SQ;
+    var sdk = 'import OpenAI from "openai";' + NL + NL + "const client = new OpenAI({" + NL +
+      '  baseURL: "' + location.origin + '/v1",' + NL +
+      '  apiKey: process.env.TOKENWATCH_API_KEY ?? "unused",' + NL + "});" + NL +
+      'await client.chat.completions.create({ model: "auto", messages: [{ role: "user", content: "Hello" }] });';
+    emptyNode = el("section", "card empty"); emptyNode.id = "empty-state";
+    add(emptyNode, el("h2", "", "No requests yet"),
+      el("p", "", 'TokenWatch is running and ready. Point any OpenAI-compatible client at it and this dashboard fills in live. Use model "auto" to let TokenWatch pick by complexity, cost and headroom.'),
+      codeBlock("Send a first request", curl, "empty-curl"), codeBlock("Or use the OpenAI SDK", sdk, "empty-sdk"));
+    slot.replaceChildren(emptyNode);
+  }
+  function codeBlock(title, text, id) {
+    var box = el("div", "code"), hd = add(el("div", "code-hd"), el("h3", "", title)), pre = el("pre", "", text);
+    pre.id = id;
+    add(box, hd, pre);
+    if (navigator.clipboard && window.isSecureContext) {
+      var b = el("button", "copy", "Copy"); b.type = "button";
+      b.addEventListener("click", function () {
+        navigator.clipboard.writeText(text).then(function () { b.textContent = "Copied"; setTimeout(function () { b.textContent = "Copy"; }, 1500); }, function () { /* ignore */ });
+      });
+      hd.appendChild(b);
+    }
+    return box;
+  }
+
+  function meter(label, used, limit, th, unit) {
+    var w = el("div", "meter"), ratio = limit > 0 ? used / limit : 0, lv = level(ratio, th);
+    w.setAttribute("data-kind", label.toLowerCase());
+    w.setAttribute("data-used", String(used)); w.setAttribute("data-limit", String(limit));
+    var val = el("span", "m-val", fmtTok(used) + " / " + fmtTok(limit) + unit);
+    add(w, add(el("div", "m-top"), el("span", "", label), val));
+    var tr = el("div", "track"), f = el("div", "fill " + lv), mk = el("div", "mark");
+    f.style.width = (ratio > 0 ? Math.max(1, Math.min(100, ratio * 100)) : 0).toFixed(1) + "%";
+    mk.style.left = (th * 100).toFixed(1) + "%";
+    add(w, add(tr, f, mk));
+    w.title = label + ": " + fmtInt(used) + " of " + fmtInt(limit) + unit + " (" + pctOf(used, limit) + "), threshold " + fmtInt(limit * th);
+    return w;
+  }
+  function renderHeadroom(d) {
+    var th = num(d.threshold) > 0 ? num(d.threshold) : 0.8, groups = new Map();
+    $("hr-th").textContent = Math.round(th * 100) + "%";
+    (d.providers || []).forEach(function (p) { var k = str(p.provider); if (!groups.has(k)) groups.set(k, { p: p, m: [] }); });
+    (d.models || []).forEach(function (m) {
+      var k = str(m.provider);
+      if (!groups.has(k)) groups.set(k, { p: { provider: m.provider, name: m.provider_name, enabled: true }, m: [] });
+      groups.get(k).m.push(m);
+    });
+    var frag = document.createDocumentFragment();
+    groups.forEach(function (g, k) {
+      var p = g.p, off = p.enabled === false, box = el("div", "prov" + (off ? " off" : ""));
+      box.setAttribute("data-provider", k);
+      var hd = add(el("div", "prov-hd"), el("b", "", str(p.name || p.provider)));
+      if (off) {
+        add(hd, tag("Disabled", "red"), p.reason ? el("span", "small", str(p.reason)) : null,
+          num(p.disabled_for_s) > 0 ? el("span", "small muted", "retry in " + fmtDur(p.disabled_for_s)) : null);
+      }
+      if (has(p.requests)) add(hd, el("span", "right small muted", fmtInt(p.requests) + " req" + DOT + fmtCost(p.cost_usd) + (num(p.errors) ? DOT + fmtInt(p.errors) + " err" : "")));
+      box.appendChild(hd);
+      if (!g.m.length) box.appendChild(el("div", "small muted", "No models configured."));
+      g.m.forEach(function (m) {
+        var r = el("div", "hr-row" + (m.saturated ? " sat" : m.cooling ? " cool" : "") + (m.enabled === false ? " off" : ""));
+        r.setAttribute("data-model", k + "/" + str(m.model));
+        r.setAttribute("data-saturated", String(!!m.saturated));
+        r.setAttribute("data-cooling", String(!!m.cooling));
+        var tags = add(el("div", "tags"), m.tier ? tag(str(m.tier)) : null,
+          m.enabled === false ? tag("Disabled", "red") : null,
+          m.saturated ? tag("Saturated", "red") : null, m.cooling ? tag("Cooling down", "amber") : null,
+          (m.saturated || m.cooling) && num(m.free_in_s) > 0 ? el("span", "muted free-in", "frees in " + fmtDur(m.free_in_s)) : null,
+          num(m.inflight) > 0 ? tag(fmtInt(m.inflight) + " in flight") : null);
+        add(r, add(el("div", "hr-name"), el("div", "mname", str(m.model)), tags));
+        add(r, meter("Tokens", num(m.window_tokens), num(m.limit), th, ""));
+        if (has(m.rpm) && num(m.rpm) > 0) add(r, meter("Requests", num(m.window_requests), num(m.rpm), th, " rpm"));
+        else add(r, el("div", "meter small muted", fmtInt(m.window_requests) + " requests" + DOT + "no rpm limit"));
+        var pu = num(m.percent_used), pc = el("div", "pct " + level(pu / 100, th), Math.round(pu) + "%");
+        pc.title = "of full limit"; r.appendChild(pc);
+        box.appendChild(r);
+      });
+      frag.appendChild(box);
+    });
+    if (!groups.size) frag.appendChild(el("div", "none", "No providers configured."));
+    $("hr-body").replaceChildren(frag);
+  }
+
+  function niceStep(v) {
+    if (!(v > 0)) return 1;
+    var p = Math.pow(10, Math.floor(Math.log10(v))), m = v / p;
+    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 2.5 ? 2.5 : m <= 5 ? 5 : 10) * p;
+  }
+  function drawCharts() {
+    if (!last || !last.series) return;
+    chart($("chart-minute"), last.series.minute || [], "minute", $("sum-minute"));
+    chart($("chart-hour"), last.series.hour || [], "hour", $("sum-hour"));
+  }
+  function chart(box, pts, kind, sumEl) {
+    var W = Math.floor(box.clientWidth);
+    if (W < 50) return;
+    var H = W < 480 ? 170 : 200, L = 46, R = 52, T = 10, B = 24, pw = W - L - R, ph = H - T - B, n = Math.max(1, pts.length);
+    var maxT = 0, maxC = 0, sumT = 0, sumC = 0, sumR = 0;
+    pts.forEach(function (p) {
+      var tk = num(p.input_tokens) + num(p.output_tokens);
+      maxT = Math.max(maxT, tk); maxC = Math.max(maxC, num(p.cost_usd));
+      sumT += tk; sumC += num(p.cost_usd); sumR += num(p.requests);
+    });
+    sumEl.textContent = fmtInt(sumR) + " req" + DOT + fmtTok(sumT) + " tokens" + DOT + fmtCost(sumC);
+    var ts = niceStep(maxT / 2), tm = ts * 2, cs = niceStep(maxC / 2), cm = cs * 2;
+    var s = sv("svg", { width: W, height: H, viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": "Tokens and cost per " + kind });
+    for (var i = 0; i <= 2; i++) {
+      var y = T + ph - (i / 2) * ph;
+      s.appendChild(sv("line", { "class": "gl", x1: L, x2: W - R, y1: y + 0.5, y2: y + 0.5 }));
+      if (i === 0 || maxT > 0) s.appendChild(sv("text", { "class": "ax", x: L - 6, y: y + 4, "text-anchor": "end" }, fmtTok(ts * i)));
+      if (i > 0 && maxC > 0) s.appendChild(sv("text", { "class": "ax", x: W - R + 6, y: y + 4, "text-anchor": "start" }, fmtCost(cs * i, true)));
+    }
+    var bw = pw / n, gap = Math.min(3, bw * 0.25), line = [];
+    pts.forEach(function (p, i) {
+      var x = L + i * bw, inH = ph * num(p.input_tokens) / tm, outH = ph * num(p.output_tokens) / tm;
+      if (inH > 0) s.appendChild(sv("rect", { "class": "b-in", x: x + gap / 2, y: T + ph - inH, width: Math.max(1, bw - gap), height: inH }));
+      if (outH > 0) s.appendChild(sv("rect", { "class": "b-out", x: x + gap / 2, y: T + ph - inH - outH, width: Math.max(1, bw - gap), height: outH }));
+      line.push((i ? "L" : "M") + (x + bw / 2).toFixed(1) + " " + (T + ph - ph * num(p.cost_usd) / cm).toFixed(1));
+    });
+    if (maxC > 0) { s.appendChild(sv("path", { "class": "cl-h", d: line.join(" ") })); s.appendChild(sv("path", { "class": "cl", d: line.join(" ") })); }
+    if (maxT === 0 && maxC === 0) s.appendChild(sv("text", { "class": "ax", x: L + pw / 2, y: T + ph / 2, "text-anchor": "middle" }, "No traffic in this period"));
+    var steps = kind === "minute" ? [1, 2, 5, 10, 15, 20, 30] : [1, 2, 3, 4, 6, 8, 12], maxLab = Math.max(2, Math.floor(pw / 58)), step = steps[steps.length - 1];
+    for (var j = 0; j < steps.length; j++) if (n / steps[j] <= maxLab) { step = steps[j]; break; }
+    pts.forEach(function (p, i) {
+      var x = L + i * bw, d = new Date(num(p.t));
+      var label = pad(d.getHours()) + ":" + pad(d.getMinutes());
+      if ((n - 1 - i) % step === 0) s.appendChild(sv("text", { "class": "ax", x: x + bw / 2, y: H - 6, "text-anchor": "middle" }, label));
+      var hit = sv("rect", { "class": "hit", x: x, y: T, width: bw, height: ph });
+      hit.appendChild(sv("title", {}, label + (kind === "hour" ? " (hour)" : "") + NL + fmtInt(p.requests) + " requests" + NL + fmtTok(p.input_tokens) + " in / " + fmtTok(p.output_tokens) + " out" + NL + fmtCost(p.cost_usd)));
+      s.appendChild(hit);
+    });
+    box.replaceChildren(s);
+  }
+
+  function modelCell(provider, model) { var c = add(el("span", "mc"), el("span", "muted", str(provider) + "/"), str(model)); c.title = str(provider) + "/" + str(model); return c; }
+  function renderModels(models) {
+    var tb = $("models");
+    if (!models.length) { noneRow(tb, 11, "No models configured."); return; }
+    tb.replaceChildren.apply(tb, models.map(function (m) {
+      var tr = row([{ node: modelCell(m.provider, m.model) }, { node: m.tier ? tag(str(m.tier)) : "" },
+        { t: fmtInt(m.requests), cls: "n" }, { t: fmtInt(m.errors), cls: "n" + (num(m.errors) ? " err" : "") },
+        { t: fmtTok(m.input_tokens), cls: "n" }, { t: fmtTok(m.output_tokens), cls: "n" }, { t: fmtCost(m.cost_usd), cls: "n" },
+        { t: fmtMs(m.p50_ms), cls: "n" }, { t: fmtMs(m.p95_ms), cls: "n" }, { t: fmtMs(m.ttft_p50_ms), cls: "n" }, { t: fmtMs(m.ttft_p95_ms), cls: "n" }]);
+      tr.setAttribute("data-model", str(m.provider) + "/" + str(m.model));
+      return tr;
+    }));
+  }
+  function barList(box, items, fmt, emptyText) {
+    items = items.filter(function (x) { return x.v > 0; }).sort(function (a, b) { return b.v - a.v; });
+    var max = items.length ? items[0].v : 0, total = items.reduce(function (a, x) { return a + x.v; }, 0);
+    if (!items.length) { box.replaceChildren(el("div", "muted small", emptyText)); return; }
+    var frag = document.createDocumentFragment();
+    items.forEach(function (x) {
+      var lab = el("span", "lab", x.label); lab.title = x.title || x.label;
+      var f = el("div", "fill"); f.style.width = (100 * x.v / max).toFixed(1) + "%";
+      var v = el("span", "n", fmt(x.v)); v.title = pctOf(x.v, total) + " of total";
+      add(frag, lab, add(el("div", "track"), f), v);
+    });
+    box.replaceChildren(frag);
+  }
+  function renderBreakdown(d) {
+    barList($("cost-providers"), (d.providers || []).map(function (p) { return { label: str(p.name || p.provider), v: num(p.cost_usd) }; }), fmtCost, "No spend in this window.");
+    barList($("cost-models"), (d.models || []).map(function (m) { return { label: str(m.model), title: str(m.provider) + "/" + str(m.model), v: num(m.cost_usd) }; }), fmtCost, "No spend in this window.");
+  }
+  function renderRouting(r) {
+    var si = num(r.simple), co = num(r.complex), tot = si + co, fo = num(r.failovers);
+    $("route-total").textContent = fmtInt(tot) + " routed requests";
+    var a = el("span"), b = el("span");
+    a.style.width = (tot ? 100 * si / tot : 0) + "%"; a.style.background = "var(--out)";
+    b.style.width = (tot ? 100 * co / tot : 0) + "%"; b.style.background = "var(--in)";
+    $("route-split").replaceChildren(a, b);
+    var sw = function (c) { var i = el("i"); i.style.background = c; return i; };
+    $("route-legend").replaceChildren(
+      add(el("span", "", ""), sw("var(--out)"), "Simple ", el("b", "", fmtInt(si)), " (" + pctOf(si, tot) + ")"),
+      add(el("span", "", ""), sw("var(--in)"), "Complex ", el("b", "", fmtInt(co)), " (" + pctOf(co, tot) + ")"));
+    $("failovers").textContent = fmtInt(fo); $("failovers").setAttribute("data-value", String(fo));
+    $("failover-share").textContent = fo ? "requests failed over to another model" : "no failovers";
+    barList($("failover-reasons"), (r.failover_reasons || []).map(function (x) { return { label: str(x.reason), v: num(x.count) }; }), fmtInt, "");
+  }
+  function renderErrors(groups) {
+    var tb = $("errors");
+    if (!groups.length) { noneRow(tb, 5, "No errors " + C(8212) + " all good."); return; }
+    groups = groups.slice().sort(function (a, b) { return num(b.last_ts) - num(a.last_ts); });
+    tb.replaceChildren.apply(tb, groups.map(function (g) {
+      var tr = row([{ t: g.provider }, { node: tag(str(g.kind), "red") }, { t: fmtInt(g.count), cls: "n" },
+        { t: fmtTime(g.last_ts), title: has(g.last_ts) ? new Date(num(g.last_ts)).toLocaleString() : "" },
+        { t: g.last_message, cls: "msg", title: str(g.last_message) }]);
+      tr.setAttribute("data-provider", str(g.provider)); tr.setAttribute("data-kind", str(g.kind));
+      return tr;
+    }));
+  }
+  function renderRecent(list) {
+    var tb = $("recent");
+    list = list.slice().sort(function (a, b) { return num(b.ts) - num(a.ts); }).slice(0, 50);
+    $("recent-count").textContent = list.length ? "latest " + list.length : "";
+    if (!list.length) { noneRow(tb, 8, "No requests yet."); return; }
+    tb.replaceChildren.apply(tb, list.map(function (q) {
+      var code = num(q.status), ok = code >= 200 && code < 300 && !q.error;
+      var route = add(el("span", "tags"), q.complexity ? tag(str(q.complexity)) : null, q.stream ? tag("stream") : null,
+        num(q.attempts) > 1 ? tag(fmtInt(q.attempts) + " attempts", "amber") : null);
+      var stat = add(el("span"), tag(str(q.status), ok ? "green" : code === 429 ? "amber" : "red"), q.error ? el("span", "err small", " " + str(q.error)) : null);
+      var model = modelCell(q.provider, q.model);
+      if (q.requested_model && str(q.requested_model) !== str(q.model)) model.title = "requested: " + str(q.requested_model);
+      var tr = row([{ t: fmtTime(q.ts) }, { node: model }, { node: route },
+        { t: fmtTok(q.input_tokens) + " / " + fmtTok(q.output_tokens), cls: "n" }, { t: fmtCost(q.cost_usd), cls: "n" },
+        { t: fmtMs(q.latency_ms), cls: "n" }, { t: q.stream ? fmtMs(q.ttft_ms) : DASH, cls: "n" },
+        { node: stat, cls: "msg", title: q.error ? str(q.error) : "" }]);
+      tr.setAttribute("data-status", str(q.status));
+      return tr;
+    }));
+  }
+
+  /* ---------- start ---------- */
+  try { var q = new URLSearchParams(location.search).get("window"); if (WINS.indexOf(q) >= 0) win = q; } catch (e) { /* ignore */ }
+  paintWindow();
+  window.addEventListener("resize", function () { clearTimeout(resizeT); resizeT = setTimeout(function () { if (last && !$("busy").hidden) drawCharts(); }, 120); });
+  document.addEventListener("visibilitychange", function () { if (!document.hidden && $("auth").hidden) poll(); });
+  poll();
+})();
+</script>
+</body>
+</html>`;
 
 // ============================================================================================
 // 10. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
