@@ -2421,10 +2421,17 @@ export function loadConfig(path: string | undefined, env: Record<string, string 
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/;
 
-/** The Host headers a loopback listener answers; any other name is a DNS-rebinding attempt. */
-function hostsFor(host: string, port: number): Set<string> | undefined {
-  if (!LOOPBACK.test(host)) return undefined;
-  return new Set(["127.0.0.1", "localhost", "[::1]", host.includes(":") ? `[${host}]` : host].flatMap((h) => [h, `${h}:${port}`]));
+/**
+ * The Host headers we answer: the address we listen on and, for loopback, its usual names, plus
+ * TOKENWATCH_ALLOWED_HOSTS. Any other name is a DNS-rebinding attempt. A wildcard listener
+ * (0.0.0.0, ::) cannot know its names, so it checks none unless they are listed.
+ */
+export function allowedHosts(host: string, port: number, extra = ""): Set<string> | undefined {
+  const listed = extra.split(",").map((h) => h.trim().toLowerCase()).filter(Boolean);
+  const wildcard = host === "0.0.0.0" || host === "::" || host === "";
+  if (wildcard && !listed.length) return undefined;
+  const names = [...listed, ...(wildcard ? [] : [host.includes(":") ? `[${host}]` : host]), ...(LOOPBACK.test(host) ? ["127.0.0.1", "localhost", "[::1]"] : [])];
+  return new Set(names.flatMap((h) => (/:\d+$/.test(h) ? [h] : [h, `${h}:${port}`])).map((h) => h.toLowerCase()));
 }
 
 export type Running = { url: string; port: number; server: http.Server; store: Store; router: ReturnType<typeof createRouter>; config: Config; close(drainMs?: number): Promise<void> };
@@ -2436,10 +2443,11 @@ export async function start(opts: { config: Config; port?: number; host?: string
   const store = new Store(opts.db ?? ":memory:");
   const deps: Deps = { store, fetch: opts.fetch, now: opts.now, apiKey: env.TOKENWATCH_API_KEY || undefined, log: opts.log };
   const router = createRouter(opts.config, deps);
-  const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0 }, (req, res) => void router.handle(req, res));
+  // Time limits on *receiving* a request (slow-loris); answers, streams included, may take as long as they need.
+  const server = http.createServer({ keepAliveTimeout: 65_000, headersTimeout: 20_000, requestTimeout: 120_000 }, (req, res) => void router.handle(req, res));
   await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); });
   const port = (server.address() as { port: number }).port;
-  deps.allowedHosts = hostsFor(host, port);
+  deps.allowedHosts = allowedHosts(host, port, env.TOKENWATCH_ALLOWED_HOSTS);
   const shown = host.includes(":") ? `[${host}]` : host;
   let closing: Promise<void> | undefined;
   const close = (drainMs = 10_000) => (closing ??= (async () => {
