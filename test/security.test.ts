@@ -5,7 +5,8 @@
 import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
-import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { spawnSync } from "node:child_process";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
@@ -226,6 +227,41 @@ describe("faults", () => {
       assert.equal(freed.store.last_error, null);
       assert.equal(freed.totals.requests, 5);
     } finally { other.close(); await e.close(); rmSync(dir, { recursive: true, force: true }); }
+  });
+});
+
+describe("faults: a full disk", () => {
+  // A real full disk: an 8 MiB tmpfs, nearly filled. Mounting needs root, which CI has; elsewhere the
+  // test is skipped with the reason, but never under CI.
+  const mnt = mkdtempSync(join(tmpdir(), "tw-full-"));
+  const mounted = spawnSync("mount", ["-t", "tmpfs", "-o", "size=8m", "tmpfs", mnt]).status === 0;
+  if (!mounted && process.env.CI) throw new Error("Cannot mount a tmpfs for the full-disk test: CI must run as root");
+  after(() => { if (mounted) spawnSync("umount", [mnt]); rmSync(mnt, { recursive: true, force: true }); });
+
+  it("keeps serving on a full disk, says so in /stats, and writes every row once there is room", { skip: mounted ? false : "needs root to mount a tmpfs" }, async () => {
+    const e = await setup({ db: join(mnt, "tw.db") });
+    const filler = join(mnt, "filler");
+    try {
+      // leave ~40 KiB: the schema fits, a few hundred rows with their WAL frames do not
+      const free = () => Number(spawnSync("df", ["-B1", "--output=avail", mnt], { encoding: "utf8" }).stdout.trim().split("\n")[1]);
+      writeFileSync(filler, Buffer.alloc(Math.max(0, free() - 40 * 1024)));
+      const long = "x".repeat(2000); // a long error message makes each row big
+      let answered = 0;
+      for (let i = 0; i < 300; i++) {
+        const r = await raw(e.tw.port, { method: "POST", path: "/v1/chat/completions", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: `no-such-model-${long}`, messages: [{ role: "user", content: "hi" }] }) });
+        assert.equal(r.status, 404);
+        answered++;
+      }
+      assert.equal((await raw(e.tw.port, { method: "POST", path: "/v1/chat/completions", headers: { "content-type": "application/json" }, body: chatBody })).status, 200);
+      answered++;
+      const full = JSON.parse((await raw(e.tw.port, { path: "/stats" })).body);
+      assert.match(full.store.last_error, /full/i);
+      assert.ok(full.store.pending_rows > 0);
+      rmSync(filler);
+      const freed = JSON.parse((await raw(e.tw.port, { path: "/stats" })).body);
+      assert.equal(freed.store.last_error, null);
+      assert.equal(freed.totals.requests, answered);
+    } finally { await e.close(); }
   });
 });
 
