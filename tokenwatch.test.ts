@@ -13,7 +13,7 @@ import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, mergeConfig, buildConfig,
   SlidingWindow, Limiter, classify, route, openAIBody, anthropicBody, toAnthropicMessages, fromAnthropicMessage, AnthropicStream,
-  ADAPTERS, Store, parseBody, start, parseOptions, loadConfig, UsageError,
+  ADAPTERS, Store, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
 import type { ChatRequest, Config, Model, Row, Running } from "./tokenwatch.ts";
 import { startMock } from "./test/mocks.ts";
@@ -418,6 +418,15 @@ describe("6. Adapters", () => {
       assert.deepEqual(body, { messages: [{ role: "user", content: "hi" }], temperature: 0.5, seed: 1, model: "gpt-4o" });
     });
 
+    it("upstreamMessages() drops unknown message keys, adds reasoning_content where required, and copies nothing otherwise", () => {
+      const clean: ChatRequest["messages"] = [{ role: "user", content: "hi" }];
+      assert.equal(upstreamMessages(clean, false), clean);
+      const msgs: ChatRequest["messages"] = [{ role: "user", content: "hi", id: "m1" }, { role: "assistant", content: null, tool_calls: [{ id: "c", type: "function", function: { name: "f", arguments: "{}" } }] }];
+      assert.deepEqual(upstreamMessages(msgs, false), [{ role: "user", content: "hi" }, msgs[1]]);
+      assert.deepEqual(upstreamMessages(msgs, true)[1], { ...msgs[1], reasoning_content: " " });
+      assert.equal(msgs[0].id, "m1"); // the client's request is not changed
+    });
+
     it("sends the output cap under the name each provider wants", () => {
       assert.equal(openAIBody({ ...user("hi"), max_tokens: 10 }, gpt, false).max_completion_tokens, 10);
       assert.equal(openAIBody({ ...user("hi"), max_completion_tokens: 10 }, kimi, false).max_tokens, 10);
@@ -766,6 +775,23 @@ describe("8. HTTP edge: chat completions", () => {
     assert.equal(second.choices[0].finish_reason, "stop");
     const sent = e.mocks.anthropic.requests.at(-1)!.body;
     assert.deepEqual(sent.messages.at(-1), { role: "user", content: [{ type: "tool_result", tool_use_id: call.id, content: "sunny" }] });
+  });
+
+  it("carries a tool-calling conversation across providers, as failover does", async () => {
+    const tools = [{ type: "function" as const, function: { name: "get_weather", parameters: { type: "object", properties: {} } } }];
+    e.mocks.anthropic.queue({ type: "reply", text: "", tool_calls: [{ name: "get_weather", arguments: "{}" }] });
+    const first = await e.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", tools, messages: [{ role: "user", content: "Weather?" }] });
+    const call = first.choices[0].message.tool_calls![0];
+    // Kimi with thinking on refuses tool-call turns without reasoning_content: a placeholder is added
+    const history: OpenAI.ChatCompletionMessageParam[] = [{ role: "user", content: "Weather?" }, first.choices[0].message, { role: "tool", tool_call_id: call.id, content: "sunny" }];
+    const onKimi = await e.client.chat.completions.create({ model: "kimi/kimi-k2.5", tools, messages: history });
+    assert.equal(onKimi.choices[0].finish_reason, "stop");
+    assert.equal(e.mocks.kimi.requests.at(-1)!.body.messages[1].reasoning_content, " ");
+    // OpenAI refuses message keys it does not know, such as Kimi's reasoning_content: they are dropped
+    const withReasoning = [history[0], { ...first.choices[0].message, reasoning_content: "I should call the tool." }, history[2]] as OpenAI.ChatCompletionMessageParam[];
+    const onOpenAI = await e.client.chat.completions.create({ model: "openai/gpt-4o-mini", tools, messages: withReasoning });
+    assert.equal(onOpenAI.choices[0].finish_reason, "stop");
+    assert.equal("reasoning_content" in e.mocks.openai.requests.at(-1)!.body.messages[1], false);
   });
 
   it("passes a plain upstream 4xx back to the client as it is, without failing over", async () => {

@@ -194,6 +194,10 @@ const OPENAI_ALLOWED = new Set(OPENAI_FIELDS);
 // Kimi: no max_completion_tokens; accepts `thinking` ({type:"enabled"|"disabled"}, kimi-k2.5+; reference §3.1.5).
 const KIMI_ALLOWED = new Set([...OPENAI_FIELDS.filter((f) => f !== "max_completion_tokens"), "thinking"]);
 const OPENAI_ROLES = ["system", "developer", "user", "assistant", "tool", "function"];
+// Keys a message may carry. OpenAI refuses others ("Additional properties are not allowed ('id' was unexpected) - 'messages.0'");
+// Kimi also takes `reasoning_content` and, with thinking on (k2.5+ by default), requires it on assistant tool-call turns.
+const MESSAGE_KEYS = new Set(["role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"]);
+const thinksByDefault = (model: string) => /^kimi-k2\.[5-9]|^kimi-k[3-9]/.test(model);
 
 function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
   const kimi = flavor === "kimi";
@@ -226,6 +230,14 @@ function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
     }
     const role = m.role;
     const c = m.content;
+    const extra = Object.keys(m).find((k) => !MESSAGE_KEYS.has(k) && !(kimi && k === "reasoning_content"));
+    if (extra !== undefined) {
+      return kimi ? { message: `Invalid request: unknown field ${extra} in messages[${i}]` } : { message: `Additional properties are not allowed ('${extra}' was unexpected) - 'messages.${i}'`, param: null, code: null };
+    }
+    const thinking = !(isObj(body.thinking) && body.thinking.type === "disabled") && thinksByDefault(model);
+    if (kimi && thinking && role === "assistant" && Array.isArray(m.tool_calls) && m.tool_calls.length > 0 && typeof m.reasoning_content !== "string") {
+      return { message: `thinking is enabled but reasoning_content is missing in assistant tool call message at index ${i}` };
+    }
     if (role === "assistant") {
       const tc = m.tool_calls;
       const hasCalls = Array.isArray(tc) && tc.length > 0;
