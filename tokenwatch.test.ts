@@ -802,6 +802,7 @@ describe("8. HTTP edge: chat completions", () => {
     assert.equal(body.error.message, "Invalid 'messages[0].name': string too long.");
     assert.equal(body.error.code, "string_above_max_length");
     assert.equal(body.error.attempts.length, 1);
+    assert.equal(rows(e).at(-1)!.failover, null); // nothing else was tried: not a failover
   });
 
   it("answers an unknown model with 404 model_not_found and routes nothing", async () => {
@@ -910,6 +911,7 @@ describe("8. HTTP edge: failover, cooldown and saturation", () => {
       const body = await res.json();
       assert.equal(body.error.code, "upstream_failed");
       assert.equal(body.error.attempts.length, 2);
+      assert.equal(rows(fresh).at(-1)!.failover, "500 upstream error"); // kimi's 503 ended the request: no failover after it
       fresh.mocks.openai.queue({ type: "error", status: 500 });
       fresh.mocks.kimi.queue({ type: "hang" });
       const slow = await post(fresh, { complexity: "simple", messages: [{ role: "user", content: "hi" }] });

@@ -310,14 +310,20 @@ export function parseDuration(s: string): number | undefined {
 
 type HeaderGet = (name: string) => string | null;
 
+/** Each limit's "remaining" and "reset" headers (OpenAI's reset is a duration, Anthropic's a timestamp), named once: every answer is checked. */
+const RATE_LIMIT_HEADERS = ["requests", "tokens", "input-tokens", "output-tokens"].flatMap((what) => [
+  { remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true },
+  { remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false },
+]);
+
 /**
  * When a model may be used again, from a response's headers: `retry-after-ms`, `retry-after`
  * (seconds or an HTTP date), then the reset time of whichever rate limit is exhausted (OpenAI's
  * durations, Anthropic's RFC 3339 timestamps). On a 429 without any of them, `fallbackMs`.
  */
 export function coolUntil(get: HeaderGet, status: number, now: number, fallbackMs: number): number | undefined {
-  const ms = Number(get("retry-after-ms"));
-  if (get("retry-after-ms") && Number.isFinite(ms)) return now + ms;
+  const msText = get("retry-after-ms"), ms = Number(msText);
+  if (msText && Number.isFinite(ms)) return now + ms;
   const ra = get("retry-after");
   if (ra) {
     const secs = Number(ra);
@@ -326,14 +332,12 @@ export function coolUntil(get: HeaderGet, status: number, now: number, fallbackM
     if (Number.isFinite(date)) return Math.max(now, date);
   }
   let until: number | undefined;
-  for (const prefix of ["x-ratelimit-", "anthropic-ratelimit-"]) {
-    for (const what of ["requests", "tokens", "input-tokens", "output-tokens"]) {
-      const remaining = prefix === "x-ratelimit-" ? get(`${prefix}remaining-${what}`) : get(`${prefix}${what}-remaining`);
-      const reset = prefix === "x-ratelimit-" ? get(`${prefix}reset-${what}`) : get(`${prefix}${what}-reset`);
-      if (remaining !== "0" || !reset) continue;
-      const at = prefix === "x-ratelimit-" ? now + (parseDuration(reset) ?? 0) : Date.parse(reset);
-      if (Number.isFinite(at)) until = Math.max(until ?? 0, at);
-    }
+  for (const h of RATE_LIMIT_HEADERS) {
+    if (get(h.remaining) !== "0") continue; // a reset time matters only for an exhausted limit
+    const reset = get(h.reset);
+    if (!reset) continue;
+    const at = h.duration ? now + (parseDuration(reset) ?? 0) : Date.parse(reset);
+    if (Number.isFinite(at)) until = Math.max(until ?? 0, at);
   }
   if (until !== undefined) return until;
   return status === 429 ? now + fallbackMs : undefined;
@@ -418,17 +422,24 @@ export function validateChatRequest(body: unknown): ChatRequest {
 
 /** Reject JSON nested deeper than `max` before walking it anywhere else (a cheap scan of the text). */
 export function jsonDepthExceeds(text: string, max: number): boolean {
-  let depth = 0, inString = false;
+  let depth = 0;
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
-    if (inString) {
-      if (c === 92) i++;            // backslash: skip the escaped character
-      else if (c === 34) inString = false;
-    } else if (c === 34) inString = true;
+    if (c === 34) i = closingQuote(text, i); // most of a chat body is string content: jump over it
     else if (c === 123 || c === 91) { if (++depth > max) return true; }
     else if (c === 125 || c === 93) depth--;
   }
   return false;
+}
+
+/** Where the string opened at `open` ends: the next quote not escaped by an odd run of backslashes (or the end). */
+function closingQuote(text: string, open: number): number {
+  for (let q = text.indexOf('"', open + 1); q >= 0; q = text.indexOf('"', q + 1)) {
+    let b = q - 1;
+    while (text.charCodeAt(b) === 92) b--;
+    if ((q - 1 - b) % 2 === 0) return q;
+  }
+  return text.length;
 }
 
 // ---- config validation: every mistake stops the start with one line naming the key ----
@@ -1163,8 +1174,8 @@ INSERT INTO rollup_hour SELECT minute / 60, provider, model, complexity, SUM(req
 const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
   cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind)
   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
-const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour") => `INSERT INTO ${table} VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)
-  ON CONFLICT (${bucket}, provider, model, complexity) DO UPDATE SET requests = requests + 1, errors = errors + excluded.errors,
+const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour") => `INSERT INTO ${table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+  ON CONFLICT (${bucket}, provider, model, complexity) DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors,
   input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
   cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, failovers = failovers + excluded.failovers`;
 
@@ -1185,6 +1196,8 @@ function rollupSince(sinceMs: number, minutesOnly = false): { minute: number; ho
   const minute = Math.floor(sinceMs / 60_000);
   return { minute, hour: minutesOnly ? Number.MAX_SAFE_INTEGER : Math.ceil(minute / 60) };
 }
+
+type RollupSums = { minute: number; provider: string; model: string; complexity: string; requests: number; errors: number; input: number; output: number; cached: number; cost: number; failovers: number };
 
 export class Store {
   readonly path: string;
@@ -1232,6 +1245,7 @@ export class Store {
     try {
       this.#db.exec("BEGIN IMMEDIATE");
       for (const r of rows) this.#write(r);
+      this.#writeRollups(rows);
       this.#db.exec("COMMIT");
       this.#queue = this.#queue.slice(rows.length);
       this.written += rows.length;
@@ -1248,9 +1262,29 @@ export class Store {
   #write(r: Row): void {
     this.#insert.run(r.ts, r.provider, r.model, r.requested_model, r.complexity, r.status, r.stream ? 1 : 0, r.input_tokens, r.output_tokens,
       r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind);
-    const sums = [r.provider ?? "", r.model ?? "", r.complexity ?? "", r.status >= 400 ? 1 : 0, r.input_tokens, r.output_tokens, r.cached_tokens, r.cost_usd, r.failover ? 1 : 0];
-    this.#rollup.run(Math.floor(r.ts / 60_000), ...sums);
-    this.#rollupHour.run(Math.floor(r.ts / 3_600_000), ...sums);
+  }
+
+  /** One upsert per minute, model and complexity in the batch, not one per row: a busy tick holds hundreds of rows of one model. */
+  #writeRollups(rows: Row[]): void {
+    const sums = new Map<string, RollupSums>();
+    for (const r of rows) {
+      const minute = Math.floor(r.ts / 60_000), provider = r.provider ?? "", model = r.model ?? "", complexity = r.complexity ?? "";
+      const key = `${minute} ${provider} ${complexity} ${model}`; // provider ids and complexities hold no space: the rest is the model
+      let s = sums.get(key);
+      if (!s) sums.set(key, (s = { minute, provider, model, complexity, requests: 0, errors: 0, input: 0, output: 0, cached: 0, cost: 0, failovers: 0 }));
+      s.requests++;
+      s.errors += r.status >= 400 ? 1 : 0;
+      s.input += r.input_tokens;
+      s.output += r.output_tokens;
+      s.cached += r.cached_tokens;
+      s.cost += r.cost_usd;
+      s.failovers += r.failover ? 1 : 0;
+    }
+    for (const s of sums.values()) {
+      const values = [s.provider, s.model, s.complexity, s.requests, s.errors, s.input, s.output, s.cached, s.cost, s.failovers];
+      this.#rollup.run(s.minute, ...values);
+      this.#rollupHour.run(Math.floor(s.minute / 60), ...values);
+    }
   }
 
   totals(sinceMs = 0): Totals {
@@ -1325,6 +1359,7 @@ type Handler = (ctx: Ctx) => Promise<void> | void;
 
 const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
 const TIMED_OUT = Symbol("timeout");
+const DRAINED = Symbol("drained");
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) return;
@@ -1520,10 +1555,11 @@ export function createRouter(config: Config, deps: Deps) {
       if (!r.res.write(out)) await drained(r.res);
     };
     let broke: Error | undefined;
+    const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
     try {
-      for await (const c of r.resp.body as unknown as AsyncIterable<Uint8Array>) {
+      for (let c = await body.next(); !c.done; c = await body.next()) {
         r.timer.refresh();
-        for (const ev of split.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength))) {
+        for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
           const out = tr.feed(ev);
           if (tr.error) break;
           if (out) await send(out);
@@ -1546,7 +1582,18 @@ export function createRouter(config: Config, deps: Deps) {
       r.res.write(sseData(err.body()));
     }
     r.res.end();
+    if (tr.done && !broke) void drainRest(body, r.ac);
     return { done: true };
+  }
+
+  /**
+   * After the last event, read the body to its end in the background: a body left unread makes undici
+   * close the connection, and the next request pays a new TCP (and TLS) handshake. Cut after a second.
+   */
+  async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): Promise<void> {
+    const fuse = setTimeout(() => ac.abort(DRAINED), 1000).unref();
+    try { while (!(await body.next()).done); } catch { /* cut, or broke after the answer was complete */ }
+    finally { clearTimeout(fuse); }
   }
 
   // ---- the routing loop: walk the candidates, wait for capacity, fail over ----
@@ -1569,13 +1616,14 @@ export function createRouter(config: Config, deps: Deps) {
         continue;
       }
       tries++;
+      // a failover is counted only when another attempt really follows a failure
+      if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
       row.provider = pick.model.provider.id;
       row.model = pick.model.id;
       const out = await attempt(cr, route, pick.model, pick.reservation, attempts, row, res, client);
       row.attempts = attempts.length + 1;
       if (out.done) { row.status ||= res.statusCode; return; }
       attempts.push(out.attempt);
-      row.failover = [...new Set([...(row.failover?.split(", ") ?? []), failLabel(out.attempt.status, out.timedOut)])].join(", ");
       if (out.final) throw withAttempts(out.error, attempts);
       failures.push(out);
       if (out.spent) spent.add(pick.model);
@@ -1669,10 +1717,10 @@ export function createRouter(config: Config, deps: Deps) {
     sendJson(res, 200, statsBody(w, spans[w]), { "cache-control": "no-store" });
   }
 
-  /** The 50th and 95th percentiles, sorting once (a typed array sorts numbers without a comparator: /stats sorts 14 lists). */
-  const p50p95 = (xs: number[]): [number | null, number | null] => {
-    const s = Float64Array.from(xs).sort(), at = (p: number) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null);
-    return [at(50), at(95)];
+  /** The 50th and 95th percentiles, from one sort: a typed array sorts numbers without a comparator, and /stats sorts 14 lists. */
+  const p50p95 = (xs: number[]): (number | null)[] => {
+    const s = Float64Array.from(xs).sort();
+    return [50, 95].map((p) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null));
   };
 
   function modelStats(t: number, since: number) {
@@ -1682,7 +1730,8 @@ export function createRouter(config: Config, deps: Deps) {
     return list.map((m) => {
       const a = agg.get(m.key), h = limiter.headroom(m, t);
       const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
-      const [p50, p95] = p50p95(lat.map((l) => l.latency_ms)), [t50, t95] = p50p95(lat.flatMap((l) => (l.ttft_ms === null ? [] : [l.ttft_ms])));
+      const ttft = lat.map((l) => l.ttft_ms).filter((x): x is number => x !== null);
+      const [p50, p95] = p50p95(lat.map((l) => l.latency_ms)), [t50, t95] = p50p95(ttft);
       const free = h.coolUntil ? h.coolUntil - t : 0;
       return {
         provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
@@ -1910,7 +1959,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 .empty p{margin:6px 0 14px;color:var(--muted)}
 .code+.code{margin-top:18px}
 .code-hd{display:flex;align-items:center;justify-content:space-between;gap:8px}.code-hd h3{margin:0}
-.copy{font:inherit;font-size:12px;padding:2px 10px;border:1px solid var(--line);border-radius:6px;background:var(--card);color:var(--fg);cursor:pointer}
+.copy,.more{font:inherit;font-size:12px;padding:2px 10px;border:1px solid var(--line);border-radius:6px;background:var(--card);color:var(--fg);cursor:pointer}
 .auth{max-width:440px;width:100%;justify-self:center}
 .auth p{margin:6px 0 12px;color:var(--muted)}
 .auth .row{display:flex;gap:8px}
@@ -1974,7 +2023,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     <section class="card" style="margin-top:16px"><div class="hd"><h2>Errors</h2><span class="cap">Latest, grouped by provider and kind</span></div>
       <div class="scroll"><table><thead><tr><th>Provider</th><th>Kind</th><th class="n">Count</th><th>Last seen</th><th>Last message</th></tr></thead><tbody id="errors"></tbody></table></div>
     </section>
-    <section class="card" style="margin-top:16px"><div class="hd"><h2>Recent requests</h2><span class="cap" id="recent-count"></span></div>
+    <section class="card" style="margin-top:16px"><div class="hd"><h2>Recent requests</h2><span class="cap"><span id="recent-count"></span> <button type="button" class="more" id="recent-more" hidden></button></span></div>
       <div class="scroll"><table><thead><tr><th>Time</th><th>Model</th><th>Route</th><th class="n">Tokens in / out</th><th class="n">Cost</th><th class="n">Latency</th><th class="n">TTFT</th><th>Status</th></tr></thead><tbody id="recent"></tbody></table></div>
     </section>
   </div>
@@ -1986,6 +2035,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
   var WIN_LABEL = { "1h": "last hour", "24h": "last 24 hours", "7d": "last 7 days", "all": "all time" };
   var C = String.fromCharCode, DASH = C(8212), DOT = " " + C(183) + " ", BS = C(92), NL = C(10);
   var win = "24h", last = null, timer = 0, seq = 0, emptyNode = null, emptySig = "", resizeT = 0;
+  var RECENT_FEW = 15, recentAll = false; /* the table shows 15 rows until asked for all 50: the page stays short */
 
   function $(id) { return document.getElementById(id); }
   function add(p) {
@@ -2131,6 +2181,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     });
     Array.prototype.forEach.call(document.querySelectorAll(".win-label"), function (e) { e.textContent = WIN_LABEL[win]; });
   }
+  $("recent-more").addEventListener("click", function () { recentAll = !recentAll; if (last) renderRecent(last.recent || []); });
   $("window").addEventListener("click", function (ev) {
     var b = ev.target.closest ? ev.target.closest("button[data-window]") : null;
     if (!b) return;
@@ -2383,10 +2434,13 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
       return tr;
     }));
   }
-  function renderRecent(list) {
-    var tb = $("recent");
-    list = list.slice().sort(function (a, b) { return num(b.ts) - num(a.ts); }).slice(0, 50);
-    $("recent-count").textContent = list.length ? "latest " + list.length : "";
+  function renderRecent(all) {
+    var tb = $("recent"), more = $("recent-more");
+    all = all.slice().sort(function (a, b) { return num(b.ts) - num(a.ts); }).slice(0, 50);
+    var list = recentAll ? all : all.slice(0, RECENT_FEW);
+    $("recent-count").textContent = all.length ? "latest " + list.length + (list.length < all.length ? " of " + all.length : "") : "";
+    more.hidden = all.length <= RECENT_FEW;
+    more.textContent = recentAll ? "Show fewer" : "Show all " + all.length;
     if (!list.length) { noneRow(tb, 8, "No requests yet."); return; }
     tb.replaceChildren.apply(tb, list.map(function (q) {
       var code = num(q.status), ok = code >= 200 && code < 300 && !q.error;
