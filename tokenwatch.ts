@@ -274,8 +274,10 @@ export function parseSseEvent(block: string): SseEvent | undefined {
  * Splits a byte stream into whole SSE events without copying more than it must: each call to `push`
  * returns the complete events (raw bytes, separator included) and keeps the unfinished tail.
  */
+const NO_BYTES = Buffer.alloc(0);
+
 export class SseSplitter {
-  #tail: Buffer = Buffer.alloc(0);
+  #tail: Buffer = NO_BYTES;
   push(chunk: Buffer): Buffer[] {
     const buf = this.#tail.length ? Buffer.concat([this.#tail, chunk]) : chunk;
     const out: Buffer[] = [];
@@ -284,11 +286,11 @@ export class SseSplitter {
       // an event ends at a blank line: "\n\n", or "\n\r\n" when the server uses CRLF
       const end = buf[nl + 1] === 10 ? nl + 2 : buf[nl + 1] === 13 && buf[nl + 2] === 10 ? nl + 3 : -1;
       if (end < 0) { nl = buf.indexOf(10, nl + 1); continue; }
-      out.push(buf.subarray(start, end));
+      out.push(start === 0 && end === buf.length ? buf : buf.subarray(start, end)); // one whole event, the usual chunk: no new view
       start = end;
       nl = buf.indexOf(10, end);
     }
-    this.#tail = start < buf.length ? Buffer.from(buf.subarray(start)) : Buffer.alloc(0);
+    this.#tail = start < buf.length ? Buffer.from(buf.subarray(start)) : NO_BYTES;
     return out;
   }
   get pending(): number { return this.#tail.length; }
@@ -865,6 +867,29 @@ export function openAIBody(req: ChatRequest, m: Model, stream: boolean): Record<
   return out;
 }
 
+/**
+ * Does an event hold `"usage": {`, `"error":` or `[DONE]` (JSON whitespace allowed around the colon)? Tested on the
+ * bytes: most events carry only content and pass through untouched, so they need not become strings at all.
+ */
+function mayCarryUsage(raw: Buffer): boolean {
+  return raw.includes("[DONE]") || keyThen(raw, '"error"', -1) || keyThen(raw, '"usage"', 123);
+}
+
+/** Is `key` followed by a colon and then (unless `next` is -1) by the byte `next`, whitespace allowed between? */
+function keyThen(raw: Buffer, key: string, next: number): boolean {
+  for (let i = raw.indexOf(key); i >= 0; i = raw.indexOf(key, i + 1)) {
+    let j = skipJsonSpace(raw, i + key.length);
+    if (raw[j] !== 58) continue;
+    if (next < 0 || raw[skipJsonSpace(raw, j + 1)] === next) return true;
+  }
+  return false;
+}
+
+function skipJsonSpace(raw: Buffer, j: number): number {
+  while (raw[j] === 32 || raw[j] === 9 || raw[j] === 10 || raw[j] === 13) j++;
+  return j;
+}
+
 /** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage or an error. */
 class OpenAIStream implements StreamTranslator {
   usage: Usage | undefined;
@@ -876,8 +901,7 @@ class OpenAIStream implements StreamTranslator {
   constructor(m: Model, includeUsage: boolean) { this.#m = m; this.#includeUsage = includeUsage; }
 
   feed(raw: Buffer): Buffer | string | null {
-    const s = raw.toString();
-    if (!this.#meta || /"usage"\s*:\s*\{|"error"\s*:|\[DONE\]/.test(s)) return this.#inspect(s, raw);
+    if (!this.#meta || mayCarryUsage(raw)) return this.#inspect(raw.toString(), raw);
     return raw;
   }
 
@@ -1146,9 +1170,6 @@ CREATE TABLE IF NOT EXISTS requests (
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
 -- covering indexes: latency percentiles, error groups and failover reasons never read the rows themselves
--- (the two they replace, from before 1.0, are dropped so the planner cannot pick them)
-DROP INDEX IF EXISTS requests_model_ts;
-DROP INDEX IF EXISTS requests_errors;
 CREATE INDEX IF NOT EXISTS requests_model_latency ON requests(provider, model, ts, status, latency_ms, ttft_ms);
 CREATE INDEX IF NOT EXISTS requests_error_kinds ON requests(ts, provider, error_kind) WHERE status >= 400;
 CREATE INDEX IF NOT EXISTS requests_failovers ON requests(ts, failover) WHERE failover IS NOT NULL;
@@ -1166,9 +1187,6 @@ CREATE TABLE IF NOT EXISTS rollup_hour (
   cached_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, failovers INTEGER NOT NULL,
   PRIMARY KEY (hour, provider, model, complexity)
 ) WITHOUT ROWID;
--- a log written before rollup_hour existed: fill it once from the minutes
-INSERT INTO rollup_hour SELECT minute / 60, provider, model, complexity, SUM(requests), SUM(errors), SUM(input_tokens), SUM(output_tokens),
-  SUM(cached_tokens), SUM(cost_usd), SUM(failovers) FROM rollup WHERE NOT EXISTS (SELECT 1 FROM rollup_hour) GROUP BY 1, 2, 3, 4;
 `;
 
 const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
@@ -1394,7 +1412,7 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
       if (size > limit) { req.removeAllListeners("data"); req.pause(); fail(tooBig()); }
       else chunks.push(c);
     });
-    req.on("end", () => done(Buffer.concat(chunks, size)));
+    req.on("end", () => done(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size))); // one chunk, the usual body: no copy
     req.on("error", fail);
   });
 }
@@ -1545,14 +1563,15 @@ export function createRouter(config: Config, deps: Deps) {
     const tr = ADAPTERS[r.m.provider.kind].stream(r.m, cr.stream_options?.include_usage === true, now());
     const split = new SseSplitter();
     let committed = false, sentChars = 0;
-    const send = async (out: Buffer | string) => {
+    /** Write one event; false when the client's buffer is full. */
+    const send = (out: Buffer | string): boolean => {
       if (!committed) {
         committed = true;
         r.row.ttft_ms = now() - r.row.ts;
         r.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, r.route) });
       }
       sentChars += out.length;
-      if (!r.res.write(out)) await drained(r.res);
+      return r.res.write(out);
     };
     let broke: Error | undefined;
     const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
@@ -1562,7 +1581,7 @@ export function createRouter(config: Config, deps: Deps) {
         for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
           const out = tr.feed(ev);
           if (tr.error) break;
-          if (out) await send(out);
+          if (out && !send(out)) await drained(r.res); // a turn of the event loop per event only when the client is slow
         }
         if (tr.error || tr.done) break;
       }
@@ -2476,18 +2495,19 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 
 const HELP = `TokenWatch ${VERSION}: a self-contained LLM router for AI agents.
 
-Usage: node tokenwatch.ts [flags]        (or: deno run -A tokenwatch.ts [flags])
+Usage: node tokenwatch.ts [flags]          (Node >= 22.18)
+       deno run -A tokenwatch.ts [flags]   (Deno 2)
 
 Point any OpenAI-compatible client at http://127.0.0.1:8080/v1. Requests go to Anthropic, Kimi or
 OpenAI by rate-limit headroom, task complexity and cost; every request is logged with its cost.
 
-Flags (override the environment):
-  --port N         port to listen on                      (TOKENWATCH_PORT, default 8080)
+Flags (override the environment, which overrides the config file); "--port 9000" or "--port=9000":
+  --port N         port to listen on, 0 for any free one  (TOKENWATCH_PORT, default 8080)
   --host H         address to listen on                   (TOKENWATCH_HOST, default 127.0.0.1)
   --db PATH        SQLite file, or :memory:               (TOKENWATCH_DB, default ~/.tokenwatch/tokenwatch.db)
   --config PATH    JSON config merged over PROVIDERS      (TOKENWATCH_CONFIG)
-  --help           show this help
-  --version        print the version
+  -h, --help       show this help
+  -v, --version    print the version
 
 Environment:
   ANTHROPIC_API_KEY, KIMI_API_KEY (or MOONSHOT_API_KEY), OPENAI_API_KEY   provider keys
@@ -2502,6 +2522,14 @@ Routes:
   GET  /                      the live dashboard
   GET  /stats                 JSON for the dashboard and scripts (?window=1h|24h|7d|all)
   GET  /health                {"status":"ok"}
+  GET  /api/stats             the same as /stats (the original tool's route)
+  GET  /api/limits            the live limiter view alone (the original tool's route)
+
+Signals:
+  Ctrl-C or SIGTERM   finish the requests in flight (up to 10 s), write every row, exit 0
+  a second Ctrl-C     exit at once, without waiting
+
+Exit status: 0 stopped cleanly, 1 bad config or cannot start, 2 bad flag or value, 130 second Ctrl-C.
 `;
 
 export class UsageError extends Error {}
@@ -2518,14 +2546,17 @@ export function parseOptions(argv: string[], env: Record<string, string | undefi
     const [name, inline] = argv[i].split(/=(.*)/s, 2);
     if (name === "--help" || name === "-h") { help = true; continue; }
     if (name === "--version" || name === "-v") { version = true; continue; }
+    if (!name.startsWith("-")) throw new UsageError(`Unexpected argument ${JSON.stringify(argv[i])}: TokenWatch takes flags only, see --help.`);
     if (!FLAGS.has(name)) throw new UsageError(`Unknown flag ${JSON.stringify(argv[i])}: see --help.`);
     const value = inline ?? argv[++i];
-    if (value === undefined || value === "") throw new UsageError(`Flag ${name} needs a value: see --help.`);
+    // "--db --port 1" forgot the path: taking "--port" as the path would hide that
+    if (value === undefined || value === "" || (inline === undefined && value.startsWith("--"))) throw new UsageError(`Flag ${name} needs a value: see --help.`);
     flags[name.slice(2)] = value;
   }
   const portText = flags.port ?? env.TOKENWATCH_PORT ?? "8080";
   const port = Number(portText);
-  if (!/^\d+$/.test(portText) || port > 65535) throw new UsageError(`Port ${JSON.stringify(portText)} is not a port number from 0 to 65535.`);
+  const from = flags.port === undefined && env.TOKENWATCH_PORT !== undefined ? " (from TOKENWATCH_PORT)" : "";
+  if (!/^\d+$/.test(portText) || port > 65535) throw new UsageError(`Port ${JSON.stringify(portText)} is not a port number from 0 to 65535${from}.`);
   const db = flags.db ?? env.TOKENWATCH_DB ?? resolve(homedir(), ".tokenwatch", "tokenwatch.db");
   return { port, host: flags.host ?? env.TOKENWATCH_HOST ?? "127.0.0.1", db, configPath: flags.config ?? env.TOKENWATCH_CONFIG, help, version };
 }
@@ -2559,18 +2590,26 @@ export function allowedHosts(host: string, port: number, extra = ""): Set<string
   return new Set(names.flatMap((h) => (/:\d+$/.test(h) ? [h] : [h, `${h}:${port}`])).map((h) => h.toLowerCase()));
 }
 
+/** Open the database, or fail with one line that names the file. */
+function openStore(path: string): Store {
+  try { return new Store(path); } catch (e) {
+    throw new Error(`Cannot open database ${JSON.stringify(path)}: ${(e as Error).message} (pick another file with --db)`);
+  }
+}
+
 export type Running = { url: string; port: number; server: http.Server; store: Store; router: ReturnType<typeof createRouter>; config: Config; close(drainMs?: number): Promise<void> };
 
 /** Open the store and listen: what main() does, and what the tests call to get a real server. */
 export async function start(opts: { config: Config; port?: number; host?: string; db?: string; env?: Record<string, string | undefined>; fetch?: typeof fetch; now?: () => number; log?: (l: string) => void }): Promise<Running> {
   const env = opts.env ?? {};
   const host = opts.host ?? "127.0.0.1";
-  const store = new Store(opts.db ?? ":memory:");
+  const store = openStore(opts.db ?? ":memory:");
   const deps: Deps = { store, fetch: opts.fetch, now: opts.now, apiKey: env.TOKENWATCH_API_KEY || undefined, log: opts.log };
   const router = createRouter(opts.config, deps);
   // Time limits on *receiving* a request (slow-loris); answers, streams included, may take as long as they need.
   const server = http.createServer({ keepAliveTimeout: 65_000, headersTimeout: 20_000, requestTimeout: 120_000 }, (req, res) => void router.handle(req, res));
-  await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); });
+  await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); })
+    .catch((e: unknown) => { store.close(); throw e; });
   const port = (server.address() as { port: number }).port;
   deps.allowedHosts = allowedHosts(host, port, env.TOKENWATCH_ALLOWED_HOSTS);
   const shown = host.includes(":") ? `[${host}]` : host;
@@ -2579,25 +2618,52 @@ export async function start(opts: { config: Config; port?: number; host?: string
     server.close();
     await router.drain(drainMs);
     server.closeAllConnections();
+    await router.drain(1_000); // the requests just cut off log their rows before the store closes
     store.close();
   })());
   return { url: `http://${shown}:${port}`, port, server, store, router, config: opts.config, close };
 }
 
-function banner(r: Running, opts: Options): string {
+const WILDCARD = /^(0\.0\.0\.0|::|)$/;
+
+/** What the operator needs at start: where things are, what is on and off and why, what needs attention. */
+function banner(r: Running, opts: Options, env: Record<string, string | undefined>): string {
   const on = r.config.providers.filter((p) => p.enabled), off = r.config.providers.filter((p) => !p.enabled);
-  const today = new Date().toISOString().slice(0, 10);
+  const local = WILDCARD.test(opts.host) ? `http://127.0.0.1:${r.port}` : r.url; // a browser cannot open 0.0.0.0
   const lines = [
     `TokenWatch ${VERSION} listening on ${r.url}/v1`,
-    `  dashboard  ${r.url}/`,
+    `  dashboard  ${local}/`,
     `  database   ${r.store.path}`,
-    `  providers  ${on.map((p) => `${p.id} (${p.why})`).join(", ") || "none enabled"}`,
+    `  enabled    ${on.map((p) => (p.apiKey ? p.id : `${p.id} (${p.why})`)).join(", ") || "none: set a provider key (see --help) or every request fails"}`,
   ];
   if (off.length) lines.push(`  disabled   ${off.map((p) => `${p.id}: ${p.why}`).join("; ")}`);
-  for (const m of r.config.models) if (m.eol && m.eol <= today) lines.push(`  warning    ${m.key} reached its end of life on ${m.eol}: requests to it will fail; remove it or alias it to a current model`);
-  if (!LOOPBACK.test(opts.host) && !process.env.TOKENWATCH_API_KEY) lines.push(`  warning    listening on ${opts.host} without TOKENWATCH_API_KEY: anyone who can reach this port can spend your tokens`);
+  for (const m of r.config.models) if (m.eol && Date.parse(m.eol) <= Date.now()) lines.push(`  warning    ${m.key} reached its end of life on ${m.eol}: requests to it will fail; remove it or alias it to a current model`);
+  if (!LOOPBACK.test(opts.host) && !env.TOKENWATCH_API_KEY) lines.push(`  warning    listening on ${opts.host} without TOKENWATCH_API_KEY: anyone who can reach this port can spend your tokens`);
   return lines.join("\n");
 }
+
+/** Why listening failed, in words, with the flag that fixes it. */
+function listenProblem(e: NodeJS.ErrnoException): string {
+  switch (e.code) {
+    case "EADDRINUSE": return "the port is already in use (another TokenWatch?): stop that process, or pick another port with --port";
+    case "EACCES": return "permission denied (ports below 1024 need privileges): pick another port with --port";
+    case "EADDRNOTAVAIL": case "EINVAL": case "ENOTFOUND": case "EAI_AGAIN": // Deno says EINVAL where Node says EADDRNOTAVAIL
+      return "this machine has no such address: pick another with --host (127.0.0.1 for this machine only)";
+    default: return e.message;
+  }
+}
+
+/** Exit after a clean stop: 0 when every row reached the database, 1 (saying so) when some could not. */
+function exitStopped(r: Running): never {
+  if (r.store.pending) {
+    process.stderr.write(`tokenwatch: ${r.store.lastError ?? `Cannot write to ${r.store.path}`}: ${r.store.pending} row(s) lost\n`);
+    process.exit(1);
+  }
+  process.stdout.write(`tokenwatch: stopped: ${r.store.written} row(s) written to ${r.store.path}\n`);
+  process.exit(0);
+}
+
+const SECOND_SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 } as const; // 128 + the signal's number, as shells report it
 
 async function main(argv: string[]): Promise<void> {
   const env = process.env as Record<string, string | undefined>;
@@ -2616,17 +2682,18 @@ async function main(argv: string[]): Promise<void> {
     running = await start({ config, port: opts.port, host: opts.host, db: opts.db, env, log: (l) => process.stderr.write(`${l}\n`) });
   } catch (e) {
     const err = e as NodeJS.ErrnoException;
-    const why = err.code === "EADDRINUSE" ? `port ${opts.port} is already in use: stop the other process or pick another with --port` : err.message;
-    process.stderr.write(`tokenwatch: Cannot start on ${opts.host}:${opts.port}: ${why}\n`);
+    const where = `${opts.host.includes(":") ? `[${opts.host}]` : opts.host}:${opts.port}`;
+    const listening = err.syscall === "listen" || err.syscall === "getaddrinfo";
+    process.stderr.write(`tokenwatch: ${listening ? `Cannot listen on ${where}: ${listenProblem(err)}` : err.message}\n`);
     process.exit(1);
   }
-  process.stdout.write(`${banner(running, opts)}\n`);
+  process.stdout.write(`${banner(running, opts, env)}\n`);
   let stopping = false;
-  const stop = (signal: string) => {
-    if (stopping) { process.stderr.write(`tokenwatch: ${signal} again, exiting now\n`); process.exit(130); }
+  const stop = (signal: keyof typeof SECOND_SIGNAL_EXIT) => {
+    if (stopping) { process.stderr.write(`tokenwatch: ${signal} again: exiting now, without waiting for requests in flight\n`); process.exit(SECOND_SIGNAL_EXIT[signal]); }
     stopping = true;
-    process.stdout.write(`tokenwatch: ${signal}: finishing ${running.router.inflight} request(s) in flight, then writing the log\n`);
-    running.close(10_000).then(() => process.exit(0), (e) => { process.stderr.write(`tokenwatch: ${(e as Error).message}\n`); process.exit(1); });
+    process.stdout.write(`tokenwatch: ${signal}: finishing ${running.router.inflight} request(s) in flight (up to 10 s; Ctrl-C again to exit now), then writing the log\n`);
+    running.close(10_000).then(() => exitStopped(running), (e) => { process.stderr.write(`tokenwatch: Cannot stop cleanly: ${(e as Error).message}\n`); process.exit(1); });
   };
   process.on("SIGINT", () => stop("SIGINT"));
   process.on("SIGTERM", () => stop("SIGTERM"));
