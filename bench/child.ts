@@ -1,0 +1,51 @@
+// One proxy under test, in its own process so that its CPU time and memory are its own:
+//   node bench/child.ts tokenwatch|bare <upstream base URL> <db file>
+// It says {type: "ready", url} over IPC, answers {type: "sample"} with its CPU time and memory
+// (after a forced GC when run with --expose-gc), and exits on {type: "close"}.
+
+import process from "node:process";
+import type { Config } from "../tokenwatch.ts";
+
+export type Sample = {
+  type: "sample"; cpuUs: number; rss: number; maxRss: number; heapUsed: number;
+  written: number; pending: number; inflight: number;
+};
+
+const BENCH_MODELS = ["fast", "slow", "hold"];
+
+/** A config with one local OpenAI-compatible provider whose limits never get in the way. */
+export async function benchConfig(upstream: string): Promise<Config> {
+  const { buildConfig } = await import("../tokenwatch.ts"); // imported only where used: the bare proxy's memory is its own
+  const model = { input: 0.15, output: 0.6, limit: 1e12, rpm: 1e9, tier: "simple" };
+  return buildConfig({ env: {}, file: { providers: { bench: { kind: "openai", base_url: `${upstream}/v1`, models: Object.fromEntries(BENCH_MODELS.map((m) => [m, model])) } } } });
+}
+
+async function main(): Promise<void> {
+  const [role, upstream, db] = process.argv.slice(2);
+  let url: string, sample: () => Omit<Sample, "type" | "cpuUs" | "rss" | "maxRss" | "heapUsed">, close: () => Promise<void>;
+  if (role === "tokenwatch") {
+    const { start } = await import("../tokenwatch.ts");
+    const tw = await start({ config: await benchConfig(upstream), db });
+    url = tw.url;
+    sample = () => { tw.store.flush(); return { written: tw.store.written, pending: tw.store.pending, inflight: tw.router.inflight }; };
+    close = () => tw.close(1000);
+  } else {
+    const { startBare } = await import("./bare.ts");
+    const bare = await startBare({ upstream: `${upstream}/v1`, db });
+    url = bare.url;
+    sample = () => ({ written: bare.written(), pending: bare.pending(), inflight: 0 });
+    close = bare.close;
+  }
+  process.on("message", (msg: { type: string; gc?: boolean }) => {
+    if (msg.type === "close") { void close().then(() => process.exit(0)); return; }
+    if (msg.type !== "sample") return;
+    const gc = (globalThis as { gc?: () => void }).gc;
+    if (msg.gc && gc) gc();
+    const cpu = process.cpuUsage(), mem = process.memoryUsage();
+    const out: Sample = { type: "sample", cpuUs: cpu.user + cpu.system, rss: mem.rss, maxRss: process.resourceUsage().maxRSS * 1024, heapUsed: mem.heapUsed, ...sample() };
+    process.send!(out);
+  });
+  process.send!({ type: "ready", url });
+}
+
+if (import.meta.main) void main();
