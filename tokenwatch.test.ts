@@ -127,6 +127,12 @@ describe("3. Pure helpers", () => {
     ];
     for (const [name, headers, status, want] of cases)
       it(`reads ${name}`, () => assert.equal(coolUntil(h(headers), status, now, DEFAULTS.cooldown_ms), want));
+    it("reads only the rate-limit headers of the provider's kind, and retry-after only on an error", () => {
+      const anthropicReset = h({ "anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": new Date(now + 9000).toISOString(), "retry-after": "3" });
+      assert.equal(coolUntil(anthropicReset, 200, now, 5000, "openai"), undefined);
+      assert.equal(coolUntil(anthropicReset, 200, now, 5000, "anthropic"), now + 9000);
+      assert.equal(coolUntil(anthropicReset, 429, now, 5000, "anthropic"), now + 3000);
+    });
   });
 
   it("scrub() removes configured keys and anything shaped like a key", () => {

@@ -321,28 +321,32 @@ export function parseDuration(s: string): number | undefined {
 type HeaderGet = (name: string) => string | null;
 
 /** Each limit's "remaining" and "reset" headers (OpenAI's reset is a duration, Anthropic's a timestamp), named once: every answer is checked. */
-const RATE_LIMIT_HEADERS = ["requests", "tokens", "input-tokens", "output-tokens"].flatMap((what) => [
-  { remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true },
-  { remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false },
-]);
+/** Each kind's rate-limit headers, named once: OpenAI's reset is a duration, Anthropic's a timestamp. */
+const RATE_LIMIT_HEADERS: Record<Kind, { remaining: string; reset: string; duration: boolean }[]> = {
+  openai: ["requests", "tokens"].map((what) => ({ remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true })),
+  anthropic: ["requests", "tokens", "input-tokens", "output-tokens"].map((what) => ({ remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false })),
+};
 
-/**
- * When a model may be used again, from a response's headers: `retry-after-ms`, `retry-after`
- * (seconds or an HTTP date), then the reset time of whichever rate limit is exhausted (OpenAI's
- * durations, Anthropic's RFC 3339 timestamps). On a 429 without any of them, `fallbackMs`.
- */
-export function coolUntil(get: HeaderGet, status: number, now: number, fallbackMs: number): number | undefined {
+/** `retry-after-ms`, then `retry-after` (seconds or an HTTP date), as the SDKs read them. */
+function retryAfter(get: HeaderGet, now: number): number | undefined {
   const msText = get("retry-after-ms"), ms = Number(msText);
   if (msText && Number.isFinite(ms)) return now + ms;
   const ra = get("retry-after");
-  if (ra) {
-    const secs = Number(ra);
-    if (Number.isFinite(secs)) return now + secs * 1000;
-    const date = Date.parse(ra);
-    if (Number.isFinite(date)) return Math.max(now, date);
-  }
+  if (!ra) return undefined;
+  const secs = Number(ra), date = Date.parse(ra);
+  return Number.isFinite(secs) ? now + secs * 1000 : Number.isFinite(date) ? Math.max(now, date) : undefined;
+}
+
+/**
+ * When a model may be used again, from a response's headers: on an error, its retry-after; then the
+ * reset time of whichever rate limit is exhausted (only the headers of the provider's kind are read:
+ * this runs on every answer). On a 429 without any of them, `fallbackMs`.
+ */
+export function coolUntil(get: HeaderGet, status: number, now: number, fallbackMs: number, kind?: Kind): number | undefined {
+  const retry = status >= 400 ? retryAfter(get, now) : undefined;
+  if (retry !== undefined) return retry;
   let until: number | undefined;
-  for (const h of RATE_LIMIT_HEADERS) {
+  for (const h of kind ? RATE_LIMIT_HEADERS[kind] : [...RATE_LIMIT_HEADERS.openai, ...RATE_LIMIT_HEADERS.anthropic]) {
     if (get(h.remaining) !== "0") continue; // a reset time matters only for an exhausted limit
     const reset = get(h.reset);
     if (!reset) continue;
@@ -1493,7 +1497,7 @@ export function createRouter(config: Config, deps: Deps) {
         const timedOut = ac.signal.reason === TIMED_OUT;
         return fail(0, timedOut ? `No answer within ${config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
       }
-      const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms);
+      const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms, m.provider.kind);
       if (cool) limiter.cool(m.key, cool);
       if (!resp.ok) return await upstreamError(resp, m, ac, timer, fail);
       const relay: Relay = { m, route, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), prior, row, res, resp, ac, timer, started };
