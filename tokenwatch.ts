@@ -1435,6 +1435,9 @@ export function parseBody(buf: Buffer): unknown {
   try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
 }
 
+/** An upstream 4xx that is the client's to fix goes back as it is; 408 and 429 are the upstream's trouble. */
+const passesThrough = (status: number) => status >= 400 && status < 500 && status !== 408 && status !== 429;
+
 /** A short label for why a candidate was passed over: what the dashboard groups failovers by. */
 function failLabel(status: number, timedOut = false): string {
   if (timedOut) return "timeout";
@@ -1452,7 +1455,11 @@ function errorKind(status: number): string {
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
 
-type Relay = { m: Model; route: Route; reservation: Reservation; prompt: number; prior: Attempt[]; row: Row; res: ServerResponse; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
+/** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
+type Job = { cr: ChatRequest; route: Route; row: Row; res: ServerResponse; client: AbortSignal; attempts: Attempt[] };
+
+/** One candidate's answer being relayed to the client. */
+type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
 type Fail = (status: number, message: string, opts?: { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean }) => Failure;
 
 /** How one attempt at one candidate ended. */
@@ -1472,13 +1479,14 @@ export function createRouter(config: Config, deps: Deps) {
 
   // ---- one attempt at one candidate ----
 
-  async function attempt(cr: ChatRequest, route: Route, m: Model, reservation: Reservation, prior: Attempt[], row: Row, res: ServerResponse, client: AbortSignal): Promise<Outcome> {
+  async function attempt(job: Job, m: Model, reservation: Reservation): Promise<Outcome> {
+    const { cr, client } = job;
     const started = now();
     const adapter = ADAPTERS[m.provider.kind];
     const fail: Fail = (status, message, opts = {}) => {
       if (opts.release !== false) limiter.release(reservation, now());
       const msg = scrubText(message);
-      const err = new TwError(opts.timedOut ? 504 : status >= 400 && status < 500 && status !== 429 && status !== 408 ? status : 502, opts.code ?? "upstream_error", msg);
+      const err = new TwError(opts.timedOut ? 504 : passesThrough(status) ? status : 502, opts.code ?? "upstream_error", msg);
       return { done: false, attempt: { provider: m.provider.id, model: m.id, status, error: msg, ms: now() - started }, spent: opts.spent ?? true, error: err, timedOut: opts.timedOut ?? false };
     };
     let up: UpstreamRequest;
@@ -1499,9 +1507,9 @@ export function createRouter(config: Config, deps: Deps) {
       }
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms, m.provider.kind);
       if (cool) limiter.cool(m.key, cool);
-      if (!resp.ok) return await upstreamError(resp, m, ac, timer, fail);
-      const relay: Relay = { m, route, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), prior, row, res, resp, ac, timer, started };
-      return cr.stream ? await relayStream(cr, relay, fail) : await relayJson(relay, fail);
+      if (!resp.ok) return await upstreamError(resp, m, timer, fail);
+      const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), resp, ac, timer, started };
+      return cr.stream ? await relayStream(relay, fail) : await relayJson(relay, fail);
     } finally {
       clearTimeout(timer);
       client.removeEventListener("abort", onClient);
@@ -1509,8 +1517,8 @@ export function createRouter(config: Config, deps: Deps) {
   }
 
   /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
-  async function upstreamError(resp: Response, m: Model, ac: AbortController, timer: NodeJS.Timeout, fail: Fail): Promise<Failure> {
-    const text = await readText(resp, ac, timer, 65_536).catch(() => "");
+  async function upstreamError(resp: Response, m: Model, timer: NodeJS.Timeout, fail: Fail): Promise<Failure> {
+    const text = await readText(resp, timer, 65_536).catch(() => "");
     const info = ADAPTERS[m.provider.kind].error(resp.status, text);
     const s = resp.status;
     if (s === 429) return fail(s, info.message, { spent: false });
@@ -1520,7 +1528,7 @@ export function createRouter(config: Config, deps: Deps) {
   }
 
   /** Read a body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
-  async function readText(resp: Response, _ac: AbortController, timer: NodeJS.Timeout, max = Infinity): Promise<string> {
+  async function readText(resp: Response, timer: NodeJS.Timeout, max = Infinity): Promise<string> {
     if (!resp.body) return "";
     const chunks: Buffer[] = [];
     let size = 0;
@@ -1541,14 +1549,14 @@ export function createRouter(config: Config, deps: Deps) {
     const u = usage ?? fallback;
     limiter.settle(r.reservation, totalTokens(u), now());
     const cost = r.m.priced ? costUsd(r.m, u) : 0;
-    Object.assign(r.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
+    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
     return { usage: u, cost };
   }
 
   async function relayJson(r: Relay, fail: Fail): Promise<Outcome> {
     let parsed: { completion: Completion; usage: Usage | undefined };
     try {
-      const text = await readText(r.resp, r.ac, r.timer);
+      const text = await readText(r.resp, r.timer);
       parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, now());
     } catch (e) {
       if (r.ac.signal.reason === CLIENT_GONE) { limiter.release(r.reservation, now()); throw CLIENT_GONE; }
@@ -1558,27 +1566,27 @@ export function createRouter(config: Config, deps: Deps) {
     const { completion } = parsed;
     const content = completion.choices?.[0]?.message?.content;
     const { usage, cost } = account(r, parsed.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
-    const attempts = [...r.prior, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
+    const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
     completion.usage = { ...completion.usage, ...openAIUsage(usage, cost) };
-    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.route.complexity, reason: r.route.reason, attempts };
+    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts };
     if (!r.m.priced) completion.routing = { ...(completion.routing as object), unpriced: true };
-    sendJson(r.res, 200, completion, routingHeaders(r.m, r.route));
+    sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
     return { done: true };
   }
 
-  async function relayStream(cr: ChatRequest, r: Relay, fail: Fail): Promise<Outcome> {
-    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, cr.stream_options?.include_usage === true, now());
+  async function relayStream(r: Relay, fail: Fail): Promise<Outcome> {
+    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, r.job.cr.stream_options?.include_usage === true, now());
     const split = new SseSplitter();
     let committed = false, sentChars = 0;
     /** Write one event; false when the client's buffer is full. */
     const send = (out: Buffer | string): boolean => {
       if (!committed) {
         committed = true;
-        r.row.ttft_ms = now() - r.row.ts;
-        r.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, r.route) });
+        r.job.row.ttft_ms = now() - r.job.row.ts;
+        r.job.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, r.job.route) });
       }
       sentChars += out.length;
-      return r.res.write(out);
+      return r.job.res.write(out);
     };
     let broke: Error | undefined;
     const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
@@ -1588,7 +1596,7 @@ export function createRouter(config: Config, deps: Deps) {
         for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
           const out = tr.feed(ev);
           if (tr.error) break;
-          if (out && !send(out)) await drained(r.res); // a turn of the event loop per event only when the client is slow
+          if (out && !send(out)) await drained(r.job.res); // a turn of the event loop per event only when the client is slow
         }
         if (tr.error || tr.done) break;
       }
@@ -1605,10 +1613,10 @@ export function createRouter(config: Config, deps: Deps) {
     account(r, tr.usage, fallback);
     if (why) {
       const err = new TwError(timedOut ? 504 : 502, tr.error?.code ?? "upstream_stream_error", scrubText(why), { type: tr.error?.type });
-      Object.assign(r.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
-      r.res.write(sseData(err.body()));
+      Object.assign(r.job.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
+      r.job.res.write(sseData(err.body()));
     }
-    r.res.end();
+    r.job.res.end();
     if (tr.done && !broke) void drainRest(body, r.ac);
     return { done: true };
   }
@@ -1625,11 +1633,11 @@ export function createRouter(config: Config, deps: Deps) {
 
   // ---- the routing loop: walk the candidates, wait for capacity, fail over ----
 
-  async function serve(cr: ChatRequest, route: Route, row: Row, res: ServerResponse, client: AbortSignal): Promise<void> {
+  async function serve(job: Job): Promise<void> {
+    const { cr, route, row, res, client, attempts } = job;
     const estimate = estimateTokens(cr, config.default_max_tokens);
     const deadline = row.ts + config.max_wait_ms;
     const spent = new Set<Model>();
-    const attempts: Attempt[] = [];
     const failures: Failure[] = [];
     for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
       if (client.aborted) throw CLIENT_GONE;
@@ -1647,7 +1655,7 @@ export function createRouter(config: Config, deps: Deps) {
       if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
       row.provider = pick.model.provider.id;
       row.model = pick.model.id;
-      const out = await attempt(cr, route, pick.model, pick.reservation, attempts, row, res, client);
+      const out = await attempt(job, pick.model, pick.reservation);
       row.attempts = attempts.length + 1;
       if (out.done) { row.status ||= res.statusCode; return; }
       attempts.push(out.attempt);
@@ -1713,7 +1721,7 @@ export function createRouter(config: Config, deps: Deps) {
       row.stream = cr.stream === true;
       const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
       row.complexity = r.complexity;
-      await serve(cr, r, row, res, client.signal);
+      await serve({ cr, route: r, row, res, client: client.signal, attempts: [] });
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
       if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
