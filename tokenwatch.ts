@@ -1388,9 +1388,9 @@ const DRAINED = Symbol("drained");
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) return;
-  const text = JSON.stringify(body);
-  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), ...headers });
-  res.end(text);
+  const bytes = Buffer.from(JSON.stringify(body)); // encoded once: its length is the header, its bytes the body
+  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(bytes.length), ...headers });
+  res.end(bytes);
 }
 
 const header = (req: IncomingMessage, name: string) => {
