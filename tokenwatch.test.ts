@@ -8,6 +8,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DatabaseSync } from "node:sqlite";
+import { spawn } from "node:child_process";
+import { once } from "node:events";
 import OpenAI from "openai";
 import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
@@ -689,6 +691,19 @@ describe("7. Store", () => {
     assert.ok(Math.abs(t.cost_usd - 0.1) < 1e-9);
     assert.equal(again.count(), 100);
     again.close();
+  });
+
+  it("close() waits for a lock held briefly by another process instead of losing the last rows", async () => {
+    const path = join(dir, "closing.db");
+    const s = new Store(path);
+    s.add(row());
+    const holder = spawn(process.execPath, ["-e", `const { DatabaseSync } = require("node:sqlite"); const db = new DatabaseSync(${JSON.stringify(path)}); db.exec("BEGIN EXCLUSIVE"); console.log("locked"); setTimeout(() => { db.exec("COMMIT"); db.close(); }, 300);`], { stdio: ["ignore", "pipe", "inherit"] });
+    await once(holder.stdout, "data");
+    s.close();
+    const again = new Store(path);
+    assert.equal(again.count(), 1);
+    again.close();
+    await once(holder, "exit");
   });
 
   it("uses WAL mode", () => {

@@ -1358,7 +1358,9 @@ export class Store {
     return (this.#stmt("SELECT COUNT(*) AS n FROM requests").get() as { n: number }).n;
   }
 
+  /** Write what is left, then close. The last write may wait for a lock: SQLite itself retries it for 5 s. */
   close(): void {
+    this.#db.exec("PRAGMA busy_timeout = 5000");
     this.flush();
     clearTimeout(this.#timer);
     this.#db.close();
