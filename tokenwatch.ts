@@ -193,9 +193,12 @@ export type Row = {
 //    request validation and config validation. Nothing here touches I/O or the clock.
 // ============================================================================================
 
-/** The one error type: an HTTP status, an OpenAI error `type` and `code`, and a message that says what to do. */
+/**
+ * The one error type: an HTTP status, an OpenAI error `type` and `code`, and a message that says what to
+ * do; `attempts`, when the router tried upstreams first, goes out with it.
+ */
 export class TwError extends Error {
-  status: number; code: string; type: string; param: string | null; headers: Record<string, string>;
+  status: number; code: string; type: string; param: string | null; headers: Record<string, string>; attempts?: Attempt[];
   constructor(status: number, code: string, message: string, opts: { type?: string; param?: string | null; headers?: Record<string, string> } = {}) {
     super(message);
     this.status = status;
@@ -204,8 +207,9 @@ export class TwError extends Error {
     this.param = opts.param ?? null;
     this.headers = opts.headers ?? {};
   }
-  body(): { error: { message: string; type: string; param: string | null; code: string } } {
-    return { error: { message: this.message, type: this.type, param: this.param, code: this.code } };
+  body(): { error: { message: string; type: string; param: string | null; code: string; attempts?: Attempt[] } } {
+    const error = { message: this.message, type: this.type, param: this.param, code: this.code };
+    return { error: this.attempts ? { ...error, attempts: this.attempts } : error };
   }
 }
 
@@ -1696,7 +1700,7 @@ export function createRouter(config: Config, deps: Deps) {
   }
 
   function withAttempts(e: TwError, attempts: Attempt[]): TwError {
-    (e as TwError & { attempts?: Attempt[] }).attempts = attempts;
+    e.attempts = attempts;
     return e;
   }
 
@@ -1728,10 +1732,8 @@ export function createRouter(config: Config, deps: Deps) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
       if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
       Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
-      const attempts = (err as TwError & { attempts?: Attempt[] }).attempts;
-      const body = attempts ? { error: { ...err.body().error, attempts } } : err.body();
       if (err.status === 413) { res.setHeader("connection", "close"); res.once("finish", () => req.destroy()); }
-      if (err !== CLIENT_GONE) sendJson(res, err.status, body, err.headers);
+      if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
     } finally {
       row.latency_ms = now() - row.ts;
       store.add(row);
@@ -1760,23 +1762,29 @@ export function createRouter(config: Config, deps: Deps) {
     return [50, 95].map((p) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null));
   };
 
+  /** A model's live limiter view: what /stats and /api/limits show of the sliding minute. */
+  function headroomOf(m: Model, t: number) {
+    const h = limiter.headroom(m, t);
+    return {
+      window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
+      percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
+    };
+  }
+
   function modelStats(t: number, since: number) {
     const agg = new Map(store.byModel(since).map((r) => [`${r.provider}/${r.model}`, r]));
     const list = [...config.models];
     for (const k of agg.keys()) if (!list.some((m) => m.key === k)) { const [p, ...id] = k.split("/"); const prov = config.providers.find((x) => x.id === p); if (prov) list.push(unpricedModel(prov, id.join("/"))); }
     return list.map((m) => {
-      const a = agg.get(m.key), h = limiter.headroom(m, t);
+      const a = agg.get(m.key);
       const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
       const ttft = lat.map((l) => l.ttft_ms).filter((x): x is number => x !== null);
       const [p50, p95] = p50p95(lat.map((l) => l.latency_ms)), [t50, t95] = p50p95(ttft);
-      const free = h.coolUntil ? h.coolUntil - t : 0;
       return {
         provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
         requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
         p50_ms: p50, p95_ms: p95, ttft_p50_ms: t50, ttft_p95_ms: t95,
-        window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
-        percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil(free / 1000),
-        price_in: m.input, price_out: m.output,
+        ...headroomOf(m, t), price_in: m.input, price_out: m.output,
       };
     });
   }
@@ -1818,7 +1826,8 @@ export function createRouter(config: Config, deps: Deps) {
 
   function limits({ res }: Ctx): void {
     const t = now();
-    sendJson(res, 200, { threshold: config.threshold, models: modelStats(t, t - 3_600_000).map(({ provider, model, window_tokens, window_requests, inflight, limit, rpm, percent_used, saturated, cooling, free_in_s }) => ({ provider, model, window_tokens, window_requests, inflight, limit, rpm, percent_used, saturated, cooling, free_in_s })) });
+    // the live view only: no store query, unlike /stats
+    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(m, t) })) });
   }
 
   const ROUTES: Record<string, Handler> = {
