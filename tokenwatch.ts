@@ -814,7 +814,7 @@ function withN(r: Route, n: number): Route {
 //    hub request and turns responses, errors and stream events back into OpenAI shape. No fetch here.
 // ============================================================================================
 
-export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
+export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string | Uint8Array<ArrayBuffer> };
 export type ErrorInfo = { message: string; type: string; code: string | null };
 
 /** Turns one provider's event stream into OpenAI chunks, one whole SSE event at a time. */
@@ -827,7 +827,8 @@ export interface StreamTranslator {
 }
 
 export type Adapter = {
-  build(req: ChatRequest, m: Model, defaultMaxTokens: number): UpstreamRequest;
+  /** `raw`: the client's body as it came, which an adapter may send on untouched when it would not change it. */
+  build(req: ChatRequest, m: Model, defaultMaxTokens: number, raw?: Uint8Array<ArrayBuffer>): UpstreamRequest;
   parse(body: unknown, m: Model, now: number): { completion: Completion; usage: Usage | undefined };
   error(status: number, text: string): ErrorInfo;
   stream(m: Model, includeUsage: boolean, now: number): StreamTranslator;
@@ -901,6 +902,22 @@ export function openAIBody(req: ChatRequest, m: Model, stream: boolean): Record<
   return out;
 }
 
+/**
+ * True when `openAIBody` would send what the client sent: its model id, only known fields, no
+ * message to clean, no cap to rename, no sampling to drop, usage already asked for. The client's
+ * bytes then go up untouched, which saves encoding the whole conversation again on every request.
+ */
+export function sendsClientBody(req: ChatRequest, m: Model, stream: boolean): boolean {
+  if (req.model !== m.id) return false;
+  for (const k in req) if (!OPENAI_FIELDS.has(k) || req[k] === undefined || req[k] === null) return false;
+  const field = m.provider.maxTokensField;
+  if (req.max_tokens !== undefined && req.max_completion_tokens !== undefined) return false;
+  if (field && (req.max_tokens ?? req.max_completion_tokens) !== undefined && req[field] === undefined) return false;
+  if (m.fixed_sampling ? SAMPLING.some((k) => k in req) : m.provider.maxTemperature !== undefined && typeof req.temperature === "number" && req.temperature > m.provider.maxTemperature) return false;
+  if (stream ? req.stream_options?.include_usage !== true : "stream" in req || "stream_options" in req) return false;
+  return upstreamMessages(req.messages, m.provider.reasoningContent === true) === req.messages;
+}
+
 /** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage or an error. */
 class OpenAIStream implements StreamTranslator {
   usage: Usage | undefined;
@@ -942,10 +959,12 @@ class OpenAIStream implements StreamTranslator {
 }
 
 const openaiAdapter: Adapter = {
-  build(req, m, _defaultMax) {
+  build(req, m, _defaultMax, raw) {
     const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
     if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
-    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body: JSON.stringify(openAIBody(req, m, req.stream === true)) };
+    const stream = req.stream === true;
+    const body = raw && sendsClientBody(req, m, stream) ? raw : JSON.stringify(openAIBody(req, m, stream));
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body };
   },
   parse(body, _m) {
     if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
@@ -1394,9 +1413,9 @@ const DRAINED = Symbol("drained");
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) return;
-  const bytes = Buffer.from(JSON.stringify(body)); // encoded once: its length is the header, its bytes the body
-  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(bytes.length), ...headers });
-  res.end(bytes);
+  const text = JSON.stringify(body);
+  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), ...headers });
+  res.end(text);
 }
 
 const header = (req: IncomingMessage, name: string) => {
@@ -1461,8 +1480,15 @@ function errorKind(status: number): string {
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
 
+/**
+ * The client's connection: `gone` once it closed before its answer was done; `stop` is what to cancel
+ * then (one thing at a time: the attempt in flight, or the wait for capacity). A plain slot rather than
+ * an AbortSignal: this runs for every request, and the upstream fetch already carries one signal.
+ */
+type Client = { gone: boolean; stop?: () => void };
+
 /** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
-type Job = { cr: ChatRequest; route: Route; row: Row; res: ServerResponse; client: AbortSignal; attempts: Attempt[] };
+type Job = { cr: ChatRequest; raw: Uint8Array<ArrayBuffer>; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
 
 /** One candidate's answer being relayed to the client. */
 type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
@@ -1496,12 +1522,11 @@ export function createRouter(config: Config, deps: Deps) {
       return { done: false, attempt: { provider: m.provider.id, model: m.id, status, error: msg, ms: now() - started }, spent: opts.spent ?? true, error: err, timedOut: opts.timedOut ?? false };
     };
     let up: UpstreamRequest;
-    try { up = adapter.build(cr, m, config.default_max_tokens); }
+    try { up = adapter.build(cr, m, config.default_max_tokens, job.raw); }
     catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
 
     const ac = new AbortController();
-    const onClient = () => ac.abort(CLIENT_GONE);
-    client.addEventListener("abort", onClient);
+    client.stop = () => ac.abort(CLIENT_GONE);
     const timer = setTimeout(() => ac.abort(TIMED_OUT), config.timeout_ms);
     try {
       let resp: Response;
@@ -1518,7 +1543,7 @@ export function createRouter(config: Config, deps: Deps) {
       return cr.stream ? await relayStream(relay, fail) : await relayJson(relay, fail);
     } finally {
       clearTimeout(timer);
-      client.removeEventListener("abort", onClient);
+      client.stop = undefined;
     }
   }
 
@@ -1562,7 +1587,8 @@ export function createRouter(config: Config, deps: Deps) {
   async function relayJson(r: Relay, fail: Fail): Promise<Outcome> {
     let parsed: { completion: Completion; usage: Usage | undefined };
     try {
-      const text = await readText(r.resp, r.timer);
+      r.timer.refresh();
+      const text = await r.resp.text();
       parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, now());
     } catch (e) {
       if (r.ac.signal.reason === CLIENT_GONE) { limiter.release(r.reservation, now()); throw CLIENT_GONE; }
@@ -1646,7 +1672,7 @@ export function createRouter(config: Config, deps: Deps) {
     const spent = new Set<Model>();
     const failures: Failure[] = [];
     for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
-      if (client.aborted) throw CLIENT_GONE;
+      if (client.gone) throw CLIENT_GONE;
       const t = now();
       const open = route.candidates.filter((m) => !spent.has(m) && !((authDown.get(m.provider.id) ?? 0) > t));
       if (!open.length) break;
@@ -1685,12 +1711,12 @@ export function createRouter(config: Config, deps: Deps) {
   }
 
   /** Sleep until a reservation is settled somewhere (capacity may be back) or `ms` pass, whichever is first. */
-  function capacityOrTimeout(ms: number, client: AbortSignal): Promise<void> {
+  function capacityOrTimeout(ms: number, client: Client): Promise<void> {
     return new Promise((done) => {
-      const finish = () => { clearTimeout(timer); stop(); client.removeEventListener("abort", finish); done(); };
+      const finish = () => { clearTimeout(timer); stop(); client.stop = undefined; done(); };
       const timer = setTimeout(finish, Math.max(10, Math.min(ms, 1000)));
       const stop = limiter.onNextChange(finish);
-      client.addEventListener("abort", finish);
+      client.stop = finish;
     });
   }
 
@@ -1716,18 +1742,19 @@ export function createRouter(config: Config, deps: Deps) {
 
   async function chat({ req, res }: Ctx): Promise<void> {
     const row: Row = { ts: now(), provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null };
-    const client = new AbortController();
-    res.on("close", () => { if (!res.writableFinished) client.abort(); });
+    const client: Client = { gone: false };
+    res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
     try {
       if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
       const type = header(req, "content-type") ?? "";
       if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${JSON.stringify(type || "none")}).`);
-      const cr = validateChatRequest(parseBody(await readBody(req, config.max_body_bytes)));
+      const raw = await readBody(req, config.max_body_bytes) as Buffer<ArrayBuffer>;
+      const cr = validateChatRequest(parseBody(raw));
       row.requested_model = cr.model ?? "auto";
       row.stream = cr.stream === true;
       const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
       row.complexity = r.complexity;
-      await serve({ cr, route: r, row, res, client: client.signal, attempts: [] });
+      await serve({ cr, raw, route: r, row, res, client, attempts: [] });
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
       if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
