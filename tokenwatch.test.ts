@@ -84,10 +84,12 @@ describe("3. Pure helpers", () => {
     assert.deepEqual(usageFromAnthropic({ input_tokens: 3, cache_read_input_tokens: 100, cache_creation_input_tokens: 20, output_tokens: 7 }), { input: 3, cached: 100, cache_write: 20, output: 7 });
   });
 
-  it("estimateTokens() counts the prompt at four characters a token plus the capped output", () => {
-    const est = estimateTokens({ messages: [{ role: "user", content: "x".repeat(400) }], max_tokens: 50 }, 4096);
-    assert.equal(est, 100 + 4 + 50);
-    assert.equal(estimateTokens(user(""), 4096), 4 + 4096);
+  it("estimateTokens() counts the prompt at four bytes of body a token plus the capped output", () => {
+    const req: ChatRequest = { messages: [{ role: "user", content: "x".repeat(400) }], max_tokens: 50 };
+    assert.equal(estimateTokens(req, Buffer.byteLength(JSON.stringify(req)), 4096), Math.ceil(459 / 4) + 50);
+    assert.equal(estimateTokens(req, 401, 4096), 101 + 50);
+    assert.equal(estimateTokens(user(""), 10, 4096), 3 + 4096, "no max_tokens: the default cap");
+    assert.equal(estimateTokens({ ...user(""), max_completion_tokens: 10_000 }, 10, 4096), 3 + 4096, "the cap is capped");
   });
 
   it("parseSseEvent() reads event names, joins data lines and skips comments", () => {
@@ -452,6 +454,33 @@ describe("6. Adapters", () => {
       assert.deepEqual(openAIBody({ ...user("hi"), stream: true, stream_options: { include_usage: false, include_obfuscation: false } }, gpt, true).stream_options, { include_usage: true, include_obfuscation: false });
     });
 
+    it("sends the client's own bytes when they need no change, and otherwise exactly what openAIBody() builds", () => {
+      const k26 = { ...model(c, "kimi/kimi-k2.6"), fixed_sampling: false };
+      const cases: [ChatRequest, Model, boolean][] = [
+        [{ ...user("hi"), model: "gpt-4o", max_completion_tokens: 5, temperature: 0.2 }, gpt, true],
+        [{ ...user("hi"), model: "gpt-4o", stream: true, stream_options: { include_usage: true } }, gpt, true],
+        [{ ...user("hi"), model: "kimi-k2.5", max_tokens: 5 }, kimi, true],
+        [{ ...user("hi"), model: "gpt-4o", max_tokens: 5 }, gpt, false],                      // renamed to max_completion_tokens
+        [{ ...user("hi"), model: "gpt-4o", max_tokens: 5, max_completion_tokens: 6 }, gpt, false],
+        [{ ...user("hi"), model: "auto" }, gpt, false],                                         // the router picked the model
+        [{ ...user("hi"), model: "gpt-4o", complexity: "simple" }, gpt, false],                // TokenWatch's own hint
+        [{ ...user("hi"), model: "gpt-4o", seed: null }, gpt, false],                          // nulls are dropped
+        [{ ...user("hi"), model: "gpt-4o", stream: true }, gpt, false],                        // usage must be asked for
+        [{ ...user("hi"), model: "gpt-4o", stream: false }, gpt, false],
+        [{ ...user("hi"), model: "kimi-k2.5", temperature: 0.3 }, kimi, false],                // fixed sampling
+        [{ ...user("hi"), model: "kimi-k2.6", temperature: 1.5 }, k26, false],                 // clamped to 1
+        [{ ...user("hi"), model: "kimi-k2.6", temperature: 0.5 }, k26, true],
+        [{ model: "gpt-4o", messages: [{ role: "user", content: "hi", id: "m1" }] }, gpt, false], // unknown message key
+      ];
+      for (const [req, m, same] of cases) {
+        const raw = Buffer.from(JSON.stringify(req)) as Buffer<ArrayBuffer>;
+        const { body } = ADAPTERS.openai.build(req, m, 4096, raw);
+        assert.equal(body === raw, same, JSON.stringify(req));
+        const sent = JSON.parse(typeof body === "string" ? body : Buffer.from(body).toString());
+        assert.deepEqual(sent, JSON.parse(JSON.stringify(openAIBody(req, m, req.stream === true))), JSON.stringify(req));
+      }
+    });
+
     it("turns any error body into a readable message: JSON, HTML or text", () => {
       const e = ADAPTERS.openai.error;
       assert.deepEqual(e(400, JSON.stringify({ error: { message: "bad", type: "invalid_request_error", code: "x" } })), { message: "bad", type: "invalid_request_error", code: "x" });
@@ -783,6 +812,15 @@ describe("8. HTTP edge: chat completions", () => {
     const sent = e.mocks.openai.requests.at(-1)!;
     assert.equal(sent.body.complexity, undefined);
     assert.equal(sent.headers["x-tokenwatch-hop"], "1");
+  });
+
+  it("sends a body that needs no change upstream byte for byte (spacing, key order, escapes kept)", async () => {
+    const text = `{ "messages" : [ {"content":"caf\\u00e9 \\ud83d\\ude00\\n", "role":"user"} ],\n  "model":"gpt-4o-mini", "max_completion_tokens": 7 }`;
+    const res = await post(e, text);
+    assert.equal(res.status, 200);
+    assert.equal(e.mocks.openai.requests.at(-1)!.raw, text);
+    await post(e, text.replace("\"max_completion_tokens\"", "\"complexity\": \"simple\", \"max_completion_tokens\""));
+    assert.equal(e.mocks.openai.requests.at(-1)!.raw, JSON.stringify({ messages: [{ content: "caf\u00e9 \ud83d\ude00\n", role: "user" }], model: "gpt-4o-mini", max_completion_tokens: 7 }));
   });
 
   it("translates a tool-calling round trip to Anthropic and back", async () => {

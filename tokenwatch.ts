@@ -215,20 +215,17 @@ export class TwError extends Error {
 
 const bad = (message: string, param: string | null = null) => new TwError(400, "invalid_request", message, { param });
 
-/** Rough prompt size (4 characters a token): reserves capacity before the real count is known. */
-export function estimatePrompt(req: ChatRequest): number {
-  let chars = 0;
-  for (const m of req.messages) chars += typeof m.content === "string" ? m.content.length : JSON.stringify(m.content ?? "").length + (m.tool_calls ? JSON.stringify(m.tool_calls).length : 0);
-  if (req.tools) chars += JSON.stringify(req.tools).length;
-  return Math.ceil(chars / 4) + req.messages.length * 4;
-}
 
 /** The output a request may ask for, capped at `defaultMax`. */
 export const outputCap = (req: ChatRequest, defaultMax: number) => Math.min(req.max_completion_tokens ?? req.max_tokens ?? defaultMax, defaultMax);
 
-/** Prompt plus the output the request may ask for (capped): what a request reserves in the limiter. */
-export function estimateTokens(req: ChatRequest, defaultMax: number): number {
-  return estimatePrompt(req) + outputCap(req, defaultMax);
+/**
+ * What a request reserves in the limiter before the real count is known: its prompt at a token per
+ * four bytes of the body (messages, tool schemas and JSON punctuation alike: a slight overestimate,
+ * known without walking the conversation) plus the output it may ask for, capped.
+ */
+export function estimateTokens(req: ChatRequest, bodyBytes: number, defaultMax: number): number {
+  return Math.ceil(bodyBytes / 4) + outputCap(req, defaultMax);
 }
 
 const round12 = (x: number) => Math.round(x * 1e12) / 1e12;
@@ -1506,7 +1503,7 @@ export function createRouter(config: Config, deps: Deps) {
   const limiter = new Limiter(config.threshold);
   const authDown = new Map<string, number>();  // provider id -> until when its key is considered refused
   const started = now();
-  const inflight = new Set<Promise<void>>();
+  let active = 0;                                // requests being answered: what a clean shutdown waits for
   const scrubText = (s: string) => scrub(s, config.keys);
 
   // ---- one attempt at one candidate ----
@@ -1667,7 +1664,7 @@ export function createRouter(config: Config, deps: Deps) {
 
   async function serve(job: Job): Promise<void> {
     const { cr, route, row, res, client, attempts } = job;
-    const estimate = estimateTokens(cr, config.default_max_tokens);
+    const estimate = estimateTokens(cr, job.raw.length, config.default_max_tokens);
     const deadline = row.ts + config.max_wait_ms;
     const spent = new Set<Model>();
     const failures: Failure[] = [];
@@ -1884,9 +1881,8 @@ export function createRouter(config: Config, deps: Deps) {
       }
       if (deps.apiKey && !OPEN.has(key) && !keyMatches(req, deps.apiKey))
         throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
-      const p = Promise.resolve(fn({ req, res, url }));
-      inflight.add(p);
-      await p.finally(() => inflight.delete(p));
+      active++;
+      try { await fn({ req, res, url }); } finally { active--; }
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}`);
       sendJson(res, err.status, err.body(), err.headers);
@@ -1896,11 +1892,11 @@ export function createRouter(config: Config, deps: Deps) {
   /** Wait (up to `ms`) for the requests in flight to finish: the first half of a clean shutdown. */
   async function drain(ms: number): Promise<boolean> {
     const deadline = Date.now() + ms;
-    while (inflight.size && Date.now() < deadline) await Promise.race([Promise.allSettled([...inflight]), new Promise((r) => setTimeout(r, Math.min(100, deadline - Date.now())))]);
-    return inflight.size === 0;
+    while (active && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(20, deadline - Date.now())));
+    return active === 0;
   }
 
-  return { handle, limiter, drain, stats: statsBody, get inflight() { return inflight.size; } };
+  return { handle, limiter, drain, stats: statsBody, get inflight() { return active; } };
 }
 
 /** Resolve when the response may take more data, or is gone. */

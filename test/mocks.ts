@@ -25,7 +25,7 @@ export type Script =
   | { type: "stream-error"; afterChunks: number; message?: string }
   | { type: "stall"; afterChunks: number };
 export type MockUsage = { input: number; output: number; cached: number; cache_write: number };
-export type Recorded = { method: string; path: string; headers: Record<string, string | string[] | undefined>; body: any; at: number };
+export type Recorded = { method: string; path: string; headers: Record<string, string | string[] | undefined>; body: any; raw: string; at: number };
 export interface Mock {
   url: string;
   flavor: Flavor;
@@ -834,7 +834,7 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
   // ---- request entry -----------------------------------------------------------------------------------------
 
   function handle(req: IncomingMessage, res: ServerResponse): void {
-    const rec: Recorded = { method: req.method ?? "", path: req.url ?? "/", headers: { ...req.headers }, body: undefined, at: Date.now() };
+    const rec: Recorded = { method: req.method ?? "", path: req.url ?? "/", headers: { ...req.headers }, body: undefined, raw: "", at: Date.now() };
     requests.push(rec);
     const ctx: Ctx = { req, res, gone: false, self: false };
     req.on("error", noop);
@@ -867,6 +867,7 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
         // keep the raw string
       }
       rec.body = parsed;
+      rec.raw = raw;
       try {
         route(ctx, ok, parsed);
       } catch {
