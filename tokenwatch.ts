@@ -927,7 +927,7 @@ class OpenAIStream implements StreamTranslator {
 
   feed(raw: Buffer): Buffer | string | null {
     const s = raw.toString(); // decoding a short event and one regex cost ~0.1 µs: less than three Buffer.indexOf calls
-    if (!this.#meta || /"usage"\s*:\s*\{|"error"\s*:|\[DONE\]/.test(s)) return this.#inspect(s, raw);
+    if (/"usage"\s*:\s*\{|"error"\s*:|\[DONE\]/.test(s)) return this.#inspect(s, raw);
     return raw;
   }
 
@@ -937,7 +937,7 @@ class OpenAIStream implements StreamTranslator {
     if (ev.data.trim() === "[DONE]") { this.done = true; return this.#usageChunk() + s; }
     const json = parseJson(ev.data) as Record<string, any> | undefined;
     if (!json) return raw;
-    this.#meta ??= { id: json.id, created: json.created, model: json.model };
+    this.#meta ??= { id: json.id, created: json.created, model: json.model }; // for the usage chunk: the event with usage has them too
     if (json.error) { this.error = errorInfoFrom(500, ev.data); return null; }
     const usage = json.usage ?? json.choices?.[0]?.usage; // Kimi puts it inside the final choice
     if (!isObj(usage)) return raw;
