@@ -15,7 +15,7 @@ import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, mergeConfig, buildConfig,
   SlidingWindow, Limiter, classify, route, openAIBody, anthropicBody, toAnthropicMessages, fromAnthropicMessage, AnthropicStream,
-  ADAPTERS, Store, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
+  ADAPTERS, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
 import type { ChatRequest, Config, Model, Row, Running } from "./tokenwatch.ts";
 import { startMock } from "./test/mocks.ts";
@@ -84,9 +84,9 @@ describe("3. Pure helpers", () => {
     assert.deepEqual(usageFromAnthropic({ input_tokens: 3, cache_read_input_tokens: 100, cache_creation_input_tokens: 20, output_tokens: 7 }), { input: 3, cached: 100, cache_write: 20, output: 7 });
   });
 
-  it("estimateTokens() counts the prompt at four bytes of body a token plus the capped output", () => {
+  it("estimateTokens() counts the prompt at four characters of body a token plus the capped output", () => {
     const req: ChatRequest = { messages: [{ role: "user", content: "x".repeat(400) }], max_tokens: 50 };
-    assert.equal(estimateTokens(req, Buffer.byteLength(JSON.stringify(req)), 4096), Math.ceil(459 / 4) + 50);
+    assert.equal(estimateTokens(req, JSON.stringify(req).length, 4096), Math.ceil(459 / 4) + 50);
     assert.equal(estimateTokens(req, 401, 4096), 101 + 50);
     assert.equal(estimateTokens(user(""), 10, 4096), 3 + 4096, "no max_tokens: the default cap");
     assert.equal(estimateTokens({ ...user(""), max_completion_tokens: 10_000 }, 10, 4096), 3 + 4096, "the cap is capped");
@@ -174,13 +174,13 @@ describe("3. Pure helpers", () => {
     });
   });
 
-  it("parseBody() refuses invalid UTF-8, empty bodies, deep nesting and bad JSON with distinct messages", () => {
-    const msg = (b: Buffer) => { try { parseBody(b); return ""; } catch (e) { return (e as TwError).message; } };
+  it("bodyText() and parseBody() refuse invalid UTF-8, empty bodies, deep nesting and bad JSON with distinct messages", () => {
+    const msg = (b: Buffer) => { try { parseBody(bodyText(b)); return ""; } catch (e) { return (e as TwError).message; } };
     assert.match(msg(Buffer.from([0x7b, 0xff, 0x7d])), /not valid UTF-8/);
     assert.match(msg(Buffer.from("  ")), /body is empty/);
     assert.match(msg(Buffer.from("[".repeat(100) + "]".repeat(100))), /nested more than 64/);
     assert.match(msg(Buffer.from("{\"a\":")), /not valid JSON/);
-    assert.deepEqual(parseBody(Buffer.from("{\"a\":\"[{\\\"\"}")), { a: "[{\"" });
+    assert.deepEqual(parseBody(bodyText(Buffer.from("{\"a\":\"[{\\\"\"}"))), { a: "[{\"" });
   });
 
   it("jsonDepthExceeds() ignores brackets inside strings", () => {
@@ -473,10 +473,10 @@ describe("6. Adapters", () => {
         [{ model: "gpt-4o", messages: [{ role: "user", content: "hi", id: "m1" }] }, gpt, false], // unknown message key
       ];
       for (const [req, m, same] of cases) {
-        const raw = Buffer.from(JSON.stringify(req)) as Buffer<ArrayBuffer>;
-        const { body } = ADAPTERS.openai.build(req, m, 4096, raw);
-        assert.equal(body === raw, same, JSON.stringify(req));
-        const sent = JSON.parse(typeof body === "string" ? body : Buffer.from(body).toString());
+        const text = ` ${JSON.stringify(req)}`; // a leading space: only the client's own text has one
+        const { body } = ADAPTERS.openai.build(req, m, 4096, text);
+        assert.equal(body === text, same, JSON.stringify(req));
+        const sent = JSON.parse(body);
         assert.deepEqual(sent, JSON.parse(JSON.stringify(openAIBody(req, m, req.stream === true))), JSON.stringify(req));
       }
     });

@@ -221,11 +221,11 @@ export const outputCap = (req: ChatRequest, defaultMax: number) => Math.min(req.
 
 /**
  * What a request reserves in the limiter before the real count is known: its prompt at a token per
- * four bytes of the body (messages, tool schemas and JSON punctuation alike: a slight overestimate,
+ * four characters of the body (messages, tool schemas and JSON punctuation alike: a slight overestimate,
  * known without walking the conversation) plus the output it may ask for, capped.
  */
-export function estimateTokens(req: ChatRequest, bodyBytes: number, defaultMax: number): number {
-  return Math.ceil(bodyBytes / 4) + outputCap(req, defaultMax);
+export function estimateTokens(req: ChatRequest, bodyChars: number, defaultMax: number): number {
+  return Math.ceil(bodyChars / 4) + outputCap(req, defaultMax);
 }
 
 const round12 = (x: number) => Math.round(x * 1e12) / 1e12;
@@ -811,7 +811,7 @@ function withN(r: Route, n: number): Route {
 //    hub request and turns responses, errors and stream events back into OpenAI shape. No fetch here.
 // ============================================================================================
 
-export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string | Uint8Array<ArrayBuffer> };
+export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
 export type ErrorInfo = { message: string; type: string; code: string | null };
 
 /** Turns one provider's event stream into OpenAI chunks, one whole SSE event at a time. */
@@ -824,8 +824,8 @@ export interface StreamTranslator {
 }
 
 export type Adapter = {
-  /** `raw`: the client's body as it came, which an adapter may send on untouched when it would not change it. */
-  build(req: ChatRequest, m: Model, defaultMaxTokens: number, raw?: Uint8Array<ArrayBuffer>): UpstreamRequest;
+  /** `text`: the client's body as it came, which an adapter may send on untouched when it would not change it. */
+  build(req: ChatRequest, m: Model, defaultMaxTokens: number, text?: string): UpstreamRequest;
   parse(body: unknown, m: Model, now: number): { completion: Completion; usage: Usage | undefined };
   error(status: number, text: string): ErrorInfo;
   stream(m: Model, includeUsage: boolean, now: number): StreamTranslator;
@@ -956,11 +956,11 @@ class OpenAIStream implements StreamTranslator {
 }
 
 const openaiAdapter: Adapter = {
-  build(req, m, _defaultMax, raw) {
+  build(req, m, _defaultMax, text) {
     const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
     if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
     const stream = req.stream === true;
-    const body = raw && sendsClientBody(req, m, stream) ? raw : JSON.stringify(openAIBody(req, m, stream));
+    const body = text !== undefined && sendsClientBody(req, m, stream) ? text : JSON.stringify(openAIBody(req, m, stream));
     return { url: `${m.provider.baseUrl}/chat/completions`, headers, body };
   },
   parse(body, _m) {
@@ -1448,11 +1448,19 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
 
 const UTF8 = new TextDecoder("utf-8", { fatal: true });
 
-/** Bytes to JSON, with an error that says what is wrong: invalid UTF-8, too deep, or where the syntax breaks. */
-export function parseBody(buf: Buffer): unknown {
+/**
+ * Bytes to text, refusing invalid UTF-8 and an empty body. The text is kept: it is what goes upstream
+ * when nothing in it needs changing (undici sends a string with its headers in one write; bytes it copies).
+ */
+export function bodyText(buf: Buffer): string {
   let text: string;
   try { text = UTF8.decode(buf); } catch { throw bad("The request body is not valid UTF-8: encode it as UTF-8 JSON."); }
   if (!text.trim()) throw bad("The request body is empty: send a JSON object with \"model\" and \"messages\".");
+  return text;
+}
+
+/** Text to JSON, with an error that says what is wrong: too deep, or where the syntax breaks. */
+export function parseBody(text: string): unknown {
   if (jsonDepthExceeds(text, 64)) throw bad("The request body is nested more than 64 levels deep: flatten it.");
   try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
 }
@@ -1485,7 +1493,7 @@ function errorKind(status: number): string {
 type Client = { gone: boolean; stop?: () => void };
 
 /** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
-type Job = { cr: ChatRequest; raw: Uint8Array<ArrayBuffer>; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
+type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
 
 /** One candidate's answer being relayed to the client. */
 type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
@@ -1519,7 +1527,7 @@ export function createRouter(config: Config, deps: Deps) {
       return { done: false, attempt: { provider: m.provider.id, model: m.id, status, error: msg, ms: now() - started }, spent: opts.spent ?? true, error: err, timedOut: opts.timedOut ?? false };
     };
     let up: UpstreamRequest;
-    try { up = adapter.build(cr, m, config.default_max_tokens, job.raw); }
+    try { up = adapter.build(cr, m, config.default_max_tokens, job.text); }
     catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
 
     const ac = new AbortController();
@@ -1664,7 +1672,7 @@ export function createRouter(config: Config, deps: Deps) {
 
   async function serve(job: Job): Promise<void> {
     const { cr, route, row, res, client, attempts } = job;
-    const estimate = estimateTokens(cr, job.raw.length, config.default_max_tokens);
+    const estimate = estimateTokens(cr, job.text.length, config.default_max_tokens);
     const deadline = row.ts + config.max_wait_ms;
     const spent = new Set<Model>();
     const failures: Failure[] = [];
@@ -1745,13 +1753,13 @@ export function createRouter(config: Config, deps: Deps) {
       if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
       const type = header(req, "content-type") ?? "";
       if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${JSON.stringify(type || "none")}).`);
-      const raw = await readBody(req, config.max_body_bytes) as Buffer<ArrayBuffer>;
-      const cr = validateChatRequest(parseBody(raw));
+      const text = bodyText(await readBody(req, config.max_body_bytes));
+      const cr = validateChatRequest(parseBody(text));
       row.requested_model = cr.model ?? "auto";
       row.stream = cr.stream === true;
       const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
       row.complexity = r.complexity;
-      await serve({ cr, raw, route: r, row, res, client, attempts: [] });
+      await serve({ cr, text, route: r, row, res, client, attempts: [] });
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
       if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
