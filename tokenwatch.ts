@@ -1492,11 +1492,44 @@ function errorKind(status: number): string {
  */
 type Client = { gone: boolean; stop?: () => void };
 
+/** An attempt under watch: `refresh()` when the upstream shows life (headers, a chunk). */
+type Watch = { last: number; ac: AbortController; refresh(): void };
+
+/**
+ * One clock for every attempt's idle timeout: an attempt that shows no life for `ms` is aborted
+ * (with TIMED_OUT). A stream refreshes it on every chunk, so this is a field write per chunk and one
+ * sweep every ms/8 (at most a second) instead of re-arming a timer each time; the sweep stops when
+ * nothing is watched. An attempt times out between `ms` and `ms` + one sweep.
+ */
+class Watchdog {
+  #live = new Set<Watch>();
+  #tick: ReturnType<typeof setInterval> | undefined;
+  #ms: number;
+  constructor(ms: number) { this.#ms = ms; }
+
+  watch(ac: AbortController): Watch {
+    const w: Watch = { last: Date.now(), ac, refresh() { this.last = Date.now(); } };
+    this.#live.add(w);
+    this.#tick ??= setInterval(() => this.#sweep(), Math.min(1000, Math.max(5, this.#ms / 8)));
+    return w;
+  }
+
+  done(w: Watch): void {
+    this.#live.delete(w);
+    if (this.#live.size === 0) { clearInterval(this.#tick); this.#tick = undefined; }
+  }
+
+  #sweep(): void {
+    const t = Date.now();
+    for (const w of this.#live) if (t - w.last >= this.#ms) { this.done(w); w.ac.abort(TIMED_OUT); }
+  }
+}
+
 /** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
 type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
 
 /** One candidate's answer being relayed to the client. */
-type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: NodeJS.Timeout; started: number };
+type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: Watch; started: number };
 type Fail = (status: number, message: string, opts?: { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean }) => Failure;
 
 /** How one attempt at one candidate ended. */
@@ -1509,6 +1542,7 @@ export function createRouter(config: Config, deps: Deps) {
   const fetchFn = deps.fetch ?? fetch;
   const store = deps.store;
   const limiter = new Limiter(config.threshold);
+  const watchdog = new Watchdog(config.timeout_ms);
   const authDown = new Map<string, number>();  // provider id -> until when its key is considered refused
   const started = now();
   let active = 0;                                // requests being answered: what a clean shutdown waits for
@@ -1532,7 +1566,7 @@ export function createRouter(config: Config, deps: Deps) {
 
     const ac = new AbortController();
     client.stop = () => ac.abort(CLIENT_GONE);
-    const timer = setTimeout(() => ac.abort(TIMED_OUT), config.timeout_ms);
+    const timer = watchdog.watch(ac);
     try {
       let resp: Response;
       try { resp = await fetchFn(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal }); }
@@ -1547,13 +1581,13 @@ export function createRouter(config: Config, deps: Deps) {
       const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), resp, ac, timer, started };
       return cr.stream ? await relayStream(relay, fail) : await relayJson(relay, fail);
     } finally {
-      clearTimeout(timer);
+      watchdog.done(timer);
       client.stop = undefined;
     }
   }
 
   /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
-  async function upstreamError(resp: Response, m: Model, timer: NodeJS.Timeout, fail: Fail): Promise<Failure> {
+  async function upstreamError(resp: Response, m: Model, timer: Watch, fail: Fail): Promise<Failure> {
     const text = await readText(resp, timer, 65_536).catch(() => "");
     const info = ADAPTERS[m.provider.kind].error(resp.status, text);
     const s = resp.status;
@@ -1564,7 +1598,7 @@ export function createRouter(config: Config, deps: Deps) {
   }
 
   /** Read a body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
-  async function readText(resp: Response, timer: NodeJS.Timeout, max = Infinity): Promise<string> {
+  async function readText(resp: Response, timer: Watch, max = Infinity): Promise<string> {
     if (!resp.body) return "";
     const chunks: Buffer[] = [];
     let size = 0;
