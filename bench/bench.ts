@@ -28,7 +28,7 @@ import type { Sample } from "./child.ts";
 const QUICK = process.argv.includes("--quick");
 const PLAN = QUICK
   ? { rounds: 1, latencyN: 600, slowN: 20, pairs: 3, sliceMs: 800, windows: 2, windowMs: 2000 }
-  : { rounds: 4, latencyN: 1000, slowN: 30, pairs: 8, sliceMs: 1000, windows: 4, windowMs: 3000 };
+  : { rounds: 4, latencyN: 1000, slowN: 30, pairs: 8, sliceMs: 1000, windows: 8, windowMs: 3000 };
 const CONNECTIONS = 50;
 const OPEN_STREAMS = 1000;
 const RAMP_MS = 150;      // each throughput slice starts with this much load that is not counted
@@ -241,6 +241,20 @@ function sampleOf(target: Target, gc = false): Promise<Sample | undefined> {
   return new Promise((done) => { p.samples.push(done); p.child.send({ type: "sample", gc }); });
 }
 
+/**
+ * What Node's TypeScript stripper holds once it has read a proxy's source: every `.ts` file is stripped
+ * by a WebAssembly module whose memory grows with the largest file and is never given back. Measured
+ * in a fresh process, so that the memory figures can say how much of them is the runtime's, not the proxy's.
+ */
+function stripperMB(files: string[]): number {
+  const code = `const { stripTypeScriptTypes } = require("node:module"); const { readFileSync } = require("node:fs");
+    const before = process.memoryUsage().rss;
+    for (const f of ${JSON.stringify(files)}) stripTypeScriptTypes(readFileSync(f, "utf8"));
+    process.stdout.write(String(process.memoryUsage().rss - before));`;
+  const out = spawnSync(process.execPath, ["--no-warnings", "-e", code], { encoding: "utf8" });
+  return out.status === 0 ? MB(Number(out.stdout)) : NaN;
+}
+
 // ---- figures, medians and the table ----
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -302,8 +316,10 @@ async function main(): Promise<void> {
   for (const t of proxies) f.heap[t.name].push((await sampleOf(t, true))!.heapUsed);
 
   const end = { bare: (await sampleOf(proxies[0], true))!, tokenwatch: (await sampleOf(proxies[1], true))! };
+  const here = (f: string) => new URL(f, import.meta.url).pathname;
+  const strip = { bare: stripperMB([here("./child.ts"), here("./bare.ts")]), tokenwatch: stripperMB([here("./child.ts"), here("../tokenwatch.ts")]) };
   log(`done in ${elapsed()}; rows written: bare ${end.bare.written}, TokenWatch ${end.tokenwatch.written}; TokenWatch in flight ${end.tokenwatch.inflight}, rows pending ${end.tokenwatch.pending}`);
-  process.stdout.write(`\n${table(f, json, stream, shared, { bare: end.bare.maxRss, tokenwatch: end.tokenwatch.maxRss }, { bare: open.bare, tokenwatch: open.tokenwatch }, end.tokenwatch)}\n`);
+  process.stdout.write(`\n${table(f, json, stream, shared, { bare: end.bare.maxRss, tokenwatch: end.tokenwatch.maxRss }, { bare: open.bare, tokenwatch: open.tokenwatch }, end.tokenwatch, strip)}\n`);
   for (const p of [bare, tw]) p.child.send({ type: "close" });
   await Promise.all([bare, tw].map((p) => new Promise((r) => p.child.once("exit", r))));
   await mock.close();
@@ -317,7 +333,7 @@ type Pair = { bare: number; tokenwatch: number };
 
 type Shared = Awaited<ReturnType<typeof sideBySide>>;
 
-function table(f: Record<string, Fig>, json: Record<Name, Slice[]>, stream: Record<Name, Slice[]>, shared: { json: Shared; stream: Shared }, peak: Pair, open: Pair, end: Sample): string {
+function table(f: Record<string, Fig>, json: Record<Name, Slice[]>, stream: Record<Name, Slice[]>, shared: { json: Shared; stream: Shared }, peak: Pair, open: Pair, end: Sample, strip: Pair): string {
   const rows: string[][] = [];
   const verdict = (ok: boolean) => (ok ? "**PASS**" : "**FAIL**");
   const lat = (label: string, x: Fig, limit?: number) => {
@@ -350,6 +366,7 @@ function table(f: Record<string, Fig>, json: Record<Name, Slice[]>, stream: Reco
   cpu("CPU time per request, stream (µs)", stream, shared.stream);
   rows.push(["peak memory, resident (MB)", "—", MB(peak.bare).toFixed(0), MB(peak.tokenwatch).toFixed(0), `${(peak.tokenwatch / peak.bare).toFixed(2)} × bare`, "", ""]);
   rows.push([`memory with ${OPEN_STREAMS} streams open, resident (MB)`, "—", MB(open.bare).toFixed(0), MB(open.tokenwatch).toFixed(0), `${(open.tokenwatch / open.bare).toFixed(2)} × bare`, "< 200 MB", verdict(MB(open.tokenwatch) < 200)]);
+  rows.push([`… of it, Node's TypeScript stripper (MB)`, "—", strip.bare.toFixed(0), strip.tokenwatch.toFixed(0), `${(MB(open.tokenwatch) - strip.tokenwatch).toFixed(0)} MB without it (bare ${(MB(open.bare) - strip.bare).toFixed(0)})`, "", ""]);
   const grow = (who: "bare" | "tokenwatch") => MB(f.heap[who][f.heap[who].length - 1] - f.heap[who][0]);
   const g = grow("tokenwatch");
   rows.push(["heap after GC, growth from the first latency round to the end (MB)", "—", grow("bare").toFixed(2), g.toFixed(2), `${end.inflight} in flight, ${end.pending} rows pending at the end`, "< 1 MB, nothing left over", verdict(g < 1 && end.inflight === 0 && end.pending === 0)]);
