@@ -215,7 +215,6 @@ export class TwError extends Error {
 
 const bad = (message: string, param: string | null = null) => new TwError(400, "invalid_request", message, { param });
 
-
 /** The output a request may ask for, capped at `defaultMax`. */
 export const outputCap = (req: ChatRequest, defaultMax: number) => Math.min(req.max_completion_tokens ?? req.max_tokens ?? defaultMax, defaultMax);
 
@@ -902,7 +901,7 @@ export function openAIBody(req: ChatRequest, m: Model, stream: boolean): Record<
 /**
  * True when `openAIBody` would send what the client sent: its model id, only known fields, no
  * message to clean, no cap to rename, no sampling to drop, usage already asked for. The client's
- * bytes then go up untouched, which saves encoding the whole conversation again on every request.
+ * text then goes up untouched, which saves encoding the whole conversation again on every request.
  */
 export function sendsClientBody(req: ChatRequest, m: Model, stream: boolean): boolean {
   if (req.model !== m.id) return false;
@@ -1448,10 +1447,7 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
 
 const UTF8 = new TextDecoder("utf-8", { fatal: true });
 
-/**
- * Bytes to text, refusing invalid UTF-8 and an empty body. The text is kept: it is what goes upstream
- * when nothing in it needs changing (undici sends a string with its headers in one write; bytes it copies).
- */
+/** Bytes to text, refusing invalid UTF-8 and an empty body. The text is kept: it is what goes upstream when nothing in it needs changing. */
 export function bodyText(buf: Buffer): string {
   let text: string;
   try { text = UTF8.decode(buf); } catch { throw bad("The request body is not valid UTF-8: encode it as UTF-8 JSON."); }
@@ -1493,7 +1489,12 @@ function errorKind(status: number): string {
 type Client = { gone: boolean; stop?: () => void };
 
 /** An attempt under watch: `refresh()` when the upstream shows life (headers, a chunk). */
-type Watch = { last: number; ac: AbortController; refresh(): void };
+class Watch {
+  last = Date.now();
+  ac: AbortController;
+  constructor(ac: AbortController) { this.ac = ac; }
+  refresh(): void { this.last = Date.now(); }
+}
 
 /**
  * One clock for every attempt's idle timeout: an attempt that shows no life for `ms` is aborted
@@ -1508,7 +1509,7 @@ class Watchdog {
   constructor(ms: number) { this.#ms = ms; }
 
   watch(ac: AbortController): Watch {
-    const w: Watch = { last: Date.now(), ac, refresh() { this.last = Date.now(); } };
+    const w = new Watch(ac);
     this.#live.add(w);
     this.#tick ??= setInterval(() => this.#sweep(), Math.min(1000, Math.max(5, this.#ms / 8)));
     return w;
