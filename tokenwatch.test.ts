@@ -585,12 +585,28 @@ describe("6. Adapters", () => {
 
     it("always sends max_tokens, maps stop, tools, tool_choice and user, and clamps temperature", () => {
       const body = anthropicBody({ ...user("hi"), temperature: 1.5, top_p: 0.9, stop: "END", user: "u1", tools: [{ type: "function", function: { name: "f", description: "d", parameters: { type: "object", properties: { a: { type: "string" } } } } }], tool_choice: { type: "function", function: { name: "f" } }, parallel_tool_calls: false }, haiku, 4096);
+      const cached = { cache_control: { type: "ephemeral" } };
       assert.deepEqual(body, {
-        model: "claude-haiku-4-5", max_tokens: 4096, messages: [{ role: "user", content: [{ type: "text", text: "hi" }] }],
+        model: "claude-haiku-4-5", max_tokens: 4096, messages: [{ role: "user", content: [{ type: "text", text: "hi", ...cached }] }],
         temperature: 1, top_p: 0.9, stop_sequences: ["END"], metadata: { user_id: "u1" },
-        tools: [{ name: "f", description: "d", input_schema: { type: "object", properties: { a: { type: "string" } } } }],
+        tools: [{ name: "f", description: "d", input_schema: { type: "object", properties: { a: { type: "string" } } }, ...cached }],
         tool_choice: { type: "tool", name: "f", disable_parallel_tool_use: true },
       });
+    });
+
+    it("marks prompt-cache breakpoints after the tools, the system prompt and the last message, unless prompt_cache is off", () => {
+      const req: ChatRequest = {
+        messages: [{ role: "system", content: "rules" }, { role: "developer", content: "more rules" }, { role: "user", content: "q1" }, { role: "assistant", content: "a1" }, { role: "user", content: [{ type: "text", text: "q2" }, { type: "text", text: "q3" }] }],
+        tools: [{ type: "function", function: { name: "f" } }, { type: "function", function: { name: "g" } }],
+      };
+      const marked = (body: Record<string, any>) => JSON.stringify(body).split("cache_control").length - 1;
+      const body = anthropicBody(req, haiku, 10) as Record<string, any>;
+      assert.equal(marked(body), 3);
+      assert.deepEqual([body.tools[1].cache_control, body.system[1].cache_control, body.messages[2].content[1].cache_control], [{ type: "ephemeral" }, { type: "ephemeral" }, { type: "ephemeral" }]);
+      assert.equal(marked(anthropicBody({ messages: [{ role: "user", content: "hi" }] }, haiku, 10)), 1);
+      const off = model(cfg(ALL_KEYS, { providers: { anthropic: { prompt_cache: false } } }), "anthropic/claude-haiku-4-5");
+      assert.equal(marked(anthropicBody(req, off, 10)), 0);
+      assert.throws(() => cfg(ALL_KEYS, { providers: { anthropic: { prompt_cache: "yes" } } }), /providers\.anthropic\.prompt_cache must be true or false/);
     });
 
     it("maps every tool_choice", () => {
@@ -833,7 +849,38 @@ describe("8. HTTP edge: chat completions", () => {
     const second = await e.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", tools, messages: [{ role: "user", content: "Weather in Paris?" }, first.choices[0].message, { role: "tool", tool_call_id: call.id, content: "sunny" }] });
     assert.equal(second.choices[0].finish_reason, "stop");
     const sent = e.mocks.anthropic.requests.at(-1)!.body;
-    assert.deepEqual(sent.messages.at(-1), { role: "user", content: [{ type: "tool_result", tool_use_id: call.id, content: "sunny" }] });
+    assert.deepEqual(sent.messages.at(-1), { role: "user", content: [{ type: "tool_result", tool_use_id: call.id, content: "sunny", cache_control: { type: "ephemeral" } }] });
+  });
+
+  it("has Anthropic cache an agent's prompt, and bills the cache write and the cache read at their own prices", async () => {
+    const env = await setup();
+    try {
+      const rules = "Follow the repository's conventions and explain every change you make. ".repeat(300); // ~5,400 tokens: over Haiku's 4,096 minimum
+      const turn1: OpenAI.ChatCompletionMessageParam[] = [{ role: "system", content: rules }, { role: "user", content: "Fix the failing test." }];
+      const first = await env.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", messages: turn1 });
+      const second = await env.client.chat.completions.create({ model: "anthropic/claude-haiku-4-5", messages: [...turn1, first.choices[0].message, { role: "user", content: "Now run it." }] });
+      const [r1, r2] = rows(env).slice(-2);
+      assert.ok(r1.cache_write_tokens > 4096 && r1.cached_tokens === 0, `first turn writes the cache: ${JSON.stringify(r1)}`);
+      assert.ok(r2.cached_tokens >= r1.cache_write_tokens && r2.cache_write_tokens < 100, `second turn reads it: ${JSON.stringify(r2)}`);
+      assert.equal(second.usage!.prompt_tokens_details!.cached_tokens, r2.cached_tokens);
+      const haiku = PROVIDERS.anthropic.models["claude-haiku-4-5"];
+      for (const [r, res] of [[r1, first], [r2, second]] as const) {
+        const u = { input: r.input_tokens - r.cached_tokens - r.cache_write_tokens, cached: r.cached_tokens, cache_write: r.cache_write_tokens, output: r.output_tokens };
+        assert.equal(r.cost_usd, costUsd(haiku, u));
+        assert.equal((res.usage as unknown as { cost_usd: number }).cost_usd, r.cost_usd);
+      }
+      assert.ok(r2.cost_usd < r1.cost_usd / 3, `the longer second turn costs less: ${r1.cost_usd} then ${r2.cost_usd}`);
+    } finally { await env.close(); }
+  });
+
+  it("the Anthropic mock refuses more than four cache breakpoints, as the API does", async () => {
+    const cc = { cache_control: { type: "ephemeral" } };
+    const res = await fetch(`${e.mocks.anthropic.url}/v1/messages`, {
+      method: "POST", headers: { "content-type": "application/json", "x-api-key": e.mocks.anthropic.key, "anthropic-version": "2023-06-01" },
+      body: JSON.stringify({ model: "claude-haiku-4-5", max_tokens: 10, system: [{ type: "text", text: "a", ...cc }, { type: "text", text: "b", ...cc }], messages: [{ role: "user", content: [1, 2, 3].map((i) => ({ type: "text", text: `q${i}`, ...cc })) }] }),
+    });
+    assert.equal(res.status, 400);
+    assert.match(((await res.json()) as { error: { message: string } }).error.message, /A maximum of 4 blocks with cache_control may be provided\. Found 5\./);
   });
 
   it("carries a tool-calling conversation across providers, as failover does", async () => {

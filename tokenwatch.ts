@@ -46,6 +46,7 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     priority: 1,                        // lower is preferred for complex work
     base_url: "https://api.anthropic.com", // Anthropic's convention: no /v1
     api_key_env: "ANTHROPIC_API_KEY",   // variable(s) the key is read from; or give `api_key` literally
+    prompt_cache: true,                 // mark cache breakpoints, so that an agent's next turn reads its prompt from the cache
     models: {
       // input/output: $ per 1M tokens; cached_input: $ per 1M cache-read tokens; cache_write: $ per 1M
       // tokens written to the 5-minute cache; limit: tokens/min; rpm: requests/min; tier: simple|complex.
@@ -120,6 +121,7 @@ export type ProviderConfig = {
   name: string; kind: Kind; priority: number; base_url: string;
   api_key_env?: string | string[]; api_key?: string;
   max_tokens_field?: "max_tokens" | "max_completion_tokens"; max_temperature?: number; reasoning_content?: boolean;
+  prompt_cache?: boolean;
   models: Record<string, ModelConfig>;
 };
 
@@ -133,6 +135,7 @@ export type Provider = {
   id: string; name: string; kind: Kind; priority: number; baseUrl: string;
   apiKey: string | undefined; enabled: boolean; why: string;
   maxTokensField?: "max_tokens" | "max_completion_tokens"; maxTemperature?: number; reasoningContent?: boolean;
+  promptCache: boolean;
 };
 
 /** One routable model: `key` ("provider/model") names its limiter window. */
@@ -459,7 +462,7 @@ function closingQuote(text: string, open: number): number {
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
 const CONFIG_KEYS = new Set(["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "providers", "aliases"]);
-const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "models"]);
+const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "max_tokens", "fixed_sampling", "eol"]);
 
 export class ConfigError extends Error {}
@@ -497,6 +500,7 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   need(p.max_tokens_field === undefined || p.max_tokens_field === "max_tokens" || p.max_tokens_field === "max_completion_tokens", `${where}.max_tokens_field`, "must be \"max_tokens\" or \"max_completion_tokens\"");
   need(p.max_temperature === undefined || isNum(p.max_temperature), `${where}.max_temperature`, "must be a number >= 0");
   need(p.reasoning_content === undefined || typeof p.reasoning_content === "boolean", `${where}.reasoning_content`, "must be true or false");
+  need(p.prompt_cache === undefined || typeof p.prompt_cache === "boolean", `${where}.prompt_cache`, "must be true or false");
   need(isObj(p.models), `${where}.models`, "must be an object of models");
   for (const [name, m] of Object.entries(p.models as object)) checkModel(m, `${where}.models.${name}`);
 }
@@ -538,7 +542,7 @@ function resolveProvider(id: string, p: ProviderConfig, env: Record<string, stri
   const local = LOCAL_URL.test(baseUrl);
   const enabled = Boolean(apiKey) || local;
   const why = enabled ? (apiKey ? "key set" : "local server, no key needed") : `no key (set ${vars.join(" or ") || "api_key"})`;
-  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content };
+  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content, promptCache: p.prompt_cache !== false };
 }
 
 const priceSum = (m: Model) => m.input + m.output;
@@ -1066,7 +1070,23 @@ export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): R
   if (typeof req.user === "string") body.metadata = { user_id: req.user };
   if (req.response_format?.type === "json_schema" && req.response_format.json_schema?.schema) body.output_config = { format: { type: "json_schema", schema: req.response_format.json_schema.schema } };
   if (req.stream) body.stream = true;
+  if (m.provider.promptCache) markCacheBreakpoints(body as AnthropicPrompt);
   return body;
+}
+
+type AnthropicPrompt = { tools?: Record<string, unknown>[]; system?: Block[]; messages: Turn[] };
+
+/**
+ * Anthropic caches a prompt only up to the blocks marked `cache_control` (OpenAI and Kimi cache on
+ * their own). Three marks of the four allowed, in the order Anthropic reads a prompt: the last tool,
+ * the end of the system prompt, the last block of the last message. An agent's next turn then reads
+ * its tools, instructions and history from the cache at a tenth of the input price (and cache reads
+ * do not count against Anthropic's input-token limit); writing them costs 1.25× once. A prefix shorter
+ * than the model's minimum (1,024 to 4,096 tokens) is simply not cached, at no extra cost.
+ */
+function markCacheBreakpoints(body: AnthropicPrompt): void {
+  const last = <T>(xs: T[] | undefined): T | undefined => xs?.[xs.length - 1];
+  for (const b of [last(body.tools), last(body.system), last(last(body.messages)?.content)]) if (b) b.cache_control = { type: "ephemeral" };
 }
 
 const STOP_REASONS: Record<string, string> = {

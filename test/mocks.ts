@@ -12,7 +12,7 @@
 import { createServer } from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
-import { randomBytes, randomUUID } from "node:crypto";
+import { createHash, randomBytes, randomUUID } from "node:crypto";
 
 export type Flavor = "openai" | "kimi" | "anthropic";
 export type Script =
@@ -629,6 +629,14 @@ function validateAnthropic(body: unknown): Fail | null {
     }
   }
 
+  // prompt-cache breakpoints: {"type": "ephemeral", "ttl"?: "5m" | "1h"}, four at most in one request
+  const marks = cacheMarks(body);
+  for (const { where, value } of marks) {
+    if (!isObj(value) || value.type !== "ephemeral") return bad(`${where}.cache_control.type: Input should be 'ephemeral'`);
+    if (has(value, "ttl") && value.ttl !== "5m" && value.ttl !== "1h") return bad(`${where}.cache_control.ephemeral.ttl: Input should be '5m' or '1h'`);
+  }
+  if (marks.length > 4) return bad(`A maximum of 4 blocks with cache_control may be provided. Found ${marks.length}.`);
+
   // newest models only take default sampling (§2.1: models released after Opus 4.6)
   if (/^claude-[a-z]+-(4-[7-9]|[5-9])(\b|-|$)/.test(body.model)) {
     if (has(body, "temperature") && body.temperature !== 1) return bad(`temperature: only the default value 1.0 is supported for ${body.model}`);
@@ -636,6 +644,66 @@ function validateAnthropic(body: unknown): Fail | null {
     if (has(body, "top_k")) return bad(`top_k: not supported for ${body.model}`);
   }
   return null;
+}
+
+/** Every `cache_control` in a Messages request, in the order the API reads a prompt: tools, system, messages. */
+function cacheMarks(body: Json): { where: string; value: unknown }[] {
+  const out: { where: string; value: unknown }[] = [];
+  const look = (b: unknown, where: string) => { if (isObj(b) && has(b, "cache_control")) out.push({ where, value: b.cache_control }); };
+  (Array.isArray(body.tools) ? body.tools : []).forEach((t, i) => look(t, `tools.${i}`));
+  (Array.isArray(body.system) ? body.system : []).forEach((b, i) => look(b, `system.${i}`));
+  (Array.isArray(body.messages) ? body.messages : []).forEach((m, i) => {
+    const c = isObj(m) ? m.content : undefined;
+    (Array.isArray(c) ? c : []).forEach((b, j) => {
+      look(b, `messages.${i}.content.${j}`);
+      if (isObj(b) && Array.isArray(b.content)) b.content.forEach((inner, k) => look(inner, `messages.${i}.content.${j}.content.${k}`));
+    });
+  });
+  return out;
+}
+
+/**
+ * Anthropic's prompt cache, as the API bills it: a request caches its prompt up to its last
+ * `cache_control` mark when that prefix reaches the model's minimum; a later request whose prompt
+ * starts with a cached prefix (looked up at block boundaries, up to 20 blocks before each mark)
+ * reads it. Entries live five minutes from their last use. `undefined`: the request asked for no caching.
+ */
+class PromptCache {
+  #seen = new Map<string, number>();
+
+  usage(body: Json, now: number): { input: number; cached: number; cache_write: number } | undefined {
+    const blocks: string[] = [], marks: number[] = [];
+    const add = (b: unknown) => {
+      const { cache_control, ...rest } = (isObj(b) ? b : { text: b }) as Json;
+      blocks.push(JSON.stringify(rest));
+      if (cache_control) marks.push(blocks.length);
+    };
+    (Array.isArray(body.tools) ? body.tools : []).forEach(add);
+    if (typeof body.system === "string") add(body.system);
+    else (Array.isArray(body.system) ? body.system : []).forEach(add);
+    for (const m of Array.isArray(body.messages) ? body.messages : []) {
+      if (!isObj(m)) continue;
+      if (typeof m.content === "string") add({ role: m.role, text: m.content });
+      else (Array.isArray(m.content) ? m.content : []).forEach((b) => add(isObj(b) ? { role: m.role, ...b } : b));
+    }
+    if (!marks.length) return undefined;
+    const tokens = (k: number) => Math.ceil(blocks.slice(0, k).join("").length / 4);
+    const key = (k: number) => createHash("sha256").update(blocks.slice(0, k).join("\u0000")).digest("hex");
+    const total = tokens(blocks.length), last = Math.max(...marks);
+    const minimum = /haiku|opus/.test(String(body.model)) ? 4096 : 1024;
+    if (tokens(last) < minimum) return { input: total, cached: 0, cache_write: 0 };
+    let hit = 0;
+    for (const mark of marks) {
+      for (let k = mark; k > 0 && k > mark - 20; k--) {
+        const until = this.#seen.get(key(k));
+        if (until !== undefined && until > now) { hit = Math.max(hit, k); break; }
+      }
+    }
+    if (hit) this.#seen.set(key(hit), now + 300_000);
+    for (const mark of marks) if (tokens(mark) >= minimum) this.#seen.set(key(mark), now + 300_000);
+    const cached = hit ? tokens(hit) : 0;
+    return { input: total - tokens(last), cached, cache_write: tokens(last) - cached };
+  }
 }
 
 function validateAnthropicBlock(b: Json, q: string, role: string): Fail | null {
@@ -713,6 +781,7 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
   const scripts: Script[] = [];
   let fallback: Script = { type: "reply" };
   const requests: Recorded[] = [];
+  const promptCache = new PromptCache();
   const sockets = new Set<Socket>();
   const timers = new Set<ReturnType<typeof setTimeout>>();
   let closing = false;
@@ -998,6 +1067,8 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
       cached: 0,
       cache_write: 0,
     };
+    const fromCache = flavor === "anthropic" ? promptCache.usage(req, Date.now()) : undefined;
+    if (fromCache) Object.assign(usage, fromCache);
     for (const k of ["input", "output", "cached", "cache_write"] as const) {
       const v = reply?.usage?.[k];
       if (typeof v === "number") usage[k] = v;
