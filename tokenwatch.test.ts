@@ -13,7 +13,7 @@ import { once } from "node:events";
 import OpenAI from "openai";
 import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
-  parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, mergeConfig, buildConfig,
+  parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, windowTokens, mergeConfig, buildConfig,
   SlidingWindow, Limiter, classify, route, openAIBody, anthropicBody, toAnthropicMessages, fromAnthropicMessage, AnthropicStream,
   ADAPTERS, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
@@ -60,6 +60,12 @@ describe("1. PROVIDERS", () => {
 
 // ============================================================================================
 describe("3. Pure helpers", () => {
+  it("windowTokens() counts cache reads against the limit except at Anthropic, which does not", () => {
+    const u = { input: 10, cached: 1000, cache_write: 100, output: 5 };
+    assert.equal(windowTokens("openai", u), 1115);
+    assert.equal(windowTokens("anthropic", u), 115);
+  });
+
   it("costUsd() charges cache reads and writes at their own price", () => {
     const sonnet = PROVIDERS.anthropic.models["claude-sonnet-5"];
     // 1000 uncached in at $2, 2000 cache reads at $0.2, 500 cache writes at $2.5, 100 out at $10 (per million)
@@ -870,6 +876,8 @@ describe("8. HTTP edge: chat completions", () => {
         assert.equal((res.usage as unknown as { cost_usd: number }).cost_usd, r.cost_usd);
       }
       assert.ok(r2.cost_usd < r1.cost_usd / 3, `the longer second turn costs less: ${r1.cost_usd} then ${r2.cost_usd}`);
+      const window = env.tw.router.limiter.headroom(model(env.tw.config, "anthropic/claude-haiku-4-5"), Date.now()).tokens;
+      assert.equal(window, [r1, r2].reduce((n, r) => n + r.input_tokens - r.cached_tokens + r.output_tokens, 0), "cache reads do not count against Anthropic's limit");
     } finally { await env.close(); }
   });
 

@@ -238,7 +238,8 @@ export function costUsd(m: Pick<ModelConfig, "input" | "output" | "cached_input"
   return round12(perMillion / 1e6);
 }
 
-export const totalTokens = (u: Usage) => u.input + u.cached + u.cache_write + u.output;
+/** The tokens a request counts against its model's per-minute limit: Anthropic does not count cache reads. */
+export const windowTokens = (kind: Kind, u: Usage) => u.input + (kind === "anthropic" ? 0 : u.cached) + u.cache_write + u.output;
 
 export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
   const prompt = u.input + u.cached + u.cache_write;
@@ -1638,7 +1639,7 @@ export function createRouter(config: Config, deps: Deps) {
 
   function account(r: Relay, usage: Usage | undefined, fallback: Usage): { usage: Usage; cost: number } {
     const u = usage ?? fallback;
-    limiter.settle(r.reservation, totalTokens(u), now());
+    limiter.settle(r.reservation, windowTokens(r.m.provider.kind, u), now());
     const cost = r.m.priced ? costUsd(r.m, u) : 0;
     Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
     return { usage: u, cost };
