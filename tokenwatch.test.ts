@@ -244,7 +244,7 @@ describe("3. Pure helpers", () => {
 
 // ============================================================================================
 describe("4. Limiter", () => {
-  const m = { key: "p/m", limit: 1000, rpm: 10 };
+  const m = { pool: "p/m", limit: 1000, rpm: 10 };
 
   it("SlidingWindow forgets usage older than 60 seconds", () => {
     const w = new SlidingWindow();
@@ -263,6 +263,23 @@ describe("4. Limiter", () => {
     const v = l.reserve(m, 1, 0);
     assert.equal(v.ok, false);
     assert.equal(!v.ok && v.why, "tokens");
+  });
+
+  it("models of one pool share one window (Kimi counts per account), other models keep their own", () => {
+    const c = cfg();
+    const [k25, k26, gpt] = [model(c, "kimi/kimi-k2.5"), model(c, "kimi/kimi-k2.6"), model(c, "openai/gpt-4o")];
+    assert.deepEqual([k25.pool, k26.pool, gpt.pool], ["kimi/account", "kimi/account", "openai/gpt-4o"]);
+    const l = new Limiter(0.8);
+    const r = l.reserve(k25, 300_000, 0);
+    assert.ok(r.ok);
+    assert.equal(l.headroom(k26, 0).tokens, 300_000);
+    assert.equal(l.reserve(k26, 150_000, 0).ok, false, "the account's 80% is taken through the other model");
+    assert.ok(l.reserve(gpt, 1000, 0).ok);
+    l.cool(k25.pool, 5000);
+    assert.equal(l.headroom(k26, 1).coolUntil, 5000, "a 429 on one model of the account cools the account");
+    const own = model(cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, limit: 10, tier: "simple" }, b: { input: 1, output: 1, limit: 10, tier: "simple", pool: "x" } } } } }), "kimi/a");
+    assert.equal(own.pool, "kimi/a");
+    assert.throws(() => cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, limit: 10, tier: "simple", pool: "a b" } } } } }), /providers\.kimi\.models\.a\.pool must be a name/);
   });
 
   it("settle() replaces the estimate with the real usage", () => {
@@ -300,7 +317,7 @@ describe("4. Limiter", () => {
 
   it("cool() blocks a model until the time given", () => {
     const l = new Limiter(0.8);
-    l.cool(m.key, 5000);
+    l.cool(m.pool, 5000);
     const v = l.reserve(m, 1, 4999);
     assert.deepEqual(!v.ok && [v.why, v.until], ["cooling", 5000]);
     assert.ok(l.reserve(m, 1, 5000).ok);
@@ -1228,6 +1245,9 @@ describe("8. HTTP edge: stats and persistence", () => {
       assert.ok(m.window_tokens > 0 && m.window_requests === 1 && m.limit === 200000 && m.rpm === 500 && m.saturated === false);
       const l = await (await fetch(`${e.tw.url}/api/limits`)).json();
       assert.equal(l.models.find((x: { model: string }) => x.model === "gpt-4o-mini").window_requests, 1);
+      await e.client.chat.completions.create({ model: "kimi/kimi-k2.5", messages: [{ role: "user", content: "two" }] });
+      const kimi = (await (await fetch(`${e.tw.url}/stats`)).json()).models.filter((x: { provider: string }) => x.provider === "kimi");
+      assert.deepEqual(kimi.map((x: { pool: string; window_requests: number }) => [x.pool, x.window_requests]), [["kimi/account", 1], ["kimi/account", 1]], "Kimi's models show their one account window");
       assert.equal((await fetch(`${e.tw.url}/stats?window=2y`)).status, 400);
     } finally { await e.close(); }
   });

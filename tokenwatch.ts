@@ -66,8 +66,9 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     max_temperature: 1,                 // Kimi's temperature range is [0, 1]
     reasoning_content: true,            // thinking models refuse tool-call turns without reasoning_content
     models: {
-      "kimi-k2.5": { input: 0.6, output: 3, cached_input: 0.1, limit: 500_000, rpm: 200, tier: "simple", fixed_sampling: true },
-      "kimi-k2.6": { input: 0.95, output: 4, cached_input: 0.16, limit: 500_000, rpm: 200, tier: "simple", fixed_sampling: true },
+      // pool: models of one pool share one rate-limit window (Kimi counts its limits per account)
+      "kimi-k2.5": { input: 0.6, output: 3, cached_input: 0.1, limit: 500_000, rpm: 200, tier: "simple", pool: "account", fixed_sampling: true },
+      "kimi-k2.6": { input: 0.95, output: 4, cached_input: 0.16, limit: 500_000, rpm: 200, tier: "simple", pool: "account", fixed_sampling: true },
     },
   },
   openai: {
@@ -113,7 +114,7 @@ export type Kind = "openai" | "anthropic";
 
 export type ModelConfig = {
   input: number; output: number; cached_input?: number; cache_write?: number;
-  limit: number; rpm?: number; tier: Tier;
+  limit: number; rpm?: number; tier: Tier; pool?: string;
   max_tokens?: number; fixed_sampling?: boolean; eol?: string;
 };
 
@@ -138,8 +139,8 @@ export type Provider = {
   promptCache: boolean;
 };
 
-/** One routable model: `key` ("provider/model") names its limiter window. */
-export type Model = ModelConfig & { key: string; id: string; provider: Provider; priced: boolean; order: number };
+/** One routable model: `key` is "provider/model"; `pool` names its limiter window (its own, or one it shares). */
+export type Model = ModelConfig & { key: string; pool: string; id: string; provider: Provider; priced: boolean; order: number };
 
 export type Config = {
   threshold: number; max_wait_ms: number; timeout_ms: number; max_body_bytes: number;
@@ -464,7 +465,7 @@ function closingQuote(text: string, open: number): number {
 
 const CONFIG_KEYS = new Set(["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "providers", "aliases"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "models"]);
-const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "max_tokens", "fixed_sampling", "eol"]);
+const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
 export class ConfigError extends Error {}
 
@@ -485,6 +486,7 @@ function checkModel(m: unknown, where: string): void {
   for (const k of ["input", "output", "limit"]) need(isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
   for (const k of ["cached_input", "cache_write", "rpm", "max_tokens"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
   need(o.tier === "simple" || o.tier === "complex", `${where}.tier`, "must be \"simple\" or \"complex\"");
+  need(o.pool === undefined || (typeof o.pool === "string" && /^[A-Za-z0-9_.-]+$/.test(o.pool)), `${where}.pool`, "must be a name of letters, digits, '_', '-' or '.'");
   need(o.fixed_sampling === undefined || typeof o.fixed_sampling === "boolean", `${where}.fixed_sampling`, "must be true or false");
   need(o.eol === undefined || (typeof o.eol === "string" && Number.isFinite(Date.parse(o.eol))), `${where}.eol`, "must be a date like \"2026-11-30\"");
 }
@@ -555,7 +557,7 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
   const providers = Object.entries(table).map(([id, p]) => resolveProvider(id, p, env));
   const models: Model[] = [];
   for (const p of providers)
-    for (const [id, m] of Object.entries(table[p.id].models)) models.push({ ...m, id, key: `${p.id}/${id}`, provider: p, priced: true, order: models.length });
+    for (const [id, m] of Object.entries(table[p.id].models)) models.push({ ...m, id, key: `${p.id}/${id}`, pool: `${p.id}/${m.pool ?? id}`, provider: p, priced: true, order: models.length });
   const enabled = models.filter((m) => m.provider.enabled);
   const byPriority = (a: Model, b: Model) => a.provider.priority - b.provider.priority || a.order - b.order;
   const simpleOrder = [...enabled].sort((a, b) => priceSum(a) - priceSum(b) || a.order - b.order);
@@ -614,13 +616,13 @@ export class SlidingWindow {
 type Pool = { window: SlidingWindow; inflightTokens: number; inflight: number; coolUntil: number };
 
 /** A model's share of capacity taken by one request; hand it back with `settle` or `release`. */
-export type Reservation = { key: string; tokens: number; done: boolean };
+export type Reservation = { pool: string; tokens: number; done: boolean };
 
 export type Verdict = { ok: true; reservation: Reservation } | { ok: false; why: "cooling" | "tokens" | "requests"; until: number | undefined };
 
 export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number };
 
-type Limits = Pick<Model, "key" | "limit" | "rpm">;
+type Limits = Pick<Model, "pool" | "limit" | "rpm">;
 
 export class Limiter {
   #pools = new Map<string, Pool>();
@@ -649,7 +651,7 @@ export class Limiter {
 
   /** Tokens and requests in the last minute, in-flight requests counted by their estimate. */
   headroom(m: Limits, now: number): Headroom {
-    const p = this.#pool(m.key), w = p.window.totals(now);
+    const p = this.#pool(m.pool), w = p.window.totals(now);
     const tokens = w.tokens + p.inflightTokens;
     const percent = Math.max(m.limit > 0 ? tokens / m.limit : 0, m.rpm ? w.requests / m.rpm : 0) * 100;
     const saturated = tokens >= this.threshold * m.limit || (m.rpm !== undefined && w.requests >= this.threshold * m.rpm);
@@ -662,8 +664,8 @@ export class Limiter {
    * prompt larger than the threshold is not refused forever.
    */
   reserve(m: Limits, estimate: number, now: number): Verdict {
-    if (this.#pools.size >= this.#sweepAt && !this.#pools.has(m.key)) this.#sweep(now);
-    const p = this.#pool(m.key);
+    if (this.#pools.size >= this.#sweepAt && !this.#pools.has(m.pool)) this.#sweep(now);
+    const p = this.#pool(m.pool);
     if (p.coolUntil > now) return { ok: false, why: "cooling", until: p.coolUntil };
     const w = p.window.totals(now), used = w.tokens + p.inflightTokens;
     const idle = used === 0 && p.inflight === 0;
@@ -672,14 +674,14 @@ export class Limiter {
     p.window.add(now, 0, 1);
     p.inflightTokens += estimate;
     p.inflight++;
-    return { ok: true, reservation: { key: m.key, tokens: estimate, done: false } };
+    return { ok: true, reservation: { pool: m.pool, tokens: estimate, done: false } };
   }
 
   /** Replace the reservation's estimate with the tokens really used. */
   settle(r: Reservation, tokens: number, now: number): void {
     if (r.done) return;
     r.done = true;
-    const p = this.#pool(r.key);
+    const p = this.#pool(r.pool);
     p.inflightTokens -= r.tokens;
     p.inflight--;
     if (tokens > 0) p.window.add(now, tokens, 0);
@@ -688,8 +690,8 @@ export class Limiter {
 
   release(r: Reservation, now: number): void { this.settle(r, 0, now); }
 
-  cool(key: string, until: number): void {
-    const p = this.#pool(key);
+  cool(pool: string, until: number): void {
+    const p = this.#pool(pool);
     p.coolUntil = Math.max(p.coolUntil, until);
   }
 
@@ -744,7 +746,7 @@ export const supportsN = (m: Model, n: number) => n === 1 || (m.provider.kind ==
 
 /** A model that is not in the table, reached by "provider/model": no price, no known limits. */
 function unpricedModel(p: Provider, id: string): Model {
-  return { id, key: `${p.id}/${id}`, provider: p, input: 0, output: 0, limit: Infinity, tier: "complex", priced: false, order: -1 };
+  return { id, key: `${p.id}/${id}`, pool: `${p.id}/${id}`, provider: p, input: 0, output: 0, limit: Infinity, tier: "complex", priced: false, order: -1 };
 }
 
 function pinned(req: ChatRequest, config: Config, name: string, hint: Tier | undefined): Route | undefined {
@@ -1598,7 +1600,7 @@ export function createRouter(config: Config, deps: Deps) {
         return fail(0, timedOut ? `No answer within ${config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
       }
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms, m.provider.kind);
-      if (cool) limiter.cool(m.key, cool);
+      if (cool) limiter.cool(m.pool, cool);
       if (!resp.ok) return await upstreamError(resp, m, timer, fail);
       const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), resp, ac, timer, started };
       return cr.stream ? await relayStream(relay, fail) : await relayJson(relay, fail);
@@ -1700,7 +1702,7 @@ export function createRouter(config: Config, deps: Deps) {
     const timedOut = r.ac.signal.reason === TIMED_OUT;
     const why = tr.error ? tr.error.message : timedOut ? `The stream stalled for ${config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
     if (!committed) {
-      if (tr.error?.type === "rate_limit_error") limiter.cool(r.m.key, now() + config.cooldown_ms);
+      if (tr.error?.type === "rate_limit_error") limiter.cool(r.m.pool, now() + config.cooldown_ms);
       return why ? fail(tr.error ? 502 : 0, why, { timedOut }) : fail(502, "The stream ended without any event");
     }
     account(r, tr.usage, fallback);
@@ -1854,7 +1856,7 @@ export function createRouter(config: Config, deps: Deps) {
   function headroomOf(m: Model, t: number) {
     const h = limiter.headroom(m, t);
     return {
-      window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
+      pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
       percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
     };
   }
