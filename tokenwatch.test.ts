@@ -651,6 +651,13 @@ describe("6. Adapters", () => {
       assert.deepEqual(body.output_config, { format: { type: "json_schema", schema: { type: "object" } } });
     });
 
+    it("turns JSON mode (json_object), which Anthropic lacks, into an instruction after the client's own", () => {
+      const body = anthropicBody({ messages: [{ role: "system", content: "Be terse." }, { role: "user", content: "List two colours as JSON." }], response_format: { type: "json_object" } }, haiku, 10) as Record<string, any>;
+      assert.deepEqual(body.system.map((b: { text: string }) => b.text), ["Be terse.", "Reply with one valid JSON object and nothing else: no prose before or after it, no code fences."]);
+      assert.equal(body.output_config, undefined);
+      assert.equal((anthropicBody({ ...user("hi"), response_format: { type: "text" } }, haiku, 10) as Record<string, any>).system, undefined);
+    });
+
     it("refuses a conversation with nothing left to send", () => {
       assert.throws(() => anthropicBody({ messages: [{ role: "system", content: "s" }, { role: "user", content: " " }] }, haiku, 10), /no user or assistant content/);
     });

@@ -1055,6 +1055,8 @@ function anthropicToolChoice(req: ChatRequest): Record<string, unknown> | undefi
   return out;
 }
 
+const JSON_MODE = "Reply with one valid JSON object and nothing else: no prose before or after it, no code fences.";
+
 /** The whole request in Anthropic's shape; `max_tokens` is always sent because Anthropic requires it. */
 export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): Record<string, unknown> {
   const { system, turns } = toAnthropicMessages(req.messages);
@@ -1072,6 +1074,8 @@ export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): R
   if (choice) body.tool_choice = choice;
   if (typeof req.user === "string") body.metadata = { user_id: req.user };
   if (req.response_format?.type === "json_schema" && req.response_format.json_schema?.schema) body.output_config = { format: { type: "json_schema", schema: req.response_format.json_schema.schema } };
+  // Anthropic has no JSON mode without a schema: ask for it in the instructions, as OpenAI's JSON mode also requires
+  if (req.response_format?.type === "json_object") body.system = [...system, { type: "text", text: JSON_MODE }];
   if (req.stream) body.stream = true;
   if (m.provider.promptCache) markCacheBreakpoints(body as AnthropicPrompt);
   return body;
