@@ -825,8 +825,8 @@ async function setup(opts: { file?: Record<string, unknown>; env?: Record<string
 }
 
 const rows = (e: Env) => { e.tw.store.flush(); return e.tw.store.recent(1000).reverse() as Row[]; };
-const post = (e: Env, body: unknown, headers: Record<string, string> = {}) =>
-  fetch(`${e.tw.url}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: typeof body === "string" ? body : JSON.stringify(body) });
+const post = (e: Env, body: unknown, headers: Record<string, string> = {}, signal?: AbortSignal) =>
+  fetch(`${e.tw.url}/v1/chat/completions`, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: typeof body === "string" ? body : JSON.stringify(body), signal });
 
 describe("8. HTTP edge: chat completions", () => {
   let e: Env;
@@ -1104,6 +1104,28 @@ describe("8. HTTP edge: failover, cooldown and saturation", () => {
       const [ra, rb] = rows(fresh).slice(-2);
       assert.ok(rb.latency_ms >= 100, `the second waited ${rb.latency_ms} ms`);
       void ra;
+    } finally { await fresh.close(); }
+  });
+
+  it("stops waiting for capacity as soon as the waiting client goes away, and logs it as 499", async () => {
+    const tiny = { max_wait_ms: 20_000, providers: { openai: { models: { "gpt-4o-mini": { input: 0.15, output: 0.6, limit: 5000, rpm: 1000, tier: "simple" } } }, kimi: { models: {} }, anthropic: { models: {} } } };
+    const fresh = await setup({ file: tiny });
+    try {
+      fresh.mocks.openai.queue({ type: "hang" }); // holds the capacity for as long as the test needs
+      const first = post(fresh, { max_tokens: 3000, messages: [{ role: "user", content: "one" }] }).catch(() => undefined);
+      await new Promise((r) => setTimeout(r, 50));
+      const leaving = new AbortController();
+      const second = post(fresh, { max_tokens: 3000, messages: [{ role: "user", content: "two" }] }, {}, leaving.signal).catch((err: Error) => err);
+      await new Promise((r) => setTimeout(r, 100));
+      assert.equal(fresh.tw.router.inflight, 2, "the second request is waiting");
+      const left = Date.now();
+      leaving.abort();
+      await second;
+      while (fresh.tw.router.inflight > 1 && Date.now() - left < 500) await new Promise((r) => setTimeout(r, 5));
+      assert.equal(fresh.tw.router.inflight, 1, "the waiting request ended with its client, long before max_wait_ms");
+      const row = rows(fresh).at(-1)!;
+      assert.deepEqual([row.status, row.error_kind, row.attempts], [499, "client_closed", 0]);
+      void first;
     } finally { await fresh.close(); }
   });
 });
