@@ -1210,6 +1210,17 @@ describe("8. HTTP edge: streaming", () => {
     assert.equal(rows(e).at(-1)!.status, 504);
   });
 
+  it("lets a slow stream run past timeout_ms in all, as long as no gap between chunks reaches it", async () => {
+    e.mocks.openai.queue({ type: "reply", text: "one two three four five six", chunks: 6, gapMs: 150 });
+    const started = Date.now();
+    const res = await post(e, { model: "openai/gpt-4o-mini", stream: true, messages: [{ role: "user", content: "count" }] });
+    const text = await res.text();
+    assert.ok(Date.now() - started >= 700, "the stream took longer than timeout_ms (400 ms)");
+    assert.match(text, /data: \[DONE\]/);
+    assert.doesNotMatch(text, /stalled/);
+    assert.equal(rows(e).at(-1)!.status, 200);
+  });
+
   it("forwards the first chunk before the upstream has finished", async () => {
     e.mocks.openai.queue({ type: "stall", afterChunks: 1 });
     const ac = new AbortController();

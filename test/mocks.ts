@@ -16,7 +16,7 @@ import { createHash, randomBytes, randomUUID } from "node:crypto";
 
 export type Flavor = "openai" | "kimi" | "anthropic";
 export type Script =
-  | { type: "reply"; text?: string; tool_calls?: { name: string; arguments: string }[]; usage?: Partial<MockUsage>; delayMs?: number; chunks?: number; finish?: string; headers?: Record<string, string> }
+  | { type: "reply"; text?: string; tool_calls?: { name: string; arguments: string }[]; usage?: Partial<MockUsage>; delayMs?: number; gapMs?: number; chunks?: number; finish?: string; headers?: Record<string, string> }
   | { type: "error"; status: number; body?: unknown; headers?: Record<string, string> }
   | { type: "raw"; status: number; body: string; headers?: Record<string, string> }
   | { type: "hang" }
@@ -1132,6 +1132,7 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
         }
         return; // stall: send nothing more
       }
+      if (reply?.gapMs && f.kind === "content" && sent > 0 && !(await wait(ctx, reply.gapMs))) return; // a slow model: a pause before each further chunk
       for (const line of f.lines) if (!(await write(ctx, line))) return;
       if (f.kind === "content") sent++;
     }
