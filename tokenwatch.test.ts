@@ -77,7 +77,8 @@ describe("3. Pure helpers", () => {
   });
 
   it("openAIUsage() counts the whole prompt, cached part included", () => {
-    assert.deepEqual(openAIUsage({ input: 5, cached: 7, cache_write: 3, output: 2 }, 0.5), { prompt_tokens: 15, completion_tokens: 2, total_tokens: 17, prompt_tokens_details: { cached_tokens: 7 }, cost_usd: 0.5 });
+    assert.deepEqual(openAIUsage({ input: 5, cached: 7, cache_write: 3, output: 2 }, 0.5), { prompt_tokens: 15, completion_tokens: 2, total_tokens: 17, prompt_tokens_details: { cached_tokens: 7, cache_write_tokens: 3 }, cost_usd: 0.5 });
+    assert.deepEqual(openAIUsage({ input: 5, cached: 0, cache_write: 0, output: 2 }, 0).prompt_tokens_details, { cached_tokens: 0 });
   });
 
   it("usageFromOpenAI() reads OpenAI's details and Kimi's top-level cached_tokens", () => {
@@ -845,6 +846,7 @@ describe("8. HTTP edge: chat completions", () => {
       assert.deepEqual([body.routing.provider, body.routing.model, body.routing.attempts.length], [provider, id, 1]);
       const sent = e.mocks[provider].requests[before].body;
       assert.equal(sent.model, id);
+      if (provider === "openai") assert.equal((body.usage as unknown as { prompt_tokens_details: { audio_tokens?: number } }).prompt_tokens_details.audio_tokens, 0, "OpenAI's other usage details stay");
       const u = body.usage!;
       const expect = costUsd(PROVIDERS[provider].models[id], { input: u.prompt_tokens - (u.prompt_tokens_details?.cached_tokens ?? 0), cached: u.prompt_tokens_details?.cached_tokens ?? 0, cache_write: 0, output: u.completion_tokens });
       assert.equal(body.usage.cost_usd, expect);

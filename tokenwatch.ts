@@ -171,7 +171,7 @@ export type Usage = { input: number; cached: number; cache_write: number; output
 
 export type OpenAIUsage = {
   prompt_tokens: number; completion_tokens: number; total_tokens: number;
-  prompt_tokens_details: { cached_tokens: number }; cost_usd: number; [k: string]: unknown;
+  prompt_tokens_details: { cached_tokens: number; cache_write_tokens?: number }; cost_usd: number; [k: string]: unknown;
 };
 
 export type Completion = {
@@ -244,7 +244,8 @@ export const windowTokens = (kind: Kind, u: Usage) => u.input + (kind === "anthr
 
 export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
   const prompt = u.input + u.cached + u.cache_write;
-  return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, prompt_tokens_details: { cached_tokens: u.cached }, cost_usd: cost };
+  const details = u.cache_write ? { cached_tokens: u.cached, cache_write_tokens: u.cache_write } : { cached_tokens: u.cached };
+  return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, prompt_tokens_details: details, cost_usd: cost };
 }
 
 const num = (x: unknown) => (typeof x === "number" && Number.isFinite(x) ? x : 0);
@@ -1666,7 +1667,8 @@ export function createRouter(config: Config, deps: Deps) {
     const content = completion.choices?.[0]?.message?.content;
     const { usage, cost } = account(r, parsed.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
     const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
-    completion.usage = { ...completion.usage, ...openAIUsage(usage, cost) };
+    const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
+    completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
     completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts };
     if (!r.m.priced) completion.routing = { ...(completion.routing as object), unpriced: true };
     sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
