@@ -326,8 +326,7 @@ export function parseDuration(s: string): number | undefined {
 
 type HeaderGet = (name: string) => string | null;
 
-/** Each limit's "remaining" and "reset" headers (OpenAI's reset is a duration, Anthropic's a timestamp), named once: every answer is checked. */
-/** Each kind's rate-limit headers, named once: OpenAI's reset is a duration, Anthropic's a timestamp. */
+/** Each kind's rate-limit headers, named once (every answer is checked): OpenAI's reset is a duration, Anthropic's a timestamp. */
 const RATE_LIMIT_HEADERS: Record<Kind, { remaining: string; reset: string; duration: boolean }[]> = {
   openai: ["requests", "tokens"].map((what) => ({ remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true })),
   anthropic: ["requests", "tokens", "input-tokens", "output-tokens"].map((what) => ({ remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false })),
@@ -578,9 +577,9 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
 }
 
 // ============================================================================================
-// 4. Limiter: a sliding 60-second window of tokens and requests per model, kept as 60 one-second
-//    buckets. Checking and reserving happen in one synchronous step, so two requests can never both
-//    take the last capacity; the estimate is replaced by the real usage when the answer arrives.
+// 4. Limiter: a sliding 60-second window of tokens and requests per model (or shared pool), kept as
+//    60 one-second buckets. Checking and reserving happen in one synchronous step, so two requests can
+//    never both take the last capacity; the estimate is replaced by the real usage when it arrives.
 // ============================================================================================
 
 const WINDOW_S = 60;
@@ -632,13 +631,13 @@ export class Limiter {
   threshold: number;
   constructor(threshold: number) { this.threshold = threshold; }
 
-  #pool(key: string): Pool {
-    let p = this.#pools.get(key);
-    if (!p) this.#pools.set(key, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0 }));
+  #pool(name: string): Pool {
+    let p = this.#pools.get(name);
+    if (!p) this.#pools.set(name, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0 }));
     return p;
   }
 
-  /** How many models hold a window: the table's, plus "provider/model" names used in the last minute. */
+  /** How many windows are held: the table's pools, plus "provider/model" names used in the last minute. */
   get size(): number { return this.#pools.size; }
 
   /**
@@ -889,38 +888,51 @@ export function upstreamMessages(messages: ChatMessage[], reasoning: boolean): C
   return out ?? messages;
 }
 
-/** The body an OpenAI-compatible upstream accepts: known fields only, its own model id, its quirks. */
-export function openAIBody(req: ChatRequest, m: Model, stream: boolean): Record<string, unknown> {
-  const out: Record<string, unknown> = {};
-  for (const k in req) if (OPENAI_FIELDS.has(k) && req[k] !== undefined && req[k] !== null) out[k] = req[k];
-  out.model = m.id;
-  out.messages = upstreamMessages(req.messages, m.provider.reasoningContent === true);
+/**
+ * The body an OpenAI-compatible upstream accepts (known fields only, its own model id, its quirks),
+ * and whether that differs from what the client sent. When it does not, the client's own text goes
+ * up, which saves encoding the whole conversation again on every request.
+ */
+function openAIRequest(req: ChatRequest, m: Model, stream: boolean): { body: Record<string, unknown>; changed: boolean } {
+  const body: Record<string, unknown> = {};
+  let changed = req.model !== m.id;
+  for (const k in req) {
+    if (OPENAI_FIELDS.has(k) && req[k] !== undefined && req[k] !== null) body[k] = req[k];
+    else changed = true;
+  }
+  body.model = m.id;
+  body.messages = upstreamMessages(req.messages, m.provider.reasoningContent === true);
+  if (body.messages !== req.messages) changed = true;
   const cap = req.max_completion_tokens ?? req.max_tokens;
-  delete out.max_tokens;
-  delete out.max_completion_tokens;
-  if (cap !== undefined) out[m.provider.maxTokensField ?? (req.max_completion_tokens !== undefined ? "max_completion_tokens" : "max_tokens")] = cap;
-  if (m.fixed_sampling) for (const k of SAMPLING) delete out[k];
-  else if (m.provider.maxTemperature !== undefined && typeof out.temperature === "number") out.temperature = Math.min(out.temperature, m.provider.maxTemperature);
-  if (stream) out.stream_options = { ...req.stream_options, include_usage: true }; // always, so every token is counted
-  else { delete out.stream; delete out.stream_options; }
-  return out;
+  const field = m.provider.maxTokensField ?? (req.max_completion_tokens !== undefined ? "max_completion_tokens" : "max_tokens");
+  delete body.max_tokens;
+  delete body.max_completion_tokens;
+  if (cap !== undefined) {
+    body[field] = cap;
+    if (req[field] !== cap || (req.max_tokens !== undefined && req.max_completion_tokens !== undefined)) changed = true;
+  }
+  if (m.fixed_sampling) {
+    for (const k of SAMPLING) if (k in body) { delete body[k]; changed = true; }
+  } else if (m.provider.maxTemperature !== undefined && typeof body.temperature === "number" && body.temperature > m.provider.maxTemperature) {
+    body.temperature = m.provider.maxTemperature;
+    changed = true;
+  }
+  if (stream) {
+    if (req.stream_options?.include_usage !== true) changed = true;
+    body.stream_options = { ...req.stream_options, include_usage: true }; // always, so every token is counted
+  } else if ("stream" in body || "stream_options" in body) {
+    delete body.stream;
+    delete body.stream_options;
+    changed = true;
+  }
+  return { body, changed };
 }
 
-/**
- * True when `openAIBody` would send what the client sent: its model id, only known fields, no
- * message to clean, no cap to rename, no sampling to drop, usage already asked for. The client's
- * text then goes up untouched, which saves encoding the whole conversation again on every request.
- */
-export function sendsClientBody(req: ChatRequest, m: Model, stream: boolean): boolean {
-  if (req.model !== m.id) return false;
-  for (const k in req) if (!OPENAI_FIELDS.has(k) || req[k] === undefined || req[k] === null) return false;
-  const field = m.provider.maxTokensField;
-  if (req.max_tokens !== undefined && req.max_completion_tokens !== undefined) return false;
-  if (field && (req.max_tokens ?? req.max_completion_tokens) !== undefined && req[field] === undefined) return false;
-  if (m.fixed_sampling ? SAMPLING.some((k) => k in req) : m.provider.maxTemperature !== undefined && typeof req.temperature === "number" && req.temperature > m.provider.maxTemperature) return false;
-  if (stream ? req.stream_options?.include_usage !== true : "stream" in req || "stream_options" in req) return false;
-  return upstreamMessages(req.messages, m.provider.reasoningContent === true) === req.messages;
-}
+export const openAIBody = (req: ChatRequest, m: Model, stream: boolean) => openAIRequest(req, m, stream).body;
+
+/** The usage chunk a stream ends with when the client asked for usage: the billed counts and the exact cost. */
+const usageChunk = (id: unknown, created: unknown, model: unknown, m: Model, u: Usage) =>
+  sseData({ id, object: "chat.completion.chunk", created, model, choices: [], usage: openAIUsage(u, costUsd(m, u)) });
 
 /** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage or an error. */
 class OpenAIStream implements StreamTranslator {
@@ -958,7 +970,7 @@ class OpenAIStream implements StreamTranslator {
     if (!this.#includeUsage || this.#sentUsage || !this.usage) return "";
     this.#sentUsage = true;
     const { id, created, model } = this.#meta ?? {};
-    return sseData({ id, object: "chat.completion.chunk", created, model, choices: [], usage: openAIUsage(this.usage, costUsd(this.#m, this.usage)) });
+    return usageChunk(id, created, model, this.#m, this.usage);
   }
 }
 
@@ -966,9 +978,8 @@ const openaiAdapter: Adapter = {
   build(req, m, _defaultMax, text) {
     const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
     if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
-    const stream = req.stream === true;
-    const body = text !== undefined && sendsClientBody(req, m, stream) ? text : JSON.stringify(openAIBody(req, m, stream));
-    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body };
+    const { body, changed } = openAIRequest(req, m, req.stream === true);
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body: text !== undefined && !changed ? text : JSON.stringify(body) };
   },
   parse(body, _m) {
     if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
@@ -1177,7 +1188,7 @@ export class AnthropicStream implements StreamTranslator {
 
   #stop(): string {
     this.done = true;
-    const usage = this.#includeUsage && this.usage ? sseData({ id: this.#id, object: "chat.completion.chunk", created: this.#created, model: this.#model, choices: [], usage: openAIUsage(this.usage, costUsd(this.#m, this.usage)) }) : "";
+    const usage = this.#includeUsage && this.usage ? usageChunk(this.#id, this.#created, this.#model, this.#m, this.usage) : "";
     return usage + SSE_DONE;
   }
 }
@@ -1626,8 +1637,8 @@ export function createRouter(config: Config, deps: Deps) {
     return { ...fail(s, info.message), final: true, error: new TwError(s, info.code ?? "upstream_error", scrubText(info.message), { type: info.type }) };
   }
 
-  /** Read a body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
-  async function readText(resp: Response, timer: Watch, max = Infinity): Promise<string> {
+  /** Read an error body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
+  async function readText(resp: Response, timer: Watch, max: number): Promise<string> {
     if (!resp.body) return "";
     const chunks: Buffer[] = [];
     let size = 0;
@@ -1638,7 +1649,6 @@ export function createRouter(config: Config, deps: Deps) {
     }
     return Buffer.concat(chunks).toString("utf8");
   }
-
 
   function routingHeaders(m: Model, route: Route): Record<string, string> {
     return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
@@ -1669,8 +1679,7 @@ export function createRouter(config: Config, deps: Deps) {
     const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
     const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
     completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
-    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts };
-    if (!r.m.priced) completion.routing = { ...(completion.routing as object), unpriced: true };
+    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts, ...(r.m.priced ? {} : { unpriced: true }) };
     sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
     return { done: true };
   }
@@ -1890,6 +1899,7 @@ export function createRouter(config: Config, deps: Deps) {
     const t = now(), since = Number.isFinite(span) ? t - span : 0;
     const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
     const fix = (x: Totals) => ({ ...x, cost_usd: round12(x.cost_usd) });
+    const all = fix(store.totals(0));
     const byProv = new Map<string, { requests: number; errors: number; cost_usd: number }>();
     const models = modelStats(t, since);
     for (const m of models) { const p = byProv.get(m.provider) ?? { requests: 0, errors: 0, cost_usd: 0 }; p.requests += m.requests; p.errors += m.errors; p.cost_usd = round12(p.cost_usd + m.cost_usd); byProv.set(m.provider, p); }
@@ -1905,8 +1915,8 @@ export function createRouter(config: Config, deps: Deps) {
     };
     return {
       uptime_s: Math.floor((t - started) / 1000), version: VERSION, window: w, now: t, threshold: config.threshold,
-      totals: fix(store.totals(0)),
-      periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all: fix(store.totals(0)) },
+      totals: all,
+      periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all },
       models,
       providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0 }), disabled_for_s: Math.max(0, Math.ceil(((authDown.get(p.id) ?? 0) - t) / 1000)) })),
       routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
@@ -2698,6 +2708,7 @@ export function loadConfig(path: string | undefined, env: Record<string, string 
 }
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/;
+const WILDCARD = /^(0\.0\.0\.0|::|)$/;
 
 /**
  * The Host headers we answer: the address we listen on and, for loopback, its usual names, plus
@@ -2706,7 +2717,7 @@ const LOOPBACK = /^(127\.\d+\.\d+\.\d+|localhost|::1)$/;
  */
 export function allowedHosts(host: string, port: number, extra = ""): Set<string> | undefined {
   const listed = extra.split(",").map((h) => h.trim().toLowerCase()).filter(Boolean);
-  const wildcard = host === "0.0.0.0" || host === "::" || host === "";
+  const wildcard = WILDCARD.test(host);
   if (wildcard && !listed.length) return undefined;
   const names = [...listed, ...(wildcard ? [] : [host.includes(":") ? `[${host}]` : host]), ...(LOOPBACK.test(host) ? ["127.0.0.1", "localhost", "[::1]"] : [])];
   return new Set(names.flatMap((h) => (/:\d+$/.test(h) ? [h] : [h, `${h}:${port}`])).map((h) => h.toLowerCase()));
@@ -2745,8 +2756,6 @@ export async function start(opts: { config: Config; port?: number; host?: string
   })());
   return { url: `http://${shown}:${port}`, port, server, store, router, config: opts.config, close };
 }
-
-const WILDCARD = /^(0\.0\.0\.0|::|)$/;
 
 /** What the operator needs at start: where things are, what is on and off and why, what needs attention. */
 function banner(r: Running, opts: Options, env: Record<string, string | undefined>): string {

@@ -144,6 +144,19 @@ async function upstream(): Promise<{ dir: string; db: string; mock: Mock; env: R
   return { dir, db: join(dir, "tw.db"), mock, env: { OPENAI_API_KEY: mock.key, OPENAI_BASE_URL: mock.url }, done: async () => { await mock.close(); rmSync(dir, { recursive: true, force: true }); } };
 }
 
+type Upstream = Awaited<ReturnType<typeof upstream>>;
+
+/**
+ * One test's mock upstream: `body` starts the file through `start` (with the upstream's environment);
+ * afterwards, pass or fail, every process it started is reaped and the upstream closed.
+ */
+async function withUpstream(rt: Runtime, bin: string, body: (up: Upstream, start: (args: string[]) => Proc) => Promise<void>): Promise<void> {
+  const up = await upstream();
+  const started: Proc[] = [];
+  try { await body(up, (args) => { const p = runFile(rt, bin, args, up.env); started.push(p); return p; }); }
+  finally { for (const p of started) reap(p); await up.done(); }
+}
+
 /** A port that something else holds for as long as the callback runs. */
 async function withBusyPort(fn: (port: number) => Promise<void>): Promise<void> {
   const holder = createServer();
@@ -262,10 +275,8 @@ for (const rt of RUNTIMES) {
     describe("the start banner", () => {
       it("says where it listens, the dashboard, the database, and which providers are on and why the others are off", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
-          p = runFile(rt, bin, ["--port", "0", "--db", up.db], up.env);
+        await withUpstream(rt, bin, async (up, start) => {
+          const p = start(["--port", "0", "--db", up.db]);
           const port = await listening(p);
           assert.equal((await fetch(`http://127.0.0.1:${port}/health`)).status, 200); // the whole banner is out by now
           const lines = p.out().split("\n");
@@ -279,18 +290,16 @@ for (const rt of RUNTIMES) {
           assert.deepEqual(errLines(p), [], "no runtime prints a warning of its own");
           p.child.kill("SIGTERM");
           assert.equal((await p.closed).code, 0);
-        } finally { reap(p); await up.done(); }
+        });
       });
 
       it("warns about a configured model past its end of life, and not about one still current", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
+        await withUpstream(rt, bin, async (up, start) => {
           const config = join(up.dir, "tw.json");
           const model = { input: 0.15, output: 0.6, limit: 200000, tier: "simple" };
           writeFileSync(config, JSON.stringify({ providers: { openai: { models: { "gpt-old": { ...model, eol: "2020-01-31" }, "gpt-new": { ...model, eol: "2999-01-01" } } } } }));
-          p = runFile(rt, bin, ["--port", "0", "--db", up.db, "--config", config], up.env);
+          const p = start(["--port", "0", "--db", up.db, "--config", config]);
           const port = await listening(p);
           assert.equal((await fetch(`http://127.0.0.1:${port}/health`)).status, 200);
           const warnings = p.out().split("\n").filter((l) => l.startsWith("  warning"));
@@ -298,16 +307,14 @@ for (const rt of RUNTIMES) {
           assert.match(warnings[0], /openai\/gpt-old reached its end of life on 2020-01-31/);
           p.child.kill("SIGTERM");
           assert.equal((await p.closed).code, 0);
-        } finally { reap(p); await up.done(); }
+        });
       });
 
       it("warns when it listens beyond loopback without TOKENWATCH_API_KEY", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
+        await withUpstream(rt, bin, async (up, start) => {
           // 0.0.0.0 on a random port; this test only ever connects through 127.0.0.1
-          p = runFile(rt, bin, ["--host", "0.0.0.0", "--port", "0", "--db", up.db], up.env);
+          const p = start(["--host", "0.0.0.0", "--port", "0", "--db", up.db]);
           const started = await Promise.race([listening(p), p.closed.then(() => undefined)]);
           if (started === undefined) return t.skip(`cannot bind 0.0.0.0 here: ${p.err().trim()}`);
           assert.equal((await fetch(`http://127.0.0.1:${started}/health`)).status, 200);
@@ -315,7 +322,7 @@ for (const rt of RUNTIMES) {
           assert.ok(p.out().includes(`  dashboard  http://127.0.0.1:${started}/`), "a wildcard listener shows a dashboard address that opens");
           p.child.kill("SIGTERM");
           assert.equal((await p.closed).code, 0);
-        } finally { reap(p); await up.done(); }
+        });
       });
     });
 
@@ -348,10 +355,8 @@ for (const rt of RUNTIMES) {
 
       it("answers /health and a chat completion through a provider, then exits 0 on SIGTERM with the row written", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
-          p = runFile(rt, bin, ["--port", "0", "--db", up.db], up.env);
+        await withUpstream(rt, bin, async (up, start) => {
+          const p = start(["--port", "0", "--db", up.db]);
           const port = await listening(p);
           assert.deepEqual(await (await fetch(`http://127.0.0.1:${port}/health`)).json(), { status: "ok" });
           const res = await chat(port);
@@ -362,17 +367,15 @@ for (const rt of RUNTIMES) {
           p.child.kill("SIGTERM");
           assert.deepEqual(await p.closed, { code: 0, signal: null });
           assert.equal(rowsIn(up.db), 1);
-        } finally { reap(p); await up.done(); }
+        });
       });
     });
 
     describe("signals", () => {
       it("SIGTERM lets a request in flight finish with 200, writes its row and exits 0", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
-          p = runFile(rt, bin, ["--port", "0", "--db", up.db], up.env);
+        await withUpstream(rt, bin, async (up, start) => {
+          const p = start(["--port", "0", "--db", up.db]);
           const port = await listening(p);
           up.mock.queue({ type: "reply", delayMs: 500 });
           const answer = chat(port);
@@ -385,15 +388,13 @@ for (const rt of RUNTIMES) {
           assert.deepEqual(await p.closed, { code: 0, signal: null });
           assert.equal(rowsIn(up.db), 1);
           assert.match(p.out(), /stopped: 1 row\(s\) written to /);
-        } finally { reap(p); await up.done(); }
+        });
       });
 
       it("a second SIGINT exits at once, while a request still hangs", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
-        const up = await upstream();
-        let p: Proc | undefined;
-        try {
-          p = runFile(rt, bin, ["--port", "0", "--db", up.db], up.env);
+        await withUpstream(rt, bin, async (up, start) => {
+          const p = start(["--port", "0", "--db", up.db]);
           const port = await listening(p);
           up.mock.queue({ type: "hang" });
           const answer = chat(port).then((r) => r.status, () => "cut off");
@@ -407,7 +408,7 @@ for (const rt of RUNTIMES) {
           assert.ok(Date.now() - second < 5_000, "it did not wait for the request to drain");
           assert.match(errLines(p).join("\n"), /SIGINT again: exiting now/);
           assert.equal(await answer, "cut off");
-        } finally { reap(p); await up.done(); }
+        });
       });
     });
   });
