@@ -18,7 +18,7 @@
 // Routes:   POST /v1/chat/completions   GET /v1/models   GET /   GET /stats   GET /health
 //
 // The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 selector,
-// 6 provider adapters, 7 store, 8 HTTP edge, 9 dashboard, 10 main.
+// 6 provider adapters, 7 store, 8 dispatcher, 9 HTTP edge, 10 stats view and dashboard, 11 main.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -837,6 +837,7 @@ export type Adapter = {
   stream(m: Model, includeUsage: boolean, now: number): StreamTranslator;
 };
 
+/** The header TokenWatch adds to every upstream request: one that comes back in is a loop (508). */
 const HOP = "x-tokenwatch-hop";
 
 function parseJson(text: string): unknown {
@@ -1426,8 +1427,360 @@ export class Store {
 }
 
 // ============================================================================================
-// 8. HTTP edge: `createRouter(config, deps)` with the routes as a table. The only section that does
-//    I/O: it reads bodies, calls upstreams with fetch, writes responses and hands rows to the store.
+// 8. Dispatcher: one request's way through its candidates, shared by every route that calls an
+//    upstream. Reserve capacity, attempt, fail over, wait for capacity, settle the limiter with the
+//    real usage. It calls upstreams with fetch and writes the answer into the client's response.
+// ============================================================================================
+
+/**
+ * The client's connection: `gone` once it closed before its answer was done; `stop` is what to cancel
+ * then (one thing at a time: the attempt in flight, or the wait for capacity). A plain slot rather than
+ * an AbortSignal: this runs for every request, and the upstream fetch already carries one signal.
+ */
+export type Client = { gone: boolean; stop?: () => void };
+
+/** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
+export type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
+
+export type DispatchDeps = { limiter: Limiter; fetch: typeof fetch; now: () => number };
+
+const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
+const TIMED_OUT = Symbol("timeout");
+const DRAINED = Symbol("drained");
+
+/** An upstream 4xx that is the client's to fix goes back as it is; 408 and 429 are the upstream's trouble. */
+const passesThrough = (status: number) => status >= 400 && status < 500 && status !== 408 && status !== 429;
+
+/** A short label for why a candidate was passed over: what the dashboard groups failovers by. */
+function failLabel(status: number, timedOut = false): string {
+  if (timedOut) return "timeout";
+  if (status === 0) return "connection error";
+  if (status === 429) return "429 rate limited";
+  if (status === 529) return "529 overloaded";
+  if (status === 401 || status === 403) return `${status} key refused`;
+  if (status === 408) return "408 upstream timeout";
+  if (status >= 500) return `${status} upstream error`;
+  return `${status} bad answer`;
+}
+
+/** An attempt under watch: `refresh()` when the upstream shows life (headers, a chunk). */
+class Watch {
+  last = Date.now();
+  ac: AbortController;
+  constructor(ac: AbortController) { this.ac = ac; }
+  refresh(): void { this.last = Date.now(); }
+}
+
+/**
+ * One clock for every attempt's idle timeout: an attempt that shows no life for `ms` is aborted
+ * (with TIMED_OUT). A stream refreshes it on every chunk, so this is a field write per chunk and one
+ * sweep every ms/8 (at most a second) instead of re-arming a timer each time; the sweep stops when
+ * nothing is watched. An attempt times out between `ms` and `ms` + one sweep.
+ */
+class Watchdog {
+  #live = new Set<Watch>();
+  #tick: ReturnType<typeof setInterval> | undefined;
+  #ms: number;
+  constructor(ms: number) { this.#ms = ms; }
+
+  watch(ac: AbortController): Watch {
+    const w = new Watch(ac);
+    this.#live.add(w);
+    this.#tick ??= setInterval(() => this.#sweep(), Math.min(1000, Math.max(5, this.#ms / 8)));
+    return w;
+  }
+
+  done(w: Watch): void {
+    this.#live.delete(w);
+    if (this.#live.size === 0) { clearInterval(this.#tick); this.#tick = undefined; }
+  }
+
+  #sweep(): void {
+    const t = Date.now();
+    for (const w of this.#live) if (t - w.last >= this.#ms) { this.done(w); w.ac.abort(TIMED_OUT); }
+  }
+}
+
+/** One candidate's answer being relayed to the client. */
+type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: Watch; started: number };
+type FailOpts = { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean };
+type Fail = (status: number, message: string, opts?: FailOpts) => Failure;
+
+/** How one attempt at one candidate ended. */
+type Outcome = { done: true } | Failure;
+/** `spent`: not worth another try in this request; `final`: goes back to the client as it is (a plain 4xx). */
+type Failure = { done: false; attempt: Attempt; spent: boolean; final?: boolean; error: TwError; timedOut: boolean };
+
+function withAttempts(e: TwError, attempts: Attempt[]): TwError {
+  e.attempts = attempts;
+  return e;
+}
+
+/** Every candidate failed: 400 when none could take the request, 504 when the last timed out, else 502. */
+function exhausted(fails: Failure[], attempts: Attempt[]): TwError {
+  if (fails.length && fails.every((f) => f.error.status === 400)) return withAttempts(fails[0].error, attempts);
+  const last = fails[fails.length - 1];
+  const list = attempts.map((a) => `${a.provider}/${a.model}: ${a.status || "no answer"} ${a.error ?? ""}`.trim()).join("; ");
+  return withAttempts(new TwError(last?.timedOut ? 504 : 502, last?.timedOut ? "upstream_timeout" : "upstream_failed", `Every candidate failed (${list || "none could be tried"}). Retry later, or check the providers' status.`), attempts);
+}
+
+function saturated(route: Route, until: number, t: number): TwError {
+  const secs = Math.max(1, Math.ceil((until === Infinity ? 60_000 : until - t) / 1000));
+  return new TwError(429, "all_providers_saturated", `Every candidate (${route.candidates.map((m) => m.id).join(", ")}) is at its rate limit: retry in ${secs} s, or raise the limits in the config.`, { headers: { "retry-after": String(secs) } });
+}
+
+function routingHeaders(m: Model, route: Route): Record<string, string> {
+  return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
+}
+
+/** Resolve when the response may take more data, or is gone. */
+function drained(res: ServerResponse): Promise<void> {
+  return new Promise((done) => {
+    const finish = () => { res.off("drain", finish); res.off("close", finish); done(); };
+    res.on("drain", finish);
+    res.on("close", finish);
+  });
+}
+
+export class Dispatcher {
+  /** provider id -> until when its key is considered refused */
+  readonly authDown = new Map<string, number>();
+  #config: Config;
+  #limiter: Limiter;
+  #fetch: typeof fetch;
+  #now: () => number;
+  #watchdog: Watchdog;
+
+  constructor(config: Config, deps: DispatchDeps) {
+    this.#config = config;
+    this.#limiter = deps.limiter;
+    this.#fetch = deps.fetch;
+    this.#now = deps.now;
+    this.#watchdog = new Watchdog(config.timeout_ms);
+  }
+
+  #scrub(s: string): string { return scrub(s, this.#config.keys); }
+
+  // ---- the routing loop: walk the candidates, wait for capacity, fail over ----
+
+  /** Answer the job from the first candidate that can; throws a TwError when none can. */
+  async dispatch(job: Job): Promise<void> {
+    const { cr, route, row, res, client, attempts } = job;
+    const estimate = estimateTokens(cr, job.text.length, this.#config.default_max_tokens);
+    const deadline = row.ts + this.#config.max_wait_ms;
+    const spent = new Set<Model>();
+    const failures: Failure[] = [];
+    for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
+      if (client.gone) throw CLIENT_GONE;
+      const t = this.#now();
+      const open = route.candidates.filter((m) => !spent.has(m) && !((this.authDown.get(m.provider.id) ?? 0) > t));
+      if (!open.length) break;
+      const pick = this.#pick(open, estimate, t);
+      if ("wait" in pick) {
+        if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
+        await this.#capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
+        continue;
+      }
+      tries++;
+      // a failover is counted only when another attempt really follows a failure
+      if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
+      row.provider = pick.model.provider.id;
+      row.model = pick.model.id;
+      const out = await this.#attempt(job, pick.model, pick.reservation);
+      row.attempts = attempts.length + 1;
+      if (out.done) { row.status ||= res.statusCode; return; }
+      attempts.push(out.attempt);
+      if (out.final) throw withAttempts(out.error, attempts);
+      failures.push(out);
+      if (out.spent) spent.add(pick.model);
+    }
+    throw exhausted(failures, attempts);
+  }
+
+  /** Reserve the first candidate with room; otherwise say when to look again (and whether only cooldowns block). */
+  #pick(open: Model[], estimate: number, t: number): { model: Model; reservation: Reservation } | { wait: number; allCooling: boolean } {
+    let wait = Infinity, allCooling = true;
+    for (const m of open) {
+      const v = this.#limiter.reserve(m, estimate, t);
+      if (v.ok) return { model: m, reservation: v.reservation };
+      if (v.why !== "cooling") allCooling = false;
+      wait = Math.min(wait, v.until ?? t + 1000);
+    }
+    return { wait, allCooling };
+  }
+
+  /** Sleep until a reservation is settled somewhere (capacity may be back) or `ms` pass, whichever is first. */
+  #capacityOrTimeout(ms: number, client: Client): Promise<void> {
+    return new Promise((done) => {
+      const finish = () => { clearTimeout(timer); stop(); client.stop = undefined; done(); };
+      const timer = setTimeout(finish, Math.max(10, Math.min(ms, 1000)));
+      const stop = this.#limiter.onNextChange(finish);
+      client.stop = finish;
+    });
+  }
+
+  // ---- one attempt at one candidate ----
+
+  /** The failure of one attempt, its reservation handed back (unless told not to). */
+  #failer(m: Model, reservation: Reservation, started: number): Fail {
+    return (status, message, opts = {}) => {
+      if (opts.release !== false) this.#limiter.release(reservation, this.#now());
+      const msg = this.#scrub(message);
+      const error = new TwError(opts.timedOut ? 504 : passesThrough(status) ? status : 502, opts.code ?? "upstream_error", msg);
+      const attempt = { provider: m.provider.id, model: m.id, status, error: msg, ms: this.#now() - started };
+      return { done: false, attempt, spent: opts.spent ?? true, error, timedOut: opts.timedOut ?? false };
+    };
+  }
+
+  async #attempt(job: Job, m: Model, reservation: Reservation): Promise<Outcome> {
+    const started = this.#now();
+    const fail = this.#failer(m, reservation, started);
+    let up: UpstreamRequest;
+    try { up = ADAPTERS[m.provider.kind].build(job.cr, m, this.#config.default_max_tokens, job.text); }
+    catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
+
+    const ac = new AbortController();
+    job.client.stop = () => ac.abort(CLIENT_GONE);
+    const timer = this.#watchdog.watch(ac);
+    try {
+      let resp: Response;
+      try { resp = await this.#fetch(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal }); }
+      catch (e) {
+        if (ac.signal.reason === CLIENT_GONE) { this.#limiter.release(reservation, this.#now()); throw CLIENT_GONE; }
+        const timedOut = ac.signal.reason === TIMED_OUT;
+        return fail(0, timedOut ? `No answer within ${this.#config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
+      }
+      const cool = coolUntil((n) => resp.headers.get(n), resp.status, this.#now(), this.#config.cooldown_ms, m.provider.kind);
+      if (cool) this.#limiter.cool(m.pool, cool);
+      if (!resp.ok) return await this.#upstreamError(resp, m, timer, fail);
+      const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(job.cr, this.#config.default_max_tokens), resp, ac, timer, started };
+      return job.cr.stream ? await this.#relayStream(relay, fail) : await this.#relayJson(relay, fail);
+    } finally {
+      this.#watchdog.done(timer);
+      job.client.stop = undefined;
+    }
+  }
+
+  /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
+  async #upstreamError(resp: Response, m: Model, timer: Watch, fail: Fail): Promise<Failure> {
+    const text = await readText(resp, timer, 65_536).catch(() => "");
+    const info = ADAPTERS[m.provider.kind].error(resp.status, text);
+    const s = resp.status;
+    if (s === 429) return fail(s, info.message, { spent: false });
+    if (s === 401 || s === 403) { this.authDown.set(m.provider.id, this.#now() + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
+    if (s === 408 || s >= 500) return fail(s, info.message);
+    return { ...fail(s, info.message), final: true, error: new TwError(s, info.code ?? "upstream_error", this.#scrub(info.message), { type: info.type }) };
+  }
+
+  /** Settle the limiter with the real usage (or the estimate when the upstream gave none) and put it on the row. */
+  #account(r: Relay, usage: Usage | undefined, fallback: Usage): { usage: Usage; cost: number } {
+    const u = usage ?? fallback;
+    this.#limiter.settle(r.reservation, windowTokens(r.m.provider.kind, u), this.#now());
+    const cost = r.m.priced ? costUsd(r.m, u) : 0;
+    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
+    return { usage: u, cost };
+  }
+
+  /** An aborted read: the client left (throws), the upstream stalled, or it broke off. */
+  #readFailure(r: Relay, fail: Fail, e: unknown): Failure {
+    if (r.ac.signal.reason === CLIENT_GONE) { this.#limiter.release(r.reservation, this.#now()); throw CLIENT_GONE; }
+    if (r.ac.signal.reason === TIMED_OUT) return fail(0, `The answer stalled for ${this.#config.timeout_ms} ms`, { timedOut: true });
+    return fail(502, e instanceof TwError ? e.message : `The answer broke off: ${(e as Error).message}`);
+  }
+
+  async #relayJson(r: Relay, fail: Fail): Promise<Outcome> {
+    let parsed: { completion: Completion; usage: Usage | undefined };
+    try {
+      r.timer.refresh();
+      const text = await r.resp.text();
+      parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, this.#now());
+    } catch (e) { return this.#readFailure(r, fail, e); }
+    const { completion } = parsed;
+    const content = completion.choices?.[0]?.message?.content;
+    const { usage, cost } = this.#account(r, parsed.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
+    const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: this.#now() - r.started }];
+    const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
+    completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
+    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts, ...(r.m.priced ? {} : { unpriced: true }) };
+    sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
+    return { done: true };
+  }
+
+  async #relayStream(r: Relay, fail: Fail): Promise<Outcome> {
+    const { job } = r;
+    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, job.cr.stream_options?.include_usage === true, this.#now());
+    const split = new SseSplitter();
+    let committed = false, sentChars = 0;
+    /** Write one event; false when the client's buffer is full. */
+    const send = (out: Buffer | string): boolean => {
+      if (!committed) {
+        committed = true;
+        job.row.ttft_ms = this.#now() - job.row.ts;
+        job.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, job.route) });
+      }
+      sentChars += out.length;
+      return job.res.write(out);
+    };
+    let broke: Error | undefined;
+    const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
+    try {
+      for (let c = await body.next(); !c.done; c = await body.next()) {
+        r.timer.refresh();
+        for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
+          const out = tr.feed(ev);
+          if (tr.error) break;
+          if (out && !send(out)) await drained(job.res); // a turn of the event loop per event only when the client is slow
+        }
+        if (tr.error || tr.done) break;
+      }
+    } catch (e) { broke = e as Error; }
+    // no usage from upstream (a local server, or a stream cut short): estimate, the events' JSON is ~4x their text
+    const fallback = { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil(sentChars / 16) };
+    if (r.ac.signal.reason === CLIENT_GONE) { this.#account(r, tr.usage, fallback); throw CLIENT_GONE; }
+    const timedOut = r.ac.signal.reason === TIMED_OUT;
+    const why = tr.error ? tr.error.message : timedOut ? `The stream stalled for ${this.#config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
+    if (!committed) {
+      if (tr.error?.type === "rate_limit_error") this.#limiter.cool(r.m.pool, this.#now() + this.#config.cooldown_ms);
+      return why ? fail(tr.error ? 502 : 0, why, { timedOut }) : fail(502, "The stream ended without any event");
+    }
+    this.#account(r, tr.usage, fallback);
+    if (why) {
+      const err = new TwError(timedOut ? 504 : 502, tr.error?.code ?? "upstream_stream_error", this.#scrub(why), { type: tr.error?.type });
+      Object.assign(job.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
+      job.res.write(sseData(err.body()));
+    }
+    job.res.end();
+    if (tr.done && !broke) void drainRest(body, r.ac);
+    return { done: true };
+  }
+}
+
+/** Read an error body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
+async function readText(resp: Response, timer: Watch, max: number): Promise<string> {
+  if (!resp.body) return "";
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const c of resp.body as unknown as AsyncIterable<Uint8Array>) {
+    timer.refresh();
+    if (size < max) chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
+    size += c.byteLength;
+  }
+  return Buffer.concat(chunks).toString("utf8");
+}
+
+/**
+ * After the last event, read the body to its end in the background: a body left unread makes undici
+ * close the connection, and the next request pays a new TCP (and TLS) handshake. Cut after a second.
+ */
+async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): Promise<void> {
+  const fuse = setTimeout(() => ac.abort(DRAINED), 1000).unref();
+  try { while (!(await body.next()).done); } catch { /* cut, or broke after the answer was complete */ }
+  finally { clearTimeout(fuse); }
+}
+
+// ============================================================================================
+// 9. HTTP edge: `createRouter(config, deps)` with the routes as a table: auth, the Host check, reading
+//    bodies, one thin handler per route, and `record(row)`, the one step that finishes a log row.
 // ============================================================================================
 
 export type Deps = {
@@ -1441,10 +1794,6 @@ export type Deps = {
 
 type Ctx = { req: IncomingMessage; res: ServerResponse; url: URL };
 type Handler = (ctx: Ctx) => Promise<void> | void;
-
-const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
-const TIMED_OUT = Symbol("timeout");
-const DRAINED = Symbol("drained");
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) return;
@@ -1500,328 +1849,48 @@ export function parseBody(text: string): unknown {
   try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
 }
 
-/** An upstream 4xx that is the client's to fix goes back as it is; 408 and 429 are the upstream's trouble. */
-const passesThrough = (status: number) => status >= 400 && status < 500 && status !== 408 && status !== 429;
-
-/** A short label for why a candidate was passed over: what the dashboard groups failovers by. */
-function failLabel(status: number, timedOut = false): string {
-  if (timedOut) return "timeout";
-  if (status === 0) return "connection error";
-  if (status === 429) return "429 rate limited";
-  if (status === 529) return "529 overloaded";
-  if (status === 401 || status === 403) return `${status} key refused`;
-  if (status === 408) return "408 upstream timeout";
-  if (status >= 500) return `${status} upstream error`;
-  return `${status} bad answer`;
-}
-
 function errorKind(status: number): string {
   return status === 429 ? "saturated" : status === 499 ? "client_closed" : status === 504 ? "timeout" : status === 508 ? "loop"
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
 
-/**
- * The client's connection: `gone` once it closed before its answer was done; `stop` is what to cancel
- * then (one thing at a time: the attempt in flight, or the wait for capacity). A plain slot rather than
- * an AbortSignal: this runs for every request, and the upstream fetch already carries one signal.
- */
-type Client = { gone: boolean; stop?: () => void };
-
-/** An attempt under watch: `refresh()` when the upstream shows life (headers, a chunk). */
-class Watch {
-  last = Date.now();
-  ac: AbortController;
-  constructor(ac: AbortController) { this.ac = ac; }
-  refresh(): void { this.last = Date.now(); }
-}
-
-/**
- * One clock for every attempt's idle timeout: an attempt that shows no life for `ms` is aborted
- * (with TIMED_OUT). A stream refreshes it on every chunk, so this is a field write per chunk and one
- * sweep every ms/8 (at most a second) instead of re-arming a timer each time; the sweep stops when
- * nothing is watched. An attempt times out between `ms` and `ms` + one sweep.
- */
-class Watchdog {
-  #live = new Set<Watch>();
-  #tick: ReturnType<typeof setInterval> | undefined;
-  #ms: number;
-  constructor(ms: number) { this.#ms = ms; }
-
-  watch(ac: AbortController): Watch {
-    const w = new Watch(ac);
-    this.#live.add(w);
-    this.#tick ??= setInterval(() => this.#sweep(), Math.min(1000, Math.max(5, this.#ms / 8)));
-    return w;
-  }
-
-  done(w: Watch): void {
-    this.#live.delete(w);
-    if (this.#live.size === 0) { clearInterval(this.#tick); this.#tick = undefined; }
-  }
-
-  #sweep(): void {
-    const t = Date.now();
-    for (const w of this.#live) if (t - w.last >= this.#ms) { this.done(w); w.ac.abort(TIMED_OUT); }
-  }
-}
-
-/** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
-type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
-
-/** One candidate's answer being relayed to the client. */
-type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: Watch; started: number };
-type Fail = (status: number, message: string, opts?: { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean }) => Failure;
-
-/** How one attempt at one candidate ended. */
-type Outcome = { done: true } | Failure;
-/** `spent`: not worth another try in this request; `final`: goes back to the client as it is (a plain 4xx). */
-type Failure = { done: false; attempt: Attempt; spent: boolean; final?: boolean; error: TwError; timedOut: boolean };
+const newRow = (ts: number): Row => ({ ts, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
 
 export function createRouter(config: Config, deps: Deps) {
   const now = deps.now ?? Date.now;
-  const fetchFn = deps.fetch ?? fetch;
   const store = deps.store;
   const limiter = new Limiter(config.threshold);
-  const watchdog = new Watchdog(config.timeout_ms);
-  const authDown = new Map<string, number>();  // provider id -> until when its key is considered refused
+  const dispatcher = new Dispatcher(config, { limiter, fetch: deps.fetch ?? fetch, now });
   const started = now();
   let active = 0;                                // requests being answered: what a clean shutdown waits for
   const scrubText = (s: string) => scrub(s, config.keys);
 
-  // ---- one attempt at one candidate ----
-
-  async function attempt(job: Job, m: Model, reservation: Reservation): Promise<Outcome> {
-    const { cr, client } = job;
-    const started = now();
-    const adapter = ADAPTERS[m.provider.kind];
-    const fail: Fail = (status, message, opts = {}) => {
-      if (opts.release !== false) limiter.release(reservation, now());
-      const msg = scrubText(message);
-      const err = new TwError(opts.timedOut ? 504 : passesThrough(status) ? status : 502, opts.code ?? "upstream_error", msg);
-      return { done: false, attempt: { provider: m.provider.id, model: m.id, status, error: msg, ms: now() - started }, spent: opts.spent ?? true, error: err, timedOut: opts.timedOut ?? false };
-    };
-    let up: UpstreamRequest;
-    try { up = adapter.build(cr, m, config.default_max_tokens, job.text); }
-    catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
-
-    const ac = new AbortController();
-    client.stop = () => ac.abort(CLIENT_GONE);
-    const timer = watchdog.watch(ac);
-    try {
-      let resp: Response;
-      try { resp = await fetchFn(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal }); }
-      catch (e) {
-        if (ac.signal.reason === CLIENT_GONE) { limiter.release(reservation, now()); throw CLIENT_GONE; }
-        const timedOut = ac.signal.reason === TIMED_OUT;
-        return fail(0, timedOut ? `No answer within ${config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
-      }
-      const cool = coolUntil((n) => resp.headers.get(n), resp.status, now(), config.cooldown_ms, m.provider.kind);
-      if (cool) limiter.cool(m.pool, cool);
-      if (!resp.ok) return await upstreamError(resp, m, timer, fail);
-      const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(cr, config.default_max_tokens), resp, ac, timer, started };
-      return cr.stream ? await relayStream(relay, fail) : await relayJson(relay, fail);
-    } finally {
-      watchdog.done(timer);
-      client.stop = undefined;
-    }
+  /** Finish a log row and hand it to the store: the one place a row is completed, failed or not. */
+  function record(row: Row, err?: TwError): void {
+    if (err) Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
+    row.latency_ms = now() - row.ts;
+    store.add(row);
   }
 
-  /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
-  async function upstreamError(resp: Response, m: Model, timer: Watch, fail: Fail): Promise<Failure> {
-    const text = await readText(resp, timer, 65_536).catch(() => "");
-    const info = ADAPTERS[m.provider.kind].error(resp.status, text);
-    const s = resp.status;
-    if (s === 429) return fail(s, info.message, { spent: false });
-    if (s === 401 || s === 403) { authDown.set(m.provider.id, now() + config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
-    if (s === 408 || s >= 500) return fail(s, info.message);
-    return { ...fail(s, info.message), final: true, error: new TwError(s, info.code ?? "upstream_error", scrubText(info.message), { type: info.type }) };
+  /** The answer to a failed request: the error in its client's shape, or nothing when the client left. */
+  function refuse(req: IncomingMessage, res: ServerResponse, err: TwError): void {
+    if (err.status === 413) { res.setHeader("connection", "close"); res.once("finish", () => req.destroy()); }
+    if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
   }
 
-  /** Read an error body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
-  async function readText(resp: Response, timer: Watch, max: number): Promise<string> {
-    if (!resp.body) return "";
-    const chunks: Buffer[] = [];
-    let size = 0;
-    for await (const c of resp.body as unknown as AsyncIterable<Uint8Array>) {
-      timer.refresh();
-      if (size < max) chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
-      size += c.byteLength;
-    }
-    return Buffer.concat(chunks).toString("utf8");
-  }
-
-  function routingHeaders(m: Model, route: Route): Record<string, string> {
-    return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
-  }
-
-  function account(r: Relay, usage: Usage | undefined, fallback: Usage): { usage: Usage; cost: number } {
-    const u = usage ?? fallback;
-    limiter.settle(r.reservation, windowTokens(r.m.provider.kind, u), now());
-    const cost = r.m.priced ? costUsd(r.m, u) : 0;
-    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
-    return { usage: u, cost };
-  }
-
-  async function relayJson(r: Relay, fail: Fail): Promise<Outcome> {
-    let parsed: { completion: Completion; usage: Usage | undefined };
-    try {
-      r.timer.refresh();
-      const text = await r.resp.text();
-      parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, now());
-    } catch (e) {
-      if (r.ac.signal.reason === CLIENT_GONE) { limiter.release(r.reservation, now()); throw CLIENT_GONE; }
-      if (r.ac.signal.reason === TIMED_OUT) return fail(0, `The answer stalled for ${config.timeout_ms} ms`, { timedOut: true });
-      return fail(502, e instanceof TwError ? e.message : `The answer broke off: ${(e as Error).message}`);
-    }
-    const { completion } = parsed;
-    const content = completion.choices?.[0]?.message?.content;
-    const { usage, cost } = account(r, parsed.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
-    const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: now() - r.started }];
-    const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
-    completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
-    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts, ...(r.m.priced ? {} : { unpriced: true }) };
-    sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
-    return { done: true };
-  }
-
-  async function relayStream(r: Relay, fail: Fail): Promise<Outcome> {
-    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, r.job.cr.stream_options?.include_usage === true, now());
-    const split = new SseSplitter();
-    let committed = false, sentChars = 0;
-    /** Write one event; false when the client's buffer is full. */
-    const send = (out: Buffer | string): boolean => {
-      if (!committed) {
-        committed = true;
-        r.job.row.ttft_ms = now() - r.job.row.ts;
-        r.job.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, r.job.route) });
-      }
-      sentChars += out.length;
-      return r.job.res.write(out);
-    };
-    let broke: Error | undefined;
-    const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
-    try {
-      for (let c = await body.next(); !c.done; c = await body.next()) {
-        r.timer.refresh();
-        for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
-          const out = tr.feed(ev);
-          if (tr.error) break;
-          if (out && !send(out)) await drained(r.job.res); // a turn of the event loop per event only when the client is slow
-        }
-        if (tr.error || tr.done) break;
-      }
-    } catch (e) { broke = e as Error; }
-    // no usage from upstream (a local server, or a stream cut short): estimate, the events' JSON is ~4x their text
-    const fallback = { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil(sentChars / 16) };
-    if (r.ac.signal.reason === CLIENT_GONE) { account(r, tr.usage, fallback); throw CLIENT_GONE; }
-    const timedOut = r.ac.signal.reason === TIMED_OUT;
-    const why = tr.error ? tr.error.message : timedOut ? `The stream stalled for ${config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
-    if (!committed) {
-      if (tr.error?.type === "rate_limit_error") limiter.cool(r.m.pool, now() + config.cooldown_ms);
-      return why ? fail(tr.error ? 502 : 0, why, { timedOut }) : fail(502, "The stream ended without any event");
-    }
-    account(r, tr.usage, fallback);
-    if (why) {
-      const err = new TwError(timedOut ? 504 : 502, tr.error?.code ?? "upstream_stream_error", scrubText(why), { type: tr.error?.type });
-      Object.assign(r.job.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
-      r.job.res.write(sseData(err.body()));
-    }
-    r.job.res.end();
-    if (tr.done && !broke) void drainRest(body, r.ac);
-    return { done: true };
-  }
-
-  /**
-   * After the last event, read the body to its end in the background: a body left unread makes undici
-   * close the connection, and the next request pays a new TCP (and TLS) handshake. Cut after a second.
-   */
-  async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): Promise<void> {
-    const fuse = setTimeout(() => ac.abort(DRAINED), 1000).unref();
-    try { while (!(await body.next()).done); } catch { /* cut, or broke after the answer was complete */ }
-    finally { clearTimeout(fuse); }
-  }
-
-  // ---- the routing loop: walk the candidates, wait for capacity, fail over ----
-
-  async function serve(job: Job): Promise<void> {
-    const { cr, route, row, res, client, attempts } = job;
-    const estimate = estimateTokens(cr, job.text.length, config.default_max_tokens);
-    const deadline = row.ts + config.max_wait_ms;
-    const spent = new Set<Model>();
-    const failures: Failure[] = [];
-    for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
-      if (client.gone) throw CLIENT_GONE;
-      const t = now();
-      const open = route.candidates.filter((m) => !spent.has(m) && !((authDown.get(m.provider.id) ?? 0) > t));
-      if (!open.length) break;
-      const pick = pickCandidate(open, estimate, t);
-      if ("wait" in pick) {
-        if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
-        await capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
-        continue;
-      }
-      tries++;
-      // a failover is counted only when another attempt really follows a failure
-      if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
-      row.provider = pick.model.provider.id;
-      row.model = pick.model.id;
-      const out = await attempt(job, pick.model, pick.reservation);
-      row.attempts = attempts.length + 1;
-      if (out.done) { row.status ||= res.statusCode; return; }
-      attempts.push(out.attempt);
-      if (out.final) throw withAttempts(out.error, attempts);
-      failures.push(out);
-      if (out.spent) spent.add(pick.model);
-    }
-    throw exhausted(failures, attempts);
-  }
-
-  /** Reserve the first candidate with room; otherwise say when to look again (and whether only cooldowns block). */
-  function pickCandidate(open: Model[], estimate: number, t: number): { model: Model; reservation: Reservation } | { wait: number; allCooling: boolean } {
-    let wait = Infinity, allCooling = true;
-    for (const m of open) {
-      const v = limiter.reserve(m, estimate, t);
-      if (v.ok) return { model: m, reservation: v.reservation };
-      if (v.why !== "cooling") allCooling = false;
-      wait = Math.min(wait, v.until ?? t + 1000);
-    }
-    return { wait, allCooling };
-  }
-
-  /** Sleep until a reservation is settled somewhere (capacity may be back) or `ms` pass, whichever is first. */
-  function capacityOrTimeout(ms: number, client: Client): Promise<void> {
-    return new Promise((done) => {
-      const finish = () => { clearTimeout(timer); stop(); client.stop = undefined; done(); };
-      const timer = setTimeout(finish, Math.max(10, Math.min(ms, 1000)));
-      const stop = limiter.onNextChange(finish);
-      client.stop = finish;
-    });
-  }
-
-  function saturated(route: Route, until: number, t: number): TwError {
-    const secs = Math.max(1, Math.ceil((until === Infinity ? 60_000 : until - t) / 1000));
-    return new TwError(429, "all_providers_saturated", `Every candidate (${route.candidates.map((m) => m.id).join(", ")}) is at its rate limit: retry in ${secs} s, or raise the limits in the config.`, { headers: { "retry-after": String(secs) } });
-  }
-
-  function withAttempts(e: TwError, attempts: Attempt[]): TwError {
-    e.attempts = attempts;
-    return e;
-  }
-
-  /** Every candidate failed: 400 when none could take the request, 504 when the last timed out, else 502. */
-  function exhausted(fails: Failure[], attempts: Attempt[]): TwError {
-    if (fails.length && fails.every((f) => f.error.status === 400)) return withAttempts(fails[0].error, attempts);
-    const last = fails[fails.length - 1];
-    const list = attempts.map((a) => `${a.provider}/${a.model}: ${a.status || "no answer"} ${a.error ?? ""}`.trim()).join("; ");
-    return withAttempts(new TwError(last?.timedOut ? 504 : 502, last?.timedOut ? "upstream_timeout" : "upstream_failed", `Every candidate failed (${list || "none could be tried"}). Retry later, or check the providers' status.`), attempts);
-  }
+  const asTwError = (e: unknown): TwError => {
+    if (e instanceof TwError) return e;
+    deps.log?.(scrubText(String((e as Error).stack ?? e)));
+    return new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
+  };
 
   // ---- routes ----
 
   async function chat({ req, res }: Ctx): Promise<void> {
-    const row: Row = { ts: now(), provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null };
+    const row = newRow(now());
     const client: Client = { gone: false };
     res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
+    let failed: TwError | undefined;
     try {
       if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
       const type = header(req, "content-type") ?? "";
@@ -1832,16 +1901,12 @@ export function createRouter(config: Config, deps: Deps) {
       row.stream = cr.stream === true;
       const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
       row.complexity = r.complexity;
-      await serve({ cr, text, route: r, row, res, client, attempts: [] });
+      await dispatcher.dispatch({ cr, text, route: r, row, res, client, attempts: [] });
     } catch (e) {
-      const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
-      if (err.status >= 500 && err.code === "internal_error") deps.log?.(scrubText(String((e as Error).stack ?? e)));
-      Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
-      if (err.status === 413) { res.setHeader("connection", "close"); res.once("finish", () => req.destroy()); }
-      if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
+      failed = asTwError(e);
+      refuse(req, res, failed);
     } finally {
-      row.latency_ms = now() - row.ts;
-      store.add(row);
+      record(row, failed);
     }
   }
 
@@ -1854,86 +1919,18 @@ export function createRouter(config: Config, deps: Deps) {
     sendJson(res, 200, { object: "list", data });
   }
 
+  const view = { config, store, limiter, authDown: dispatcher.authDown, started };
+
   function stats({ res, url }: Ctx): void {
     const w = url.searchParams.get("window") ?? "24h";
-    const spans: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 604_800_000, all: Infinity };
-    if (!(w in spans)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${JSON.stringify(w)}.`, "window");
-    sendJson(res, 200, statsBody(w, spans[w]), { "cache-control": "no-store" });
+    if (!(w in STATS_WINDOWS)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${JSON.stringify(w)}.`, "window");
+    sendJson(res, 200, statsView(view, w, now()), { "cache-control": "no-store" });
   }
-
-  /** The 50th and 95th percentiles, from one sort: a typed array sorts numbers without a comparator, and /stats sorts 14 lists. */
-  const p50p95 = (xs: number[]): (number | null)[] => {
-    const s = Float64Array.from(xs).sort();
-    return [50, 95].map((p) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null));
-  };
-
-  /** A model's live limiter view: what /stats and /api/limits show of the sliding minute. */
-  function headroomOf(m: Model, t: number) {
-    const h = limiter.headroom(m, t);
-    return {
-      pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
-      percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
-    };
-  }
-
-  function modelStats(t: number, since: number) {
-    const agg = new Map(store.byModel(since).map((r) => [`${r.provider}/${r.model}`, r]));
-    const list = [...config.models];
-    for (const k of agg.keys()) if (!list.some((m) => m.key === k)) { const [p, ...id] = k.split("/"); const prov = config.providers.find((x) => x.id === p); if (prov) list.push(unpricedModel(prov, id.join("/"))); }
-    return list.map((m) => {
-      const a = agg.get(m.key);
-      const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
-      const ttft = lat.map((l) => l.ttft_ms).filter((x): x is number => x !== null);
-      const [p50, p95] = p50p95(lat.map((l) => l.latency_ms)), [t50, t95] = p50p95(ttft);
-      return {
-        provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
-        requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
-        p50_ms: p50, p95_ms: p95, ttft_p50_ms: t50, ttft_p95_ms: t95,
-        ...headroomOf(m, t), price_in: m.input, price_out: m.output,
-      };
-    });
-  }
-
-  function statsBody(w: string, span: number) {
-    store.flush();
-    const t = now(), since = Number.isFinite(span) ? t - span : 0;
-    const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
-    const fix = (x: Totals) => ({ ...x, cost_usd: round12(x.cost_usd) });
-    const all = fix(store.totals(0));
-    const byProv = new Map<string, { requests: number; errors: number; cost_usd: number }>();
-    const models = modelStats(t, since);
-    for (const m of models) { const p = byProv.get(m.provider) ?? { requests: 0, errors: 0, cost_usd: 0 }; p.requests += m.requests; p.errors += m.errors; p.cost_usd = round12(p.cost_usd + m.cost_usd); byProv.set(m.provider, p); }
-    const routing = store.routing(since);
-    const count = (c: string) => routing.find((r) => r.complexity === c)?.requests ?? 0;
-    const series = (minutes: number, bucket: number) => {
-      const rows = new Map(store.series(t - minutes * 60_000, bucket).map((r) => [r.b, r]));
-      const last = Math.floor(t / 60_000 / bucket);
-      return Array.from({ length: minutes / bucket }, (_, i) => {
-        const b = last - minutes / bucket + 1 + i, r = rows.get(b);
-        return { t: b * bucket * 60_000, requests: r?.requests ?? 0, input_tokens: r?.input_tokens ?? 0, output_tokens: r?.output_tokens ?? 0, cost_usd: round12(r?.cost_usd ?? 0) };
-      });
-    };
-    return {
-      uptime_s: Math.floor((t - started) / 1000), version: VERSION, window: w, now: t, threshold: config.threshold,
-      totals: all,
-      periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all },
-      models,
-      providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0 }), disabled_for_s: Math.max(0, Math.ceil(((authDown.get(p.id) ?? 0) - t) / 1000)) })),
-      routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
-      series: { minute: series(60, 1), hour: series(24 * 60, 60) },
-      recent: store.recent(50).map(rowOut),
-      errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
-      error_groups: store.errorGroups(since),
-      store: { path: store.path, pending_rows: store.pending, last_error: store.lastError },
-    };
-  }
-
-  const rowOut = (r: Row) => ({ ts: r.ts, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
 
   function limits({ res }: Ctx): void {
     const t = now();
     // the live view only: no store query, unlike /stats
-    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(m, t) })) });
+    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t) })) });
   }
 
   const ROUTES: Record<string, Handler> = {
@@ -1978,21 +1975,92 @@ export function createRouter(config: Config, deps: Deps) {
     return active === 0;
   }
 
-  return { handle, limiter, drain, stats: statsBody, get inflight() { return active; } };
+  return { handle, limiter, drain, stats: (w = "24h") => statsView(view, w, now()), get inflight() { return active; } };
 }
 
-/** Resolve when the response may take more data, or is gone. */
-function drained(res: ServerResponse): Promise<void> {
-  return new Promise((done) => {
-    const finish = () => { res.off("drain", finish); res.off("close", finish); done(); };
-    res.on("drain", finish);
-    res.on("close", finish);
+// ============================================================================================
+// 10. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
+//     external assets) that refreshes itself from /stats.
+// ============================================================================================
+
+export const STATS_WINDOWS: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 604_800_000, all: Infinity };
+
+/** What the stats view reads: the config, the log, the live limiter, the providers at rest. */
+type StatsSource = { config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; started: number };
+
+/** The 50th and 95th percentiles, from one sort: a typed array sorts numbers without a comparator, and /stats sorts 14 lists. */
+function p50p95(xs: number[]): (number | null)[] {
+  const s = Float64Array.from(xs).sort();
+  return [50, 95].map((p) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null));
+}
+
+/** A model's live limiter view: what /stats and /api/limits show of the sliding minute. */
+export function headroomOf(limiter: Limiter, m: Model, t: number) {
+  const h = limiter.headroom(m, t);
+  return {
+    pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
+    percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
+  };
+}
+
+function modelStats(src: StatsSource, t: number, since: number) {
+  const { config, store } = src;
+  const agg = new Map(store.byModel(since).map((r) => [`${r.provider}/${r.model}`, r]));
+  const list = [...config.models];
+  for (const k of agg.keys()) if (!list.some((m) => m.key === k)) { const [p, ...id] = k.split("/"); const prov = config.providers.find((x) => x.id === p); if (prov) list.push(unpricedModel(prov, id.join("/"))); }
+  return list.map((m) => {
+    const a = agg.get(m.key);
+    const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
+    const ttft = lat.map((l) => l.ttft_ms).filter((x): x is number => x !== null);
+    const [p50, p95] = p50p95(lat.map((l) => l.latency_ms)), [t50, t95] = p50p95(ttft);
+    return {
+      provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
+      requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
+      p50_ms: p50, p95_ms: p95, ttft_p50_ms: t50, ttft_p95_ms: t95,
+      ...headroomOf(src.limiter, m, t), price_in: m.input, price_out: m.output,
+    };
   });
 }
 
-// ============================================================================================
-// 9. Dashboard: one self-contained page (no external assets) that refreshes itself from /stats.
-// ============================================================================================
+/** Requests, tokens and cost per minute (bucket 1) or hour (bucket 60) over the last `minutes`, oldest first, gaps as zeros. */
+function seriesOf(store: Store, t: number, minutes: number, bucket: number) {
+  const rows = new Map(store.series(t - minutes * 60_000, bucket).map((r) => [r.b, r]));
+  const last = Math.floor(t / 60_000 / bucket);
+  return Array.from({ length: minutes / bucket }, (_, i) => {
+    const b = last - minutes / bucket + 1 + i, r = rows.get(b);
+    return { t: b * bucket * 60_000, requests: r?.requests ?? 0, input_tokens: r?.input_tokens ?? 0, output_tokens: r?.output_tokens ?? 0, cost_usd: round12(r?.cost_usd ?? 0) };
+  });
+}
+
+const rowOut = (r: Row) => ({ ts: r.ts, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
+
+/** The whole /stats answer for a window ("1h", "24h", "7d", "all"): totals over all history, the rest over the window. */
+export function statsView(src: StatsSource, w: string, t: number) {
+  const { config, store } = src;
+  store.flush();
+  const span = STATS_WINDOWS[w], since = Number.isFinite(span) ? t - span : 0;
+  const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
+  const fix = (x: Totals) => ({ ...x, cost_usd: round12(x.cost_usd) });
+  const all = fix(store.totals(0));
+  const byProv = new Map<string, { requests: number; errors: number; cost_usd: number }>();
+  const models = modelStats(src, t, since);
+  for (const m of models) { const p = byProv.get(m.provider) ?? { requests: 0, errors: 0, cost_usd: 0 }; p.requests += m.requests; p.errors += m.errors; p.cost_usd = round12(p.cost_usd + m.cost_usd); byProv.set(m.provider, p); }
+  const routing = store.routing(since);
+  const count = (c: string) => routing.find((r) => r.complexity === c)?.requests ?? 0;
+  return {
+    uptime_s: Math.floor((t - src.started) / 1000), version: VERSION, window: w, now: t, threshold: config.threshold,
+    totals: all,
+    periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all },
+    models,
+    providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0 }), disabled_for_s: Math.max(0, Math.ceil(((src.authDown.get(p.id) ?? 0) - t) / 1000)) })),
+    routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
+    series: { minute: seriesOf(store, t, 60, 1), hour: seriesOf(store, t, 24 * 60, 60) },
+    recent: store.recent(50).map(rowOut),
+    errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
+    error_groups: store.errorGroups(since),
+    store: { path: store.path, pending_rows: store.pending, last_error: store.lastError },
+  };
+}
 
 const DASHBOARD_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
@@ -2621,7 +2689,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 </html>`;
 
 // ============================================================================================
-// 10. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
+// 11. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
 //     importing this file (the tests do) starts nothing.
 // ============================================================================================
 
