@@ -276,7 +276,7 @@ describe("4. Limiter", () => {
     assert.equal(l.headroom(k26, 0).tokens, 300_000);
     assert.equal(l.reserve(k26, 150_000, 0).ok, false, "the account's 80% is taken through the other model");
     assert.ok(l.reserve(gpt, 1000, 0).ok);
-    l.cool(k25.pool, 5000);
+    l.cool(k25.pool, 5000, 0);
     assert.equal(l.headroom(k26, 1).coolUntil, 5000, "a 429 on one model of the account cools the account");
     const own = model(cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, limit: 10, tier: "simple" }, b: { input: 1, output: 1, limit: 10, tier: "simple", pool: "x" } } } } }), "kimi/a");
     assert.equal(own.pool, "kimi/a");
@@ -318,7 +318,7 @@ describe("4. Limiter", () => {
 
   it("cool() blocks a model until the time given", () => {
     const l = new Limiter(0.8);
-    l.cool(m.pool, 5000);
+    l.cool(m.pool, 5000, 0);
     const v = l.reserve(m, 1, 4999);
     assert.deepEqual(!v.ok && [v.why, v.until], ["cooling", 5000]);
     assert.ok(l.reserve(m, 1, 5000).ok);
@@ -515,20 +515,32 @@ describe("6. Adapters", () => {
     const chunk = (o: object) => Buffer.from(`data: ${JSON.stringify(o)}\n\n`);
     const base = { id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o" };
 
-    it("passes stream events through byte for byte and adds cost_usd to the usage chunk asked for", () => {
+    it("passes stream events through byte for byte and adds cost_usd to the usage chunk asked for, sent once before [DONE]", () => {
       const tr = ADAPTERS.openai.stream(gpt, true, 0);
       const first = chunk({ ...base, choices: [{ index: 0, delta: { content: "Hi" }, finish_reason: null }], usage: null });
       assert.equal(tr.feed(first), first);
-      const out = String(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 100, completion_tokens: 10, total_tokens: 110 } })));
-      assert.equal(JSON.parse(out.slice(6)).usage.cost_usd, costUsd(gpt, { input: 100, cached: 0, cache_write: 0, output: 10 }));
-      assert.equal(tr.feed(Buffer.from("data: [DONE]\n\n")), "data: [DONE]\n\n");
+      assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 100, completion_tokens: 10, total_tokens: 110 } })), null, "held until [DONE]");
+      const [usage, done] = String(tr.feed(Buffer.from("data: [DONE]\n\n"))).split("\n\n");
+      assert.equal(JSON.parse(usage.slice(6)).usage.cost_usd, costUsd(gpt, { input: 100, cached: 0, cache_write: 0, output: 10 }));
+      assert.equal(done, "data: [DONE]");
       assert.equal(tr.done, true);
     });
 
     it("drops the usage chunk when the client did not ask, but still counts it", () => {
       const tr = ADAPTERS.openai.stream(gpt, false, 0);
-      assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 5, completion_tokens: 1, total_tokens: 6 } })), "");
+      assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 5, completion_tokens: 1, total_tokens: 6 } })), null);
       assert.deepEqual(tr.usage, { input: 5, cached: 0, cache_write: 0, output: 1 });
+      assert.equal(tr.feed(Buffer.from("data: [DONE]\n\n")), "data: [DONE]\n\n");
+    });
+
+    it("uses the last usage an upstream sends for the client's usage chunk and for the log alike", () => {
+      const tr = ADAPTERS.openai.stream(gpt, true, 0);
+      tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 10, completion_tokens: 1, total_tokens: 11 } }));
+      tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 1000, completion_tokens: 100, total_tokens: 1100 } }));
+      const sent = String(tr.feed(Buffer.from("data: [DONE]\n\n"))).split("\n\n").filter((e) => e.includes("usage"));
+      assert.equal(sent.length, 1, "one usage chunk");
+      assert.deepEqual(tr.usage, { input: 1000, cached: 0, cache_write: 0, output: 100 });
+      assert.equal(JSON.parse(sent[0].slice(6)).usage.cost_usd, costUsd(gpt, tr.usage!));
     });
 
     it("reads Kimi's usage inside choices[0] and gives the client a usage chunk before [DONE]", () => {

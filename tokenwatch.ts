@@ -24,7 +24,7 @@ import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
-import { mkdirSync, readFileSync, realpathSync } from "node:fs";
+import { mkdirSync, readFileSync, realpathSync, renameSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -97,12 +97,19 @@ export const ALIASES: Record<string, string> = {
 export const DEFAULTS = {
   threshold: 0.8,            // a model is eligible while under this share of its limits
   max_wait_ms: 30_000,       // how long a request may wait for capacity when every candidate is saturated
-  timeout_ms: 60_000,        // upstream first byte, and the gap between two stream chunks
-  max_body_bytes: 32 * 1024 * 1024, // Anthropic's own request limit
+  timeout_ms: 60_000,        // upstream first byte, a whole error body, and the gap between two stream events
+  max_body_bytes: 32 * 1024 * 1024, // one request body (Anthropic's own request limit)
+  max_inflight_body_bytes: 256 * 1024 * 1024, // all request bodies held at once; past it new ones get 503
+  max_answer_bytes: 16 * 1024 * 1024,  // one upstream JSON answer, error body or stream event
   default_max_tokens: 4096,  // output cap sent to APIs that require one when the client gives none
   cooldown_ms: 5_000,        // rest after a 429 that names no reset time
-  auth_cooldown_ms: 300_000, // rest for a provider whose key was refused (401/403)
+  min_cooldown_ms: 1_000,    // the shortest rest after a 429, whatever its retry-after says (no retry storms)
+  max_cooldown_ms: 300_000,  // the longest rest a provider's header can impose (a bad header cannot park a model for years)
+  auth_cooldown_ms: 300_000, // rest for a provider whose key was refused (401), or a model refused to the key (403)
 };
+
+/** The top-level settings a config file may change (the rest of DEFAULTS are fixed). */
+const SETTINGS = ["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms"] as const;
 
 // ============================================================================================
 // 2. Types: the OpenAI-shaped hub every adapter translates to and from, the resolved config,
@@ -126,8 +133,7 @@ export type ProviderConfig = {
   models: Record<string, ModelConfig>;
 };
 
-export type ConfigFile = {
-  threshold?: number; max_wait_ms?: number; timeout_ms?: number; max_body_bytes?: number;
+export type ConfigFile = Partial<Record<(typeof SETTINGS)[number], number>> & {
   providers?: Record<string, Partial<ProviderConfig>>; aliases?: Record<string, string>;
 };
 
@@ -142,10 +148,8 @@ export type Provider = {
 /** One routable model: `key` is "provider/model"; `pool` names its limiter window (its own, or one it shares). */
 export type Model = ModelConfig & { key: string; pool: string; id: string; provider: Provider; priced: boolean; order: number };
 
-export type Config = {
-  threshold: number; max_wait_ms: number; timeout_ms: number; max_body_bytes: number;
-  default_max_tokens: number; cooldown_ms: number; auth_cooldown_ms: number;
-  providers: Provider[]; models: Model[]; aliases: Record<string, string>;
+export type Config = typeof DEFAULTS & {
+  providers: Provider[]; models: Model[]; aliases: Map<string, string>;
   simpleOrder: Model[]; complexOrder: Model[]; keys: string[];
   named: Map<string, Route>;  // the route of each model name and alias, made once: most requests name a model
 };
@@ -248,21 +252,35 @@ export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
   return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, prompt_tokens_details: details, cost_usd: cost };
 }
 
-const num = (x: unknown) => (typeof x === "number" && Number.isFinite(x) ? x : 0);
+/** No single request counts more tokens than this: it bounds every cost and every sum of them. */
+export const MAX_TOKEN_COUNT = 100_000_000;
+
+/**
+ * A token count as an upstream reported it, made safe to price and store: a whole number from 0 to
+ * MAX_TOKEN_COUNT. Text ("n/a"), NaN or a negative number counts 0; `absent` is what a field that is not
+ * a number at all becomes (so that a later event can tell "not said" from "said 0").
+ */
+export function tokenCount(x: unknown, absent = 0): number {
+  if (typeof x !== "number" || Number.isNaN(x)) return absent;
+  return x > 0 ? Math.min(Math.round(x), MAX_TOKEN_COUNT) : 0;
+}
 
 /** OpenAI usage (and Kimi's, which puts `cached_tokens` at the top) to billed counts. */
 export function usageFromOpenAI(raw: unknown): Usage | undefined {
   if (!raw || typeof raw !== "object") return undefined;
   const u = raw as Record<string, any>;
-  const cached = num(u.prompt_tokens_details?.cached_tokens) || num(u.cached_tokens);
-  const write = num(u.prompt_tokens_details?.cache_write_tokens);
-  return { input: Math.max(0, num(u.prompt_tokens) - cached - write), cached, cache_write: write, output: num(u.completion_tokens) };
+  const cached = tokenCount(u.prompt_tokens_details?.cached_tokens) || tokenCount(u.cached_tokens);
+  const write = tokenCount(u.prompt_tokens_details?.cache_write_tokens);
+  return { input: Math.max(0, tokenCount(u.prompt_tokens) - cached - write), cached, cache_write: write, output: tokenCount(u.completion_tokens) };
 }
 
-/** Anthropic usage: `input_tokens` is already only the uncached part. */
-export function usageFromAnthropic(raw: unknown): Usage {
+/** Anthropic usage: `input_tokens` is already only the uncached part. Fields it leaves out keep `prev`'s value. */
+export function usageFromAnthropic(raw: unknown, prev: Usage = { input: 0, cached: 0, cache_write: 0, output: 0 }): Usage {
   const u = (raw ?? {}) as Record<string, unknown>;
-  return { input: num(u.input_tokens), cached: num(u.cache_read_input_tokens), cache_write: num(u.cache_creation_input_tokens), output: num(u.output_tokens) };
+  return {
+    input: tokenCount(u.input_tokens, prev.input), cached: tokenCount(u.cache_read_input_tokens, prev.cached),
+    cache_write: tokenCount(u.cache_creation_input_tokens, prev.cache_write), output: tokenCount(u.output_tokens, prev.output),
+  };
 }
 
 /** One server-sent event. */
@@ -284,30 +302,66 @@ export function parseSseEvent(block: string): SseEvent | undefined {
   return data.length || event ? { event, data: data.join("\n") } : undefined;
 }
 
+/** Where the event that starts at `from` ends in `buf` (after its blank line: "\n\n", or "\n\r\n" with CRLF), or -1. */
+function eventEnd(buf: Buffer, from: number): number {
+  for (let nl = buf.indexOf(10, from); nl >= 0; nl = buf.indexOf(10, nl + 1)) {
+    if (buf[nl + 1] === 10) return nl + 2;
+    if (buf[nl + 1] === 13 && buf[nl + 2] === 10) return nl + 3;
+  }
+  return -1;
+}
+
 /**
  * Splits a byte stream into whole SSE events without copying more than it must: each call to `push`
- * returns the complete events (raw bytes, separator included) and keeps the unfinished tail.
+ * returns the complete events (raw bytes, separator included) and keeps the unfinished tail. An event
+ * that arrives in many chunks is joined once, when it ends (the unfinished tail is kept as a list, and
+ * only the new bytes are searched), and one that grows past `max` bytes sets `overflow` and is dropped:
+ * an upstream cannot make TokenWatch's memory or work grow without bound.
  */
-const NO_BYTES = Buffer.alloc(0);
-
 export class SseSplitter {
-  #tail: Buffer = NO_BYTES;
+  #parts: Buffer[] = [];
+  #held = 0;
+  #max: number;
+  overflow = false;
+  constructor(max = Infinity) { this.#max = max; }
+
   push(chunk: Buffer): Buffer[] {
-    const buf = this.#tail.length ? Buffer.concat([this.#tail, chunk]) : chunk;
+    if (this.overflow) return [];
     const out: Buffer[] = [];
     let start = 0;
-    for (let nl = buf.indexOf(10); nl >= 0; ) {
-      // an event ends at a blank line: "\n\n", or "\n\r\n" when the server uses CRLF
-      const end = buf[nl + 1] === 10 ? nl + 2 : buf[nl + 1] === 13 && buf[nl + 2] === 10 ? nl + 3 : -1;
-      if (end < 0) { nl = buf.indexOf(10, nl + 1); continue; }
-      out.push(start === 0 && end === buf.length ? buf : buf.subarray(start, end)); // one whole event, the usual chunk: no new view
-      start = end;
-      nl = buf.indexOf(10, end);
+    if (this.#held) {
+      const end = this.#straddle(chunk);
+      if (end < 0) return this.#hold(chunk, 0);
+      out.push(Buffer.concat([...this.#parts, chunk.subarray(0, end)]));
+      this.#parts = []; this.#held = 0; start = end;
     }
-    this.#tail = start < buf.length ? Buffer.from(buf.subarray(start)) : NO_BYTES;
+    for (let end = eventEnd(chunk, start); end >= 0; end = eventEnd(chunk, start)) {
+      out.push(start === 0 && end === chunk.length ? chunk : chunk.subarray(start, end)); // one whole event, the usual chunk: no new view
+      start = end;
+    }
+    this.#hold(chunk, start);
     return out;
   }
-  get pending(): number { return this.#tail.length; }
+
+  /** Where the held event ends in `chunk`, its blank line perhaps begun in the held bytes, or -1. */
+  #straddle(chunk: Buffer): number {
+    const n = this.#parts.length, last = this.#parts[n - 1], a = last[last.length - 1];
+    const b = last.length > 1 ? last[last.length - 2] : n > 1 ? this.#parts[n - 2][this.#parts[n - 2].length - 1] : 0;
+    if (a === 10 && chunk[0] === 10) return 1;
+    if (a === 10 && chunk[0] === 13 && chunk[1] === 10) return 2;
+    if (b === 10 && a === 13 && chunk[0] === 10) return 1;
+    return eventEnd(chunk, 0);
+  }
+
+  #hold(chunk: Buffer, from: number): Buffer[] {
+    if (from >= chunk.length) return [];
+    this.#parts.push(Buffer.from(chunk.subarray(from))); // a copy: the caller's chunk may be reused
+    this.#held += chunk.length - from;
+    if (this.#held > this.#max) { this.overflow = true; this.#parts = []; this.#held = 0; }
+    return [];
+  }
+
+  get pending(): number { return this.#held; }
 }
 
 export const sseData = (json: unknown) => `data: ${JSON.stringify(json)}\n\n`;
@@ -370,13 +424,32 @@ export function scrub(text: string, keys: readonly string[]): string {
 }
 
 const ROLES = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
+
+/**
+ * A model name: visible ASCII only, at most 256 characters. It goes into a header of the answer, into
+ * the log and onto the dashboard, so it is checked before any upstream is called (a name that cannot be
+ * a header would otherwise fail after the provider had answered, and been paid).
+ */
+export const MODEL_NAME = /^[\x21-\x7E]{1,256}$/;
+
+/** A client's string as an error message may quote it: at most 80 characters. */
+export const shown = (x: unknown): string => {
+  const s = typeof x === "string" ? JSON.stringify(x.length > 80 ? `${x.slice(0, 80)}…` : x) : String(JSON.stringify(x));
+  return s.length > 100 ? `${s.slice(0, 100)}…` : s;
+};
+
+function checkModelName(model: unknown): void {
+  if (model === undefined) return;
+  if (typeof model !== "string" || !MODEL_NAME.test(model))
+    throw bad(`"model" must be "auto", a model name, or "provider/model": at most 256 visible ASCII characters, no spaces or line breaks; got ${typeof model === "string" ? shown(model) : typeof model}.`, "model");
+}
 const isObj = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
 
 function checkNumber(body: Record<string, unknown>, field: string, min: number, max: number, integer = false): void {
   const v = body[field];
   if (v === undefined || v === null) return;
   if (typeof v !== "number" || !Number.isFinite(v) || (integer && !Number.isInteger(v)) || v < min || v > max)
-    throw bad(`"${field}" must be ${integer ? "an integer" : "a number"} from ${min} to ${max}; got ${JSON.stringify(v)}.`, field);
+    throw bad(`"${field}" must be ${integer ? "an integer" : "a number"} from ${min} to ${max}; got ${shown(v)}.`, field);
 }
 
 function checkContent(m: Record<string, unknown>, i: number): void {
@@ -397,7 +470,7 @@ function checkContent(m: Record<string, unknown>, i: number): void {
 function checkMessage(m: unknown, i: number): void {
   if (!isObj(m)) throw bad(`messages[${i}] must be an object with "role" and "content".`, "messages");
   if (typeof m.role !== "string" || !ROLES.has(m.role))
-    throw bad(`messages[${i}].role ${JSON.stringify(m.role)} is not one of system, developer, user, assistant, tool.`, `messages[${i}].role`);
+    throw bad(`messages[${i}].role ${shown(m.role)} is not one of system, developer, user, assistant, tool.`, `messages[${i}].role`);
   checkContent(m, i);
   if (m.role === "tool" && typeof m.tool_call_id !== "string") throw bad(`messages[${i}] has role "tool" but no "tool_call_id": give the id of the tool call it answers.`, `messages[${i}].tool_call_id`);
   if (m.tool_calls !== undefined) {
@@ -416,12 +489,12 @@ export function validateChatRequest(body: unknown): ChatRequest {
     throw bad("\"messages\" must be a non-empty array of {\"role\", \"content\"} objects.", "messages");
   if (body.messages.length > 100_000) throw bad("\"messages\" has more than 100,000 entries.", "messages");
   body.messages.forEach(checkMessage);
-  if (body.model !== undefined && (typeof body.model !== "string" || body.model === "")) throw bad("\"model\" must be a model name string, \"auto\", or \"provider/model\".", "model");
+  checkModelName(body.model);
   if (body.stream !== undefined && typeof body.stream !== "boolean") throw bad("\"stream\" must be true or false.", "stream");
   if (body.stream_options !== undefined && body.stream_options !== null && (!isObj(body.stream_options) || body.stream !== true))
     throw bad("\"stream_options\" is only allowed with \"stream\": true, as an object such as {\"include_usage\": true}.", "stream_options");
   if (body.complexity !== undefined && body.complexity !== "simple" && body.complexity !== "complex")
-    throw bad(`"complexity" must be "simple" or "complex"; got ${JSON.stringify(body.complexity)}.`, "complexity");
+    throw bad(`"complexity" must be "simple" or "complex"; got ${shown(body.complexity)}.`, "complexity");
   checkNumber(body, "max_tokens", 1, 10_000_000, true);
   checkNumber(body, "max_completion_tokens", 1, 10_000_000, true);
   checkNumber(body, "temperature", 0, 2);
@@ -439,17 +512,25 @@ export function validateChatRequest(body: unknown): ChatRequest {
   return body as ChatRequest;
 }
 
-/** Reject JSON nested deeper than `max` before walking it anywhere else (a cheap scan of the text). */
-export function jsonDepthExceeds(text: string, max: number): boolean {
-  let depth = 0;
+/**
+ * What would make a JSON text costly to parse and walk, found by one cheap scan before any parsing:
+ * nesting deeper than `maxDepth`, or more than `maxContainers` objects and arrays (ten million `{}` in
+ * 30 MB take seconds to parse, where 30 MB of text take milliseconds). Strings are jumped over.
+ */
+export function jsonShapeProblem(text: string, maxDepth: number, maxContainers = Infinity): "depth" | "containers" | undefined {
+  let depth = 0, containers = 0;
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
     if (c === 34) i = closingQuote(text, i); // most of a chat body is string content: jump over it
-    else if (c === 123 || c === 91) { if (++depth > max) return true; }
-    else if (c === 125 || c === 93) depth--;
+    else if (c === 123 || c === 91) {
+      if (++depth > maxDepth) return "depth";
+      if (++containers > maxContainers) return "containers";
+    } else if (c === 125 || c === 93) depth--;
   }
-  return false;
+  return undefined;
 }
+
+export const jsonDepthExceeds = (text: string, max: number) => jsonShapeProblem(text, max) === "depth";
 
 /** Where the string opened at `open` ends: the next quote not escaped by an odd run of backslashes (or the end). */
 function closingQuote(text: string, open: number): number {
@@ -463,7 +544,7 @@ function closingQuote(text: string, open: number): number {
 
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
-const CONFIG_KEYS = new Set(["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "providers", "aliases"]);
+const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
@@ -505,7 +586,10 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   need(p.reasoning_content === undefined || typeof p.reasoning_content === "boolean", `${where}.reasoning_content`, "must be true or false");
   need(p.prompt_cache === undefined || typeof p.prompt_cache === "boolean", `${where}.prompt_cache`, "must be true or false");
   need(isObj(p.models), `${where}.models`, "must be an object of models");
-  for (const [name, m] of Object.entries(p.models as object)) checkModel(m, `${where}.models.${name}`);
+  for (const [name, m] of Object.entries(p.models as object)) {
+    need(MODEL_NAME.test(name), `${where}.models.${name}`, "must be named with at most 256 visible ASCII characters (no spaces)");
+    checkModel(m, `${where}.models.${name}`);
+  }
 }
 
 /**
@@ -517,7 +601,7 @@ export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown)
   const f = file as Record<string, unknown>;
   checkKeys(f, CONFIG_KEYS, "");
   need(f.threshold === undefined || (isNum(f.threshold) && (f.threshold as number) > 0 && (f.threshold as number) <= 1), "threshold", "must be a number above 0 and at most 1 (0.8 means 80%)");
-  for (const k of ["max_wait_ms", "timeout_ms", "max_body_bytes"]) need(f[k] === undefined || isNum(f[k]), k, "must be a number >= 0");
+  for (const k of SETTINGS) if (k !== "threshold") need(f[k] === undefined || isNum(f[k]), k, "must be a number >= 0");
   need(f.providers === undefined || isObj(f.providers), "providers", "must be an object keyed by provider name");
   need(f.aliases === undefined || (isObj(f.aliases) && Object.values(f.aliases).every((v) => typeof v === "string")), "aliases", "must map names to model names");
   const providers: Record<string, ProviderConfig> = structuredClone(base);
@@ -565,13 +649,16 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
   const maxWait = env.TOKENWATCH_MAX_WAIT_MS !== undefined ? Number(env.TOKENWATCH_MAX_WAIT_MS) : settings.max_wait_ms;
   if (maxWait !== undefined) need(isNum(maxWait), "TOKENWATCH_MAX_WAIT_MS", "must be a number of milliseconds >= 0");
   const keys = providers.map((p) => p.apiKey).filter((k): k is string => Boolean(k));
+  const given = Object.fromEntries(SETTINGS.filter((k) => settings[k] !== undefined).map((k) => [k, settings[k]]));
+  // a model in the table always means that model: an alias of the same name (a built-in one) steps aside
+  const names = new Set(models.map((m) => m.id));
+  const aliasMap = new Map(Object.entries(aliases).filter(([name]) => !names.has(name)));
   const config: Config = {
-    ...DEFAULTS, threshold: settings.threshold ?? DEFAULTS.threshold, max_wait_ms: maxWait ?? DEFAULTS.max_wait_ms,
-    timeout_ms: settings.timeout_ms ?? DEFAULTS.timeout_ms, max_body_bytes: settings.max_body_bytes ?? DEFAULTS.max_body_bytes,
-    providers, models, aliases, simpleOrder, complexOrder, keys, named: new Map(),
+    ...DEFAULTS, ...given, max_wait_ms: maxWait ?? settings.max_wait_ms ?? DEFAULTS.max_wait_ms,
+    providers, models, aliases: aliasMap, simpleOrder, complexOrder, keys, named: new Map(),
   };
-  for (const name of new Set([...models.map((m) => m.id), ...Object.keys(aliases)])) {
-    try { config.named.set(name, byModelName(config, name, aliases[name] ?? name)); } catch { /* an alias of nothing: route() answers 404 */ }
+  for (const name of new Set([...names, ...aliasMap.keys()])) {
+    try { config.named.set(name, byModelName(config, name, aliasMap.get(name) ?? name)); } catch { /* an alias of nothing: route() answers 404 */ }
   }
   return config;
 }
@@ -613,14 +700,15 @@ export class SlidingWindow {
   }
 }
 
-type Pool = { window: SlidingWindow; inflightTokens: number; inflight: number; coolUntil: number };
+/** `coolAsked`: the end of the rest the provider asked for, when that was past the ceiling (shown on the dashboard). */
+type Pool = { window: SlidingWindow; inflightTokens: number; inflight: number; coolUntil: number; coolAsked: number };
 
 /** A model's share of capacity taken by one request; hand it back with `settle` or `release`. */
 export type Reservation = { pool: string; tokens: number; done: boolean };
 
 export type Verdict = { ok: true; reservation: Reservation } | { ok: false; why: "cooling" | "tokens" | "requests"; until: number | undefined };
 
-export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number };
+export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number; coolAsked: number };
 
 type Limits = Pick<Model, "pool" | "limit" | "rpm">;
 
@@ -629,11 +717,18 @@ export class Limiter {
   #waiters = new Set<() => void>();
   #sweepAt = 64;
   threshold: number;
-  constructor(threshold: number) { this.threshold = threshold; }
+  #minCool: number;
+  #maxCool: number;
+  /** `cooldown`: the shortest and longest rest `cool()` may impose, whatever a provider's headers say. */
+  constructor(threshold: number, cooldown: { min: number; max: number } = { min: 0, max: Infinity }) {
+    this.threshold = threshold;
+    this.#minCool = cooldown.min;
+    this.#maxCool = cooldown.max;
+  }
 
   #pool(name: string): Pool {
     let p = this.#pools.get(name);
-    if (!p) this.#pools.set(name, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0 }));
+    if (!p) this.#pools.set(name, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0, coolAsked: 0 }));
     return p;
   }
 
@@ -655,7 +750,8 @@ export class Limiter {
     const tokens = w.tokens + p.inflightTokens;
     const percent = Math.max(m.limit > 0 ? tokens / m.limit : 0, m.rpm ? w.requests / m.rpm : 0) * 100;
     const saturated = tokens >= this.threshold * m.limit || (m.rpm !== undefined && w.requests >= this.threshold * m.rpm);
-    return { tokens, requests: w.requests, inflight: p.inflight, percent, saturated, coolUntil: p.coolUntil > now ? p.coolUntil : 0 };
+    const cooling = p.coolUntil > now;
+    return { tokens, requests: w.requests, inflight: p.inflight, percent, saturated, coolUntil: cooling ? p.coolUntil : 0, coolAsked: cooling ? p.coolAsked : 0 };
   }
 
   /**
@@ -690,9 +786,13 @@ export class Limiter {
 
   release(r: Reservation, now: number): void { this.settle(r, 0, now); }
 
-  cool(pool: string, until: number): void {
-    const p = this.#pool(pool);
-    p.coolUntil = Math.max(p.coolUntil, until);
+  /**
+   * Rest a pool until `until`, kept between the floor and the ceiling: a retry-after of 0 (or in the
+   * past) must not let a model be retried at once, nor one of years park it for good.
+   */
+  cool(pool: string, until: number, now: number): void {
+    const p = this.#pool(pool), end = Math.min(Math.max(until, now + this.#minCool), now + this.#maxCool);
+    if (end > p.coolUntil) { p.coolUntil = end; p.coolAsked = until > end ? until : 0; }
   }
 
   /** Call `fn` once, at the next settle or release: capacity may have come back. */
@@ -716,22 +816,43 @@ export class Limiter {
 
 const COMPLEX_WORDS = /\b(analy[sz]e|architect\w*|design|debug|refactor|prove|proof|optimi[sz]e|trade-?offs?|step[- ]by[- ]step|reason about|plan|compare|evaluate|implement|investigate|migrate|root cause)\b/i;
 const SIMPLE_WORDS = /\b(translate|summari[sz]e|classify|extract|rephrase|reword|spell|typos?|yes or no|one word|in short|tl;?dr|list)\b/i;
-const CODE = /```|\bfunction\s+\w+\s*\(|\bdef \w+\(|\bclass \w+|=>|#include|\bSELECT\b[\s\S]+\bFROM\b|\bimport \w+/;
+// Every pattern here runs on client text, so none may backtrack more than linearly: no nested or
+// unbounded gaps (a "SELECT … FROM" with [\s\S]+ between them was quadratic on text full of SELECT).
+const CODE = /```|\bfunction\s+\w+\s*\(|\bdef \w+\(|\bclass \w+|=>|#include|\bimport \w+/;
+const SQL = /\bSELECT\b/i;
+const SQL_FROM = /\bFROM\b/i;
+/** How much of the conversation the classifier reads: its start and its end (the latest turns). */
+const CLASSIFY_WINDOW = 8_000;
 
 const textOf = (c: ChatMessage["content"]) =>
   typeof c === "string" ? c : Array.isArray(c) ? c.map((p) => (p.type === "text" ? p.text ?? "" : "")).join("\n") : "";
 
+/** The first and last `CLASSIFY_WINDOW / 2` characters of the conversation, and its whole length, without joining it all. */
+function textWindow(messages: ChatMessage[]): { text: string; length: number } {
+  const half = CLASSIFY_WINDOW / 2;
+  let head = "", tail = "", length = 0;
+  for (const m of messages) {
+    const t = textOf(m.content);
+    length += t.length + 1;
+    if (head.length < half) head += t.slice(0, half - head.length) + "\n";
+    tail = (tail + t + "\n").slice(-CLASSIFY_WINDOW);
+  }
+  length = Math.max(0, length - 1); // the length of the texts joined by newlines
+  return { text: length <= CLASSIFY_WINDOW ? tail : `${head}\n${tail.slice(-half)}`, length };
+}
+
 /**
  * Decide "simple" or "complex" for a request without a hint, transparently: each signal found is
- * named in the reason. Long prompts count double; simple wording counts against.
+ * named in the reason. Long prompts count double; simple wording counts against. Patterns read a
+ * bounded window of the text, so a huge prompt costs no more to classify than a long one.
  */
 export function classify(req: ChatRequest): { tier: Tier; signals: string[] } {
-  const all = req.messages.map((m) => textOf(m.content)).join("\n");
-  const lastUser = textOf([...req.messages].reverse().find((m) => m.role === "user")?.content);
+  const { text: all, length } = textWindow(req.messages);
+  const lastUser = textOf(req.messages.findLast((m) => m.role === "user")?.content).slice(-CLASSIFY_WINDOW);
   const signals: string[] = [];
   let score = 0;
-  if (all.length > 6000) { score += 2; signals.push(`long prompt (${all.length} chars)`); }
-  if (CODE.test(all)) { score++; signals.push("code"); }
+  if (length > 6000) { score += 2; signals.push(`long prompt (${length} chars)`); }
+  if (CODE.test(all) || (SQL.test(all) && SQL_FROM.test(all))) { score++; signals.push("code"); }
   if (req.tools?.length) { score++; signals.push(`${req.tools.length} tool${req.tools.length > 1 ? "s" : ""}`); }
   if (req.messages.length >= 8) { score++; signals.push(`${req.messages.length} messages deep`); }
   const hard = COMPLEX_WORDS.exec(lastUser);
@@ -744,9 +865,12 @@ export function classify(req: ChatRequest): { tier: Tier; signals: string[] } {
 /** Can this model answer with `n` choices? Anthropic and fixed-sampling models give exactly one. */
 export const supportsN = (m: Model, n: number) => n === 1 || (m.provider.kind === "openai" && !m.fixed_sampling);
 
-/** A model that is not in the table, reached by "provider/model": no price, no known limits. */
+/**
+ * A model that is not in the table, reached by "provider/model": no price, no known limits. All such
+ * models of a provider share one limiter pool, so that state does not grow with every name a client sends.
+ */
 function unpricedModel(p: Provider, id: string): Model {
-  return { id, key: `${p.id}/${id}`, pool: `${p.id}/${id}`, provider: p, input: 0, output: 0, limit: Infinity, tier: "complex", priced: false, order: -1 };
+  return { id, key: `${p.id}/${id}`, pool: `${p.id}/*`, provider: p, input: 0, output: 0, limit: Infinity, tier: "complex", priced: false, order: -1 };
 }
 
 function pinned(req: ChatRequest, config: Config, name: string, hint: Tier | undefined): Route | undefined {
@@ -767,7 +891,7 @@ function tierOrder(config: Config, tier: Tier): Model[] {
 function byModelName(config: Config, name: string, resolved: string): Route {
   const named = config.models.filter((m) => m.id === resolved);
   if (!named.length) {
-    const names = [...new Set([...config.models.filter((m) => m.provider.enabled).map((m) => m.id), ...Object.keys(config.aliases)])];
+    const names = [...new Set([...config.models.filter((m) => m.provider.enabled).map((m) => m.id), ...config.aliases.keys()])];
     throw new TwError(404, "model_not_found", `Model "${name}" does not exist here. Use "auto", one of: ${names.join(", ")}; or "provider/model" to reach a model that is not in the table.`, { param: "model" });
   }
   const tier = named[0].tier;
@@ -788,20 +912,20 @@ function byModelName(config: Config, name: string, resolved: string): Route {
  */
 export function route(req: ChatRequest, config: Config, headerHint?: string): Route {
   if (headerHint !== undefined && headerHint !== "simple" && headerHint !== "complex")
-    throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${JSON.stringify(headerHint)}.`);
+    throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${shown(headerHint)}.`);
   const hint = req.complexity ?? (headerHint as Tier | undefined);
   const name = req.model ?? "auto";
   let r = name.includes("/") ? pinned(req, config, name, hint) : undefined;
   if (!r && hint) {
     const named = name !== "auto" ? ` (requested ${name} is ranked by the hint)` : "";
     r = { complexity: hint, reason: `complexity "${hint}" given: ${hint === "simple" ? "cheapest first" : "most capable first"}${named}`, candidates: tierOrder(config, hint) };
-    if (name !== "auto" && !config.named.has(name)) byModelName(config, name, config.aliases[name] ?? name); // still 404 an unknown name
+    if (name !== "auto" && !config.named.has(name)) byModelName(config, name, config.aliases.get(name) ?? name); // still 404 an unknown name
   }
   if (!r && name === "auto") {
     const c = classify(req);
     r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || "no sign of complex work"})`, candidates: tierOrder(config, c.tier) };
   }
-  r ??= config.named.get(name) ?? byModelName(config, name, config.aliases[name] ?? name);
+  r ??= config.named.get(name) ?? byModelName(config, name, config.aliases.get(name) ?? name);
   return withN(r, req.n ?? 1);
 }
 
@@ -851,6 +975,8 @@ function errorInfoFrom(status: number, text: string): ErrorInfo {
   if (isObj(e) && typeof e.message === "string")
     return { message: e.message, type: typeof e.type === "string" ? e.type : "upstream_error", code: typeof e.code === "string" ? e.code : typeof e.type === "string" ? e.type : null };
   if (typeof e === "string") return { message: e, type: "upstream_error", code: null };
+  if (json?.object === "error" && typeof json.message === "string") // vLLM and other OpenAI-compatible servers
+    return { message: json.message, type: typeof json.type === "string" ? json.type : "upstream_error", code: typeof json.code === "string" ? json.code : null };
   const html = /^\s*</.test(text);
   const snippet = html ? "an HTML page" : text.trim().slice(0, 200) || "an empty body";
   return { message: `Upstream answered ${status} with ${snippet}`, type: "upstream_error", code: null };
@@ -947,7 +1073,7 @@ class OpenAIStream implements StreamTranslator {
 
   feed(raw: Buffer): Buffer | string | null {
     const s = raw.toString(); // decoding a short event and one regex cost ~0.1 µs: less than three Buffer.indexOf calls
-    if (/"usage"\s*:\s*\{|"error"\s*:|\[DONE\]/.test(s)) return this.#inspect(s, raw);
+    if (/"usage"\s*:\s*\{|"error"\s*:|"object"\s*:\s*"error"|\[DONE\]/.test(s)) return this.#inspect(s, raw);
     return raw;
   }
 
@@ -956,17 +1082,18 @@ class OpenAIStream implements StreamTranslator {
     if (!ev) return raw;
     if (ev.data.trim() === "[DONE]") { this.done = true; return this.#usageChunk() + s; }
     const json = parseJson(ev.data) as Record<string, any> | undefined;
-    if (!json) return raw;
-    this.#meta ??= { id: json.id, created: json.created, model: json.model }; // for the usage chunk: the event with usage has them too
-    if (json.error) { this.error = errorInfoFrom(500, ev.data); return null; }
+    if (!json || typeof json !== "object") return raw;
+    if (json.error || json.object === "error") { this.error = errorInfoFrom(500, ev.data); return null; }
     const usage = json.usage ?? json.choices?.[0]?.usage; // Kimi puts it inside the final choice
     if (!isObj(usage)) return raw;
+    // one definition of the request's usage: the last the upstream sends, read by the log and by the client's usage chunk alike
     this.usage = usageFromOpenAI(usage);
+    this.#meta = { id: json.id, created: json.created, model: json.model };
     if (!(Array.isArray(json.choices) && json.choices.length === 0)) return raw;
-    return this.#usageChunk(); // the usage-only chunk: dropped unless asked for, then with cost_usd
+    return null; // the usage-only chunk goes out once, at [DONE], with the cost
   }
 
-  /** The usage chunk the client asked for (once), with the exact cost. */
+  /** The usage chunk the client asked for (once, at [DONE]), with the exact cost. */
   #usageChunk(): string {
     if (!this.#includeUsage || this.#sentUsage || !this.usage) return "";
     this.#sentUsage = true;
@@ -1113,7 +1240,7 @@ const STOP_REASONS: Record<string, string> = {
   end_turn: "stop", stop_sequence: "stop", pause_turn: "stop", max_tokens: "length",
   model_context_window_exceeded: "length", tool_use: "tool_calls", refusal: "content_filter",
 };
-const finishReason = (r: unknown) => (typeof r === "string" ? STOP_REASONS[r] ?? "stop" : null);
+const finishReason = (r: unknown) => (typeof r === "string" ? (Object.hasOwn(STOP_REASONS, r) ? STOP_REASONS[r] : "stop") : null);
 
 /** An Anthropic message to an OpenAI chat completion: text joined, tool_use to tool_calls, thinking dropped. */
 export function fromAnthropicMessage(body: Record<string, any>, now: number): { completion: Completion; usage: Usage } {
@@ -1265,8 +1392,10 @@ const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour"
 
 export type Totals = { requests: number; errors: number; input_tokens: number; output_tokens: number; cached_tokens: number; cost_usd: number };
 
-const TOTALS_SQL = `COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(input_tokens), 0) AS input_tokens,
-  COALESCE(SUM(output_tokens), 0) AS output_tokens, COALESCE(SUM(cached_tokens), 0) AS cached_tokens, COALESCE(SUM(cost_usd), 0) AS cost_usd`;
+// Sums guarded against what older versions could store (a negative or infinite cost from a broken usage number)
+const COST_SUM = "COALESCE(SUM(MAX(0, MIN(cost_usd, 1e9))), 0)";
+const TOTALS_SQL = `COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(errors), 0) AS errors, COALESCE(SUM(MAX(0, input_tokens)), 0) AS input_tokens,
+  COALESCE(SUM(MAX(0, output_tokens)), 0) AS output_tokens, COALESCE(SUM(MAX(0, cached_tokens)), 0) AS cached_tokens, ${COST_SUM} AS cost_usd`;
 
 // The roll-up rows since :minute, each counted once: minutes up to the first whole hour (:hour), whole hours from there.
 // `minute` is the start of each row's bucket, so per-hour (or coarser) series can read this too.
@@ -1283,26 +1412,76 @@ function rollupSince(sinceMs: number, minutesOnly = false): { minute: number; ho
 
 type RollupSums = { minute: number; provider: string; model: string; complexity: string; requests: number; errors: number; input: number; output: number; cached: number; cost: number; failovers: number };
 
+/** The longest text a log row keeps of each field: names are checked on the way in, older databases may hold more. */
+const ROW_TEXT = { provider: 64, model: 256, requested_model: 256, complexity: 16, failover: 500, error: 1000, error_kind: 32 } as const;
+
+const clip = (s: string | null, n: number) => (s !== null && s.length > n ? s.slice(0, n) : s);
+const finite = (x: number, max: number) => (Number.isFinite(x) && x > 0 ? Math.min(x, max) : 0);
+
+/** A row as the store keeps it: every number finite and bounded, every text of bounded length. */
+function cleanRow(r: Row): Row {
+  for (const k of Object.keys(ROW_TEXT) as (keyof typeof ROW_TEXT)[]) r[k] = clip(r[k], ROW_TEXT[k]);
+  for (const k of ["input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens"] as const) r[k] = tokenCount(r[k]);
+  r.cost_usd = finite(r.cost_usd, 1e9);
+  r.latency_ms = finite(r.latency_ms, 1e10);
+  if (r.ttft_ms !== null) r.ttft_ms = finite(r.ttft_ms, 1e10);
+  return r;
+}
+
+/** The columns a read returns, text cut to its bound even when an older version stored more. */
+const ROW_SELECT = `id, ts, provider, substr(model, 1, 256) AS model, substr(requested_model, 1, 256) AS requested_model, complexity, status, stream,
+  input_tokens, output_tokens, cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, substr(failover, 1, 500) AS failover,
+  substr(error, 1, 1000) AS error, error_kind`;
+
+/** The identity of a file (device and inode), or undefined when there is none at that path. */
+function fileId(path: string): { dev: number; ino: number } | undefined {
+  const s = statSync(path, { throwIfNoEntry: false });
+  return s ? { dev: s.dev, ino: s.ino } : undefined;
+}
+
+/** One write's rows and the promise their requests wait on: every row of one event-loop turn is committed at once. */
+type Batch = { rows: Row[]; done: Promise<void>; resolve: () => void };
+
+function newBatch(): Batch {
+  let resolve!: () => void;
+  const done = new Promise<void>((r) => { resolve = r; });
+  return { rows: [], done, resolve };
+}
+
 export class Store {
   readonly path: string;
-  #db: DatabaseSync;
-  #insert: StatementSync;
-  #rollup: StatementSync;
-  #rollupHour: StatementSync;
+  #db!: DatabaseSync;
+  #insert!: StatementSync;
+  #rollup!: StatementSync;
+  #rollupHour!: StatementSync;
   #statements = new Map<string, StatementSync>();
-  #queue: Row[] = [];
+  #batch = newBatch();
+  #scheduled = false;
   #timer: ReturnType<typeof setTimeout> | undefined;
+  #file: { dev: number; ino: number } | undefined;
+  #checkedAt = 0;
   lastError: string | null = null;
+  /** What happened to the database file while TokenWatch ran (deleted and rewritten, or replaced), for /stats. */
+  fileEvent: string | null = null;
   written = 0;
+  /** Rows that could not be written even alone, with why: kept out of the way so that they block no other row. */
+  setAside: { ts: number; reason: string }[] = [];
+  setAsideCount = 0;
 
   constructor(path: string) {
     this.path = path;
     if (path !== ":memory:") mkdirSync(dirname(resolve(path)), { recursive: true });
-    this.#db = new DatabaseSync(path);
+    this.#open();
+  }
+
+  #open(): void {
+    this.#db = new DatabaseSync(this.path);
     this.#db.exec(SCHEMA);
     this.#insert = this.#db.prepare(INSERT_ROW);
     this.#rollup = this.#db.prepare(upsertRollup("rollup", "minute"));
     this.#rollupHour = this.#db.prepare(upsertRollup("rollup_hour", "hour"));
+    this.#statements.clear();
+    this.#file = this.path === ":memory:" ? undefined : fileId(this.path);
   }
 
   /** A read statement, prepared on first use and kept: /stats runs the same dozen every 3 seconds. */
@@ -1312,34 +1491,108 @@ export class Store {
     return s;
   }
 
-  /** Queue a row; it is written with the others of this tick, in one transaction. */
-  add(row: Row): void {
-    this.#queue.push(row);
-    this.#timer ??= setTimeout(() => this.flush(), this.lastError ? 1000 : 50);
+  /**
+   * Queue a row. It is committed with every other row of this event-loop turn in one transaction (group
+   * commit), and the promise resolves then: a request that awaits it before its last byte has its row on
+   * disk before the client has its answer, so a crash of the process loses no answered request. While the
+   * database fails (disk full, locked), rows stay queued for the retry and the promise resolves at once.
+   */
+  add(row: Row): Promise<void> {
+    this.#batch.rows.push(cleanRow(row));
+    if (this.#timer) return Promise.resolve();
+    if (!this.#scheduled) { this.#scheduled = true; setImmediate(() => { this.#scheduled = false; this.flush(); }); }
+    return this.#batch.done;
   }
 
-  get pending(): number { return this.#queue.length; }
+  get pending(): number { return this.#batch.rows.length; }
 
   /** Write every queued row now. On failure (disk full, database locked) the rows stay queued and a retry is scheduled. */
   flush(): boolean {
     clearTimeout(this.#timer);
     this.#timer = undefined;
-    if (!this.#queue.length) return true;
-    const rows = this.#queue;
-    try {
-      this.#db.exec("BEGIN IMMEDIATE");
-      for (const r of rows) this.#write(r);
-      this.#writeRollups(rows);
-      this.#db.exec("COMMIT");
-      this.#queue = this.#queue.slice(rows.length);
-      this.written += rows.length;
-      this.lastError = null;
-      return true;
-    } catch (e) {
-      try { this.#db.exec("ROLLBACK"); } catch { /* no transaction was open */ }
-      this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`;
+    const batch = this.#batch;
+    if (!batch.rows.length) return true;
+    this.#checkFile();
+    this.#batch = newBatch();
+    const ok = this.#commit(batch.rows);
+    if (!ok) {
+      this.#batch.rows = batch.rows.concat(this.#batch.rows);
       this.#timer = setTimeout(() => this.flush(), 1000);
-      return false;
+    }
+    batch.resolve();
+    return ok;
+  }
+
+  /** One transaction for all the rows; if it fails, each row alone, so that one bad row never holds back the others. */
+  #commit(rows: Row[]): boolean {
+    try {
+      this.#transaction(() => { for (const r of rows) this.#write(r); this.#writeRollups(rows); });
+    } catch (e) {
+      const good = this.#writable(rows);
+      if (!good) { this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`; return false; }
+    }
+    this.written += rows.length;
+    this.lastError = null;
+    return true;
+  }
+
+  /**
+   * Write the rows one by one (each in a savepoint) and set aside those that fail alone. When not one
+   * row can be written the fault is the database's, not the rows': false, and nothing is set aside.
+   */
+  #writable(rows: Row[]): boolean {
+    const bad: { row: Row; reason: string }[] = [];
+    try {
+      this.#transaction(() => {
+        for (const r of rows) {
+          this.#db.exec("SAVEPOINT one");
+          try { this.#write(r); this.#db.exec("RELEASE one"); } catch (e) { this.#db.exec("ROLLBACK TO one"); this.#db.exec("RELEASE one"); bad.push({ row: r, reason: (e as Error).message }); }
+        }
+        if (bad.length === rows.length) throw new Error("no row could be written");
+        this.#writeRollups(rows.filter((r) => !bad.some((b) => b.row === r)));
+      });
+    } catch { return false; }
+    for (const b of bad) this.#putAside(b.row, b.reason);
+    this.written -= bad.length;
+    return true;
+  }
+
+  #putAside(row: Row, reason: string): void {
+    this.setAsideCount++;
+    this.setAside = [...this.setAside.slice(-19), { ts: row.ts, reason: `Cannot store the row of the request at ${new Date(row.ts).toISOString()}: ${reason}` }];
+  }
+
+  #transaction(fn: () => void): void {
+    this.#db.exec("BEGIN IMMEDIATE");
+    try { fn(); this.#db.exec("COMMIT"); } catch (e) {
+      try { this.#db.exec("ROLLBACK"); } catch { /* no transaction was open */ }
+      throw e;
+    }
+  }
+
+  /**
+   * Notice, at most once a second, that the database file was deleted (or replaced) under us. A deleted
+   * file is rewritten at its path from the connection still open on it (SQLite's VACUUM INTO), so no
+   * row is lost; a replaced one is left alone and reported.
+   */
+  #checkFile(): void {
+    if (!this.#file || Date.now() - this.#checkedAt < 1000) return;
+    this.#checkedAt = Date.now();
+    const now = fileId(this.path);
+    if (now && now.dev === this.#file.dev && now.ino === this.#file.ino) return;
+    const when = new Date().toISOString();
+    if (now) { this.fileEvent = `${this.path} was replaced by another file at ${when}: rows still go to the old one; restart TokenWatch to use the new file`; this.#file = undefined; return; }
+    try {
+      mkdirSync(dirname(resolve(this.path)), { recursive: true });
+      const tmp = `${this.path}.recovering-${process.pid}`;
+      this.#db.exec(`VACUUM INTO '${tmp.replaceAll("'", "''")}'`);
+      this.#db.close();
+      renameSync(tmp, this.path);
+      this.#open();
+      this.fileEvent = `${this.path} was deleted at ${when}: TokenWatch rewrote it from its open connection, every row kept`;
+    } catch (e) {
+      this.fileEvent = `${this.path} was deleted at ${when} and cannot be rewritten (${(e as Error).message}): rows go to the deleted file until TokenWatch restarts`;
+      this.#file = undefined;
     }
   }
 
@@ -1375,8 +1628,15 @@ export class Store {
     return this.#stmt(`SELECT ${TOTALS_SQL} FROM ${ROLLUP_SINCE}`).get(rollupSince(sinceMs)) as Totals;
   }
 
-  byModel(sinceMs: number): (Totals & { provider: string; model: string })[] {
-    return this.#stmt(`SELECT provider, model, ${TOTALS_SQL} FROM ${ROLLUP_SINCE} GROUP BY provider, model`).all(rollupSince(sinceMs)) as never;
+  /** The `limit` busiest models since a time (the log may hold thousands of names: /stats shows the top ones). */
+  byModel(sinceMs: number, limit = 50): (Totals & { provider: string; model: string })[] {
+    return this.#stmt(`SELECT provider, substr(model, 1, 256) AS model, ${TOTALS_SQL} FROM ${ROLLUP_SINCE} GROUP BY 1, 2 ORDER BY requests DESC LIMIT :limit`)
+      .all({ ...rollupSince(sinceMs), limit }) as never;
+  }
+
+  /** Sums per provider, and how many model names each answered under, since a time. */
+  byProvider(sinceMs: number): (Totals & { provider: string; models: number })[] {
+    return this.#stmt(`SELECT provider, COUNT(DISTINCT model) AS models, ${TOTALS_SQL} FROM ${ROLLUP_SINCE} GROUP BY provider`).all(rollupSince(sinceMs)) as never;
   }
 
   routing(sinceMs: number): { complexity: string; requests: number; failovers: number }[] {
@@ -1387,7 +1647,7 @@ export class Store {
   series(sinceMs: number, bucketMinutes: number): { b: number; requests: number; input_tokens: number; output_tokens: number; cost_usd: number }[] {
     // node:sqlite binds every JS number as REAL: without the cast, minute / 60 is a fraction and each minute its own bucket
     return this.#stmt(`SELECT minute / CAST(:bucket AS INTEGER) AS b, SUM(requests) AS requests, SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens,
-      SUM(cost_usd) AS cost_usd FROM ${ROLLUP_SINCE} GROUP BY b ORDER BY b`).all({ bucket: bucketMinutes, ...rollupSince(sinceMs, bucketMinutes % 60 !== 0) }) as never;
+      ${COST_SUM} AS cost_usd FROM ${ROLLUP_SINCE} GROUP BY b ORDER BY b`).all({ bucket: bucketMinutes, ...rollupSince(sinceMs, bucketMinutes % 60 !== 0) }) as never;
   }
 
   /** The latest latencies (and times to first token) of one model: percentiles read these, not the whole log. */
@@ -1396,20 +1656,20 @@ export class Store {
   }
 
   failoverReasons(sinceMs: number): { reason: string; count: number }[] {
-    return this.#stmt("SELECT failover AS reason, COUNT(*) AS count FROM (SELECT failover FROM requests WHERE ts >= ? AND failover IS NOT NULL ORDER BY ts DESC LIMIT 5000) GROUP BY failover ORDER BY count DESC LIMIT 10").all(sinceMs) as never;
+    return this.#stmt("SELECT substr(failover, 1, 500) AS reason, COUNT(*) AS count FROM (SELECT failover FROM requests WHERE ts >= ? AND failover IS NOT NULL ORDER BY ts DESC LIMIT 5000) GROUP BY failover ORDER BY count DESC LIMIT 10").all(sinceMs) as never;
   }
 
   recent(limit = 50): Row[] {
-    return this.#stmt("SELECT * FROM requests ORDER BY id DESC LIMIT ?").all(limit) as never;
+    return this.#stmt(`SELECT ${ROW_SELECT} FROM requests ORDER BY id DESC LIMIT ?`).all(limit) as never;
   }
 
   errors(sinceMs: number, limit = 50): Row[] {
-    return this.#stmt("SELECT * FROM requests WHERE status >= 400 AND ts >= ? ORDER BY ts DESC LIMIT ?").all(sinceMs, limit) as never;
+    return this.#stmt(`SELECT ${ROW_SELECT} FROM requests WHERE status >= 400 AND ts >= ? ORDER BY ts DESC LIMIT ?`).all(sinceMs, limit) as never;
   }
 
   errorGroups(sinceMs: number): { provider: string; kind: string; count: number; last_ts: number; last_message: string }[] {
-    return this.#stmt(`SELECT COALESCE(provider, '') AS provider, COALESCE(error_kind, 'error') AS kind, COUNT(*) AS count, MAX(ts) AS last_ts,
-      (SELECT error FROM requests r2 WHERE r2.status >= 400 AND COALESCE(r2.provider, '') = COALESCE(r.provider, '') AND COALESCE(r2.error_kind, 'error') = COALESCE(r.error_kind, 'error') ORDER BY ts DESC LIMIT 1) AS last_message
+    return this.#stmt(`SELECT substr(COALESCE(provider, ''), 1, 64) AS provider, substr(COALESCE(error_kind, 'error'), 1, 32) AS kind, COUNT(*) AS count, MAX(ts) AS last_ts,
+      (SELECT substr(error, 1, 1000) FROM requests r2 WHERE r2.status >= 400 AND COALESCE(r2.provider, '') = COALESCE(r.provider, '') AND COALESCE(r2.error_kind, 'error') = COALESCE(r.error_kind, 'error') ORDER BY ts DESC LIMIT 1) AS last_message
       FROM (SELECT * FROM requests WHERE status >= 400 AND ts >= ? ORDER BY ts DESC LIMIT 5000) r GROUP BY 1, 2 ORDER BY last_ts DESC LIMIT 20`).all(sinceMs) as never;
   }
 
@@ -1439,14 +1699,19 @@ export class Store {
  */
 export type Client = { gone: boolean; stop?: () => void };
 
-/** One client request on its way through the candidates; `attempts` are the ones that failed so far. */
-export type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[] };
+/**
+ * One client request on its way through the candidates; `attempts` are the ones that failed so far.
+ * `commit` finishes its log row and resolves once the row is on disk: the dispatcher awaits it before
+ * the answer's last byte, so no answered request's row can be lost to a crash.
+ */
+export type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void> };
 
 export type DispatchDeps = { limiter: Limiter; fetch: typeof fetch; now: () => number };
 
 const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
 const TIMED_OUT = Symbol("timeout");
 const DRAINED = Symbol("drained");
+const GAVE_UP = Symbol("gave up");   // the attempt failed before its body was read: free the connection
 
 /** An upstream 4xx that is the client's to fix goes back as it is; 408 and 429 are the upstream's trouble. */
 const passesThrough = (status: number) => status >= 400 && status < 500 && status !== 408 && status !== 429;
@@ -1457,23 +1722,31 @@ function failLabel(status: number, timedOut = false): string {
   if (status === 0) return "connection error";
   if (status === 429) return "429 rate limited";
   if (status === 529) return "529 overloaded";
-  if (status === 401 || status === 403) return `${status} key refused`;
+  if (status === 401) return "401 key refused";
+  if (status === 403) return "403 model refused";
   if (status === 408) return "408 upstream timeout";
+  if (status >= 300 && status < 400) return `${status} redirect refused`;
   if (status >= 500) return `${status} upstream error`;
   return `${status} bad answer`;
 }
 
-/** An attempt under watch: `refresh()` when the upstream shows life (headers, a chunk). */
+/**
+ * An attempt under watch: `refresh()` when the upstream shows life (its headers, a complete event).
+ * Paused while the client is the one not reading: backpressure from the client is not an upstream stall.
+ */
 class Watch {
   last = Date.now();
+  paused = false;
   ac: AbortController;
   constructor(ac: AbortController) { this.ac = ac; }
   refresh(): void { this.last = Date.now(); }
+  pause(): void { this.paused = true; }
+  resume(): void { this.paused = false; this.last = Date.now(); }
 }
 
 /**
  * One clock for every attempt's idle timeout: an attempt that shows no life for `ms` is aborted
- * (with TIMED_OUT). A stream refreshes it on every chunk, so this is a field write per chunk and one
+ * (with TIMED_OUT). A stream refreshes it on every event, so this is a field write per event and one
  * sweep every ms/8 (at most a second) instead of re-arming a timer each time; the sweep stops when
  * nothing is watched. An attempt times out between `ms` and `ms` + one sweep.
  */
@@ -1497,7 +1770,7 @@ class Watchdog {
 
   #sweep(): void {
     const t = Date.now();
-    for (const w of this.#live) if (t - w.last >= this.#ms) { this.done(w); w.ac.abort(TIMED_OUT); }
+    for (const w of this.#live) if (!w.paused && t - w.last >= this.#ms) { this.done(w); w.ac.abort(TIMED_OUT); }
   }
 }
 
@@ -1533,18 +1806,26 @@ function routingHeaders(m: Model, route: Route): Record<string, string> {
   return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
 }
 
-/** Resolve when the response may take more data, or is gone. */
-function drained(res: ServerResponse): Promise<void> {
+/** Resolve when the response may take more data or is gone (false), or after `ms` of neither (true: the client stopped reading). */
+function drained(res: ServerResponse, ms: number): Promise<boolean> {
   return new Promise((done) => {
-    const finish = () => { res.off("drain", finish); res.off("close", finish); done(); };
-    res.on("drain", finish);
-    res.on("close", finish);
+    const finish = (stalled: boolean) => { clearTimeout(timer); res.off("drain", ok); res.off("close", ok); done(stalled); };
+    const ok = () => finish(false);
+    const timer = setTimeout(() => finish(true), ms);
+    res.on("drain", ok);
+    res.on("close", ok);
   });
 }
 
+/** Every string of an upstream error, keys replaced, before anything cuts, logs or relays it. */
+const scrubInfo = (e: ErrorInfo, keys: readonly string[]): ErrorInfo =>
+  ({ message: scrub(e.message, keys), type: scrub(e.type, keys), code: e.code === null ? null : scrub(e.code, keys) });
+
 export class Dispatcher {
-  /** provider id -> until when its key is considered refused */
+  /** provider id -> until when its key is considered refused (a 401) */
   readonly authDown = new Map<string, number>();
+  /** "provider/model" -> until when that model is refused to this key (a 403: no access to the model) */
+  readonly refused = new Map<string, number>();
   #config: Config;
   #limiter: Limiter;
   #fetch: typeof fetch;
@@ -1565,7 +1846,7 @@ export class Dispatcher {
 
   /** Answer the job from the first candidate that can; throws a TwError when none can. */
   async dispatch(job: Job): Promise<void> {
-    const { cr, route, row, res, client, attempts } = job;
+    const { cr, route, row, client, attempts } = job;
     const estimate = estimateTokens(cr, job.text.length, this.#config.default_max_tokens);
     const deadline = row.ts + this.#config.max_wait_ms;
     const spent = new Set<Model>();
@@ -1573,7 +1854,7 @@ export class Dispatcher {
     for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
       if (client.gone) throw CLIENT_GONE;
       const t = this.#now();
-      const open = route.candidates.filter((m) => !spent.has(m) && !((this.authDown.get(m.provider.id) ?? 0) > t));
+      const open = route.candidates.filter((m) => !spent.has(m) && !this.#resting(m, t));
       if (!open.length) break;
       const pick = this.#pick(open, estimate, t);
       if ("wait" in pick) {
@@ -1586,15 +1867,20 @@ export class Dispatcher {
       if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
       row.provider = pick.model.provider.id;
       row.model = pick.model.id;
-      const out = await this.#attempt(job, pick.model, pick.reservation);
       row.attempts = attempts.length + 1;
-      if (out.done) { row.status ||= res.statusCode; return; }
+      const out = await this.#attempt(job, pick.model, pick.reservation);
+      if (out.done) return;
       attempts.push(out.attempt);
       if (out.final) throw withAttempts(out.error, attempts);
       failures.push(out);
       if (out.spent) spent.add(pick.model);
     }
     throw exhausted(failures, attempts);
+  }
+
+  /** A provider whose key was refused, or a model refused to the key, is not tried until its rest is over. */
+  #resting(m: Model, t: number): boolean {
+    return (this.authDown.get(m.provider.id) ?? 0) > t || (this.refused.get(m.key) ?? 0) > t;
   }
 
   /** Reserve the first candidate with room; otherwise say when to look again (and whether only cooldowns block). */
@@ -1625,7 +1911,7 @@ export class Dispatcher {
   #failer(m: Model, reservation: Reservation, started: number): Fail {
     return (status, message, opts = {}) => {
       if (opts.release !== false) this.#limiter.release(reservation, this.#now());
-      const msg = this.#scrub(message);
+      const msg = clip(this.#scrub(message), ROW_TEXT.error)!;
       const error = new TwError(opts.timedOut ? 504 : passesThrough(status) ? status : 502, opts.code ?? "upstream_error", msg);
       const attempt = { provider: m.provider.id, model: m.id, status, error: msg, ms: this.#now() - started };
       return { done: false, attempt, spent: opts.spent ?? true, error, timedOut: opts.timedOut ?? false };
@@ -1644,32 +1930,53 @@ export class Dispatcher {
     const timer = this.#watchdog.watch(ac);
     try {
       let resp: Response;
-      try { resp = await this.#fetch(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal }); }
+      // never follow a redirect: it could take the key and the prompt to another host
+      try { resp = await this.#fetch(up.url, { method: "POST", headers: up.headers, body: up.body, signal: ac.signal, redirect: "manual" }); }
       catch (e) {
         if (ac.signal.reason === CLIENT_GONE) { this.#limiter.release(reservation, this.#now()); throw CLIENT_GONE; }
         const timedOut = ac.signal.reason === TIMED_OUT;
         return fail(0, timedOut ? `No answer within ${this.#config.timeout_ms} ms` : `Cannot reach ${m.provider.name}: ${((e as Error).cause as Error)?.message ?? (e as Error).message}`, { timedOut });
       }
+      timer.refresh();
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, this.#now(), this.#config.cooldown_ms, m.provider.kind);
-      if (cool) this.#limiter.cool(m.pool, cool);
-      if (!resp.ok) return await this.#upstreamError(resp, m, timer, fail);
-      const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(job.cr, this.#config.default_max_tokens), resp, ac, timer, started };
-      return job.cr.stream ? await this.#relayStream(relay, fail) : await this.#relayJson(relay, fail);
+      if (cool) this.#limiter.cool(m.pool, cool, this.#now());
+      const out = await this.#answer(job, m, reservation, resp, ac, timer, fail, started);
+      if (!out.done) ac.abort(GAVE_UP); // whatever is left of the body is not wanted: free the connection
+      return out;
     } finally {
       this.#watchdog.done(timer);
       job.client.stop = undefined;
     }
   }
 
-  /** A non-2xx answer: 429 cools the model, 401/403 rest the provider, 408/5xx move on, other 4xx go back to the client. */
-  async #upstreamError(resp: Response, m: Model, timer: Watch, fail: Fail): Promise<Failure> {
-    const text = await readText(resp, timer, 65_536).catch(() => "");
-    const info = ADAPTERS[m.provider.kind].error(resp.status, text);
-    const s = resp.status;
+  /** What the upstream answered: an error, something that is not an answer, or an answer to relay. */
+  async #answer(job: Job, m: Model, reservation: Reservation, resp: Response, ac: AbortController, timer: Watch, fail: Fail, started: number): Promise<Outcome> {
+    if (resp.status >= 300 && resp.status < 400) {
+      const to = resp.headers.get("location") ?? "";
+      return fail(resp.status, `${m.provider.name} answered ${resp.status}, a redirect${to ? ` to ${shown(to)}` : ""}: TokenWatch does not follow redirects, which could carry the key elsewhere; set its base_url to the address that answers`);
+    }
+    if (!resp.ok) return await this.#upstreamError(resp, m, fail);
+    const type = resp.headers.get("content-type");
+    if (job.cr.stream && type && !/^text\/event-stream\b/i.test(type))
+      return fail(502, `${m.provider.name} answered a stream request with ${shown(type)} instead of an event stream`);
+    const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(job.cr, this.#config.default_max_tokens), resp, ac, timer, started };
+    return job.cr.stream ? await this.#relayStream(relay, fail) : await this.#relayJson(relay, fail);
+  }
+
+  /**
+   * A non-2xx answer: 429 cools the model, 401 rests the provider (its key was refused), 403 rests the
+   * model (refused to this key), 408/5xx move on, other 4xx go back to the client. The body is read
+   * within timeout_ms in all and at most 64 KB of it kept; every string in it is scrubbed first.
+   */
+  async #upstreamError(resp: Response, m: Model, fail: Fail): Promise<Failure> {
+    const text = this.#scrub(await readText(resp, 65_536).catch(() => ""));
+    const info = scrubInfo(ADAPTERS[m.provider.kind].error(resp.status, text), this.#config.keys);
+    const s = resp.status, t = this.#now();
     if (s === 429) return fail(s, info.message, { spent: false });
-    if (s === 401 || s === 403) { this.authDown.set(m.provider.id, this.#now() + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
+    if (s === 401) { this.authDown.set(m.provider.id, t + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
+    if (s === 403) { this.refused.set(m.key, t + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused ${m.id} to this key: ${info.message}`); }
     if (s === 408 || s >= 500) return fail(s, info.message);
-    return { ...fail(s, info.message), final: true, error: new TwError(s, info.code ?? "upstream_error", this.#scrub(info.message), { type: info.type }) };
+    return { ...fail(s, info.message), final: true, error: new TwError(s, clip(info.code, 100) ?? "upstream_error", clip(info.message, ROW_TEXT.error)!, { type: clip(info.type, 100)! }) };
   }
 
   /** Settle the limiter with the real usage (or the estimate when the upstream gave none) and put it on the row. */
@@ -1691,8 +1998,7 @@ export class Dispatcher {
   async #relayJson(r: Relay, fail: Fail): Promise<Outcome> {
     let parsed: { completion: Completion; usage: Usage | undefined };
     try {
-      r.timer.refresh();
-      const text = await r.resp.text();
+      const text = await readCapped(r.resp, this.#config.max_answer_bytes);
       parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, this.#now());
     } catch (e) { return this.#readFailure(r, fail, e); }
     const { completion } = parsed;
@@ -1702,70 +2008,110 @@ export class Dispatcher {
     const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
     completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
     completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts, ...(r.m.priced ? {} : { unpriced: true }) };
+    r.job.row.status = 200;
+    await r.job.commit();
     sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
     return { done: true };
   }
 
+  /**
+   * Relay a stream event by event. The watchdog times complete events, not bytes (an upstream that
+   * drips bytes without ever finishing an event stalls), one event may not outgrow max_answer_bytes,
+   * and the last event is held back until the request's row is committed.
+   */
   async #relayStream(r: Relay, fail: Fail): Promise<Outcome> {
     const { job } = r;
     const tr = ADAPTERS[r.m.provider.kind].stream(r.m, job.cr.stream_options?.include_usage === true, this.#now());
-    const split = new SseSplitter();
-    let committed = false, sentChars = 0;
-    /** Write one event; false when the client's buffer is full. */
-    const send = (out: Buffer | string): boolean => {
-      if (!committed) {
-        committed = true;
-        job.row.ttft_ms = this.#now() - job.row.ts;
-        job.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, job.route) });
-      }
-      sentChars += out.length;
-      return job.res.write(out);
+    const split = new SseSplitter(this.#config.max_answer_bytes);
+    let opened = false, sentChars = 0, last: Buffer | string | null = null;
+    const open = () => {
+      if (opened) return;
+      opened = true;
+      job.row.ttft_ms = this.#now() - job.row.ts;
+      job.res.writeHead(200, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", "x-accel-buffering": "no", ...routingHeaders(r.m, job.route) });
     };
+    /** Write one event; false when the client's buffer is full. */
+    const send = (out: Buffer | string): boolean => { open(); sentChars += out.length; return job.res.write(out); };
     let broke: Error | undefined;
     const body = (r.resp.body as unknown as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
     try {
       for (let c = await body.next(); !c.done; c = await body.next()) {
-        r.timer.refresh();
-        for (const ev of split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength))) {
+        const events = split.push(Buffer.from(c.value.buffer, c.value.byteOffset, c.value.byteLength));
+        if (events.length) r.timer.refresh();
+        for (const ev of events) {
           const out = tr.feed(ev);
           if (tr.error) break;
-          if (out && !send(out)) await drained(job.res); // a turn of the event loop per event only when the client is slow
+          if (tr.done) { last = out; break; }
+          if (out && !send(out)) await this.#clientReady(r); // a turn of the event loop per event only when the client is slow
         }
-        if (tr.error || tr.done) break;
+        if (tr.error || tr.done || split.overflow) break;
       }
     } catch (e) { broke = e as Error; }
     // no usage from upstream (a local server, or a stream cut short): estimate, the events' JSON is ~4x their text
     const fallback = { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil(sentChars / 16) };
     if (r.ac.signal.reason === CLIENT_GONE) { this.#account(r, tr.usage, fallback); throw CLIENT_GONE; }
     const timedOut = r.ac.signal.reason === TIMED_OUT;
-    const why = tr.error ? tr.error.message : timedOut ? `The stream stalled for ${this.#config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
-    if (!committed) {
-      if (tr.error?.type === "rate_limit_error") this.#limiter.cool(r.m.pool, this.#now() + this.#config.cooldown_ms);
-      return why ? fail(tr.error ? 502 : 0, why, { timedOut }) : fail(502, "The stream ended without any event");
+    const info = tr.error && scrubInfo(tr.error, this.#config.keys);
+    const why = split.overflow ? `An event of the stream grew past ${this.#config.max_answer_bytes} bytes (max_answer_bytes)`
+      : info ? info.message : timedOut ? `The stream stalled for ${this.#config.timeout_ms} ms` : broke ? `The stream broke off: ${(broke.cause as Error)?.message ?? broke.message}` : !tr.done ? "The stream ended before it finished" : "";
+    if (!opened && why) {
+      if (info?.type === "rate_limit_error") this.#limiter.cool(r.m.pool, this.#now() + this.#config.cooldown_ms, this.#now());
+      return fail(info ? 502 : 0, why, { timedOut });
     }
+    open();
     this.#account(r, tr.usage, fallback);
-    if (why) {
-      const err = new TwError(timedOut ? 504 : 502, tr.error?.code ?? "upstream_stream_error", this.#scrub(why), { type: tr.error?.type });
-      Object.assign(job.row, { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" });
-      job.res.write(sseData(err.body()));
-    }
+    const err = why ? new TwError(timedOut ? 504 : 502, clip(info?.code ?? null, 100) ?? "upstream_stream_error", clip(this.#scrub(why), ROW_TEXT.error)!, { type: clip(info?.type ?? null, 100) ?? undefined }) : undefined;
+    Object.assign(job.row, err ? { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" } : { status: 200 });
+    await job.commit();
+    if (err) job.res.write(sseData(err.body()));
+    else if (last) job.res.write(last);
     job.res.end();
     if (tr.done && !broke) void drainRest(body, r.ac);
     return { done: true };
   }
+
+  /**
+   * Wait for a client that reads slower than the upstream writes. The upstream's clock stops meanwhile
+   * (this is not its stall); a client that reads nothing for 5 × timeout_ms is taken as gone.
+   */
+  async #clientReady(r: Relay): Promise<void> {
+    r.timer.pause();
+    const stalled = await drained(r.job.res, 5 * this.#config.timeout_ms);
+    r.timer.resume();
+    if (stalled) { r.job.client.gone = true; r.ac.abort(CLIENT_GONE); r.job.res.destroy(); }
+  }
 }
 
-/** Read an error body with the idle timeout re-armed per chunk; at most `max` bytes are kept. */
-async function readText(resp: Response, timer: Watch, max: number): Promise<string> {
+/**
+ * Read an error body, keeping at most `max` bytes: past that the rest is not read at all. No refresh
+ * of the watchdog here: a body that drips a byte at a time gets timeout_ms in all, not per byte.
+ */
+async function readText(resp: Response, max: number): Promise<string> {
   if (!resp.body) return "";
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const c of resp.body as unknown as AsyncIterable<Uint8Array>) {
-    timer.refresh();
-    if (size < max) chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
+    chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
     size += c.byteLength;
+    if (size >= max) break; // leaving the loop cancels the body
   }
-  return Buffer.concat(chunks).toString("utf8");
+  return Buffer.concat(chunks).subarray(0, max).toString("utf8");
+}
+
+/** Read a whole answer, refusing (502) one larger than `max` bytes: by its content-length at once, or as it arrives. */
+async function readCapped(resp: Response, max: number): Promise<string> {
+  const tooBig = (n: string) => new TwError(502, "answer_too_large", `The upstream's answer is larger than ${max} bytes (${n}; max_answer_bytes): ask for a shorter answer, or raise max_answer_bytes in the config.`);
+  const declared = Number(resp.headers.get("content-length") ?? NaN);
+  if (declared > max) throw tooBig(`${declared} bytes`);
+  if (Number.isFinite(declared) || !resp.body) return resp.text(); // known and small enough: read in one piece
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const c of resp.body as unknown as AsyncIterable<Uint8Array>) {
+    size += c.byteLength;
+    if (size > max) throw tooBig("and still growing");
+    chunks.push(Buffer.from(c.buffer, c.byteOffset, c.byteLength));
+  }
+  return Buffer.concat(chunks, size).toString("utf8");
 }
 
 /**
@@ -1811,26 +2157,70 @@ const digest = (s: string) => createHash("sha256").update(s).digest();
 
 /** Constant-time comparison of the caller's key with ours (hashing first hides the length too). */
 function keyMatches(req: IncomingMessage, key: string): boolean {
-  const auth = header(req, "authorization");
-  const given = auth?.startsWith("Bearer ") ? auth.slice(7).trim() : header(req, "x-api-key");
+  const bearer = /^bearer[ \t]+(.+)$/i.exec(header(req, "authorization") ?? ""); // auth schemes are case-insensitive
+  const given = bearer ? bearer[1].trim() : header(req, "x-api-key");
   return given !== undefined && timingSafeEqual(digest(given), digest(key));
 }
 
-/** Read a request body, refusing (413) as soon as it passes `limit` bytes. */
-function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
+/**
+ * The bytes of request bodies held at once, all requests together: each 30 MB body costs several times
+ * that in memory until its answer is done, so past `max` a new body is refused (503) instead of read.
+ */
+class BodyBudget {
+  held = 0;
+  #max: number;
+  constructor(max: number) { this.#max = max; }
+  take(n: number): boolean {
+    if (this.held + n > this.#max) return false;
+    this.held += n;
+    return true;
+  }
+  give(n: number): void { this.held -= n; }
+  fits(n: number): boolean { return this.held + n <= this.#max; }
+}
+
+/**
+ * Read a request body, refusing it as soon as it passes `limit` bytes (413) or would take the bodies
+ * held at once past the budget (503). `held.bytes` counts what this request holds: give it back at the end.
+ */
+function readBody(req: IncomingMessage, limit: number, budget: BodyBudget, held: { bytes: number }): Promise<Buffer> {
   const tooBig = () => new TwError(413, "body_too_large", `The request body is larger than ${limit} bytes: send less (shrink images, trim history), or raise max_body_bytes in the config.`);
-  if (Number(header(req, "content-length")) > limit) return Promise.reject(tooBig());
+  const busy = () => new TwError(503, "busy", `TokenWatch holds ${Math.round(budget.held / 1048576)} MB of request bodies already (max_inflight_body_bytes): retry in a second.`, { headers: { "retry-after": "1" } });
+  const declared = Number(header(req, "content-length"));
+  if (declared > limit) return Promise.reject(tooBig());
+  if (declared > 0 && !budget.fits(declared)) return Promise.reject(busy());
   return new Promise((done, fail) => {
     const chunks: Buffer[] = [];
     let size = 0;
+    const stop = (e: TwError) => { req.removeAllListeners("data"); req.pause(); fail(e); };
     req.on("data", (c: Buffer) => {
       size += c.length;
-      if (size > limit) { req.removeAllListeners("data"); req.pause(); fail(tooBig()); }
-      else chunks.push(c);
+      if (size > limit) return stop(tooBig());
+      if (!budget.take(c.length)) return stop(busy());
+      held.bytes += c.length;
+      chunks.push(c);
     });
     req.on("end", () => done(chunks.length === 1 ? chunks[0] : Buffer.concat(chunks, size))); // one chunk, the usual body: no copy
     req.on("error", fail);
   });
+}
+
+/**
+ * Answer a request whose upload was refused (413, 503) at once, but end the response (and, with
+ * `connection: close`, the connection) only once the client has finished sending: the rest of the
+ * upload is read and dropped meanwhile. Closing while the client still sends makes it see a reset
+ * instead of the answer. A client that sends nothing more is cut after 10 s; it has its answer by then.
+ */
+function refuseUpload(req: IncomingMessage, res: ServerResponse, err: TwError): void {
+  const text = JSON.stringify(err.body());
+  res.writeHead(err.status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), connection: "close", ...err.headers });
+  res.write(text);
+  const finish = () => { clearTimeout(fuse); res.end(); };
+  const fuse = setTimeout(finish, 10_000).unref();
+  if (req.readableEnded) return finish();
+  req.removeAllListeners("data");
+  req.on("data", () => {}).once("end", finish).once("close", finish);
+  req.resume();
 }
 
 const UTF8 = new TextDecoder("utf-8", { fatal: true });
@@ -1843,9 +2233,14 @@ export function bodyText(buf: Buffer): string {
   return text;
 }
 
-/** Text to JSON, with an error that says what is wrong: too deep, or where the syntax breaks. */
+/** More objects and arrays than any agent's request holds (a conversation of 100,000 messages with parts). */
+const MAX_JSON_CONTAINERS = 500_000;
+
+/** Text to JSON, with an error that says what is wrong: too deep, too many parts, or where the syntax breaks. */
 export function parseBody(text: string): unknown {
-  if (jsonDepthExceeds(text, 64)) throw bad("The request body is nested more than 64 levels deep: flatten it.");
+  const shape = jsonShapeProblem(text, 64, MAX_JSON_CONTAINERS);
+  if (shape === "depth") throw bad("The request body is nested more than 64 levels deep: flatten it.");
+  if (shape === "containers") throw bad(`The request body holds more than ${MAX_JSON_CONTAINERS.toLocaleString("en-US")} JSON objects and arrays: send a shorter conversation.`);
   try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
 }
 
@@ -1859,23 +2254,28 @@ const newRow = (ts: number): Row => ({ ts, provider: null, model: null, requeste
 export function createRouter(config: Config, deps: Deps) {
   const now = deps.now ?? Date.now;
   const store = deps.store;
-  const limiter = new Limiter(config.threshold);
+  const limiter = new Limiter(config.threshold, { min: config.min_cooldown_ms, max: config.max_cooldown_ms });
   const dispatcher = new Dispatcher(config, { limiter, fetch: deps.fetch ?? fetch, now });
   const started = now();
   let active = 0;                                // requests being answered: what a clean shutdown waits for
   const scrubText = (s: string) => scrub(s, config.keys);
 
-  /** Finish a log row and hand it to the store: the one place a row is completed, failed or not. */
-  function record(row: Row, err?: TwError): void {
+  const budget = new BodyBudget(config.max_inflight_body_bytes);
+
+  /**
+   * Finish a log row and hand it to the store: the one place a row is completed, failed or not. The
+   * promise resolves once the row is committed (with the others of its event-loop turn).
+   */
+  function record(row: Row, err?: TwError): Promise<void> {
     if (err) Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
     row.latency_ms = now() - row.ts;
-    store.add(row);
+    return store.add(row);
   }
 
   /** The answer to a failed request: the error in its client's shape, or nothing when the client left. */
   function refuse(req: IncomingMessage, res: ServerResponse, err: TwError): void {
-    if (err.status === 413) { res.setHeader("connection", "close"); res.once("finish", () => req.destroy()); }
-    if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
+    if (err.status === 413 || err.code === "busy") refuseUpload(req, res, err);
+    else if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
   }
 
   const asTwError = (e: unknown): TwError => {
@@ -1890,40 +2290,45 @@ export function createRouter(config: Config, deps: Deps) {
     const row = newRow(now());
     const client: Client = { gone: false };
     res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
-    let failed: TwError | undefined;
+    let recorded: Promise<void> | undefined;
+    const commit = () => (recorded ??= record(row));
+    const held = { bytes: 0 };
     try {
       if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
       const type = header(req, "content-type") ?? "";
-      if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${JSON.stringify(type || "none")}).`);
-      const text = bodyText(await readBody(req, config.max_body_bytes));
+      if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${shown(type || "none")}).`);
+      const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
       const cr = validateChatRequest(parseBody(text));
       row.requested_model = cr.model ?? "auto";
       row.stream = cr.stream === true;
       const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
       row.complexity = r.complexity;
-      await dispatcher.dispatch({ cr, text, route: r, row, res, client, attempts: [] });
+      await dispatcher.dispatch({ cr, text, route: r, row, res, client, attempts: [], commit });
     } catch (e) {
-      failed = asTwError(e);
-      refuse(req, res, failed);
+      const err = asTwError(e);
+      recorded ??= record(row, err);
+      if (err !== CLIENT_GONE) await recorded; // the row is on disk before the client hears of the failure
+      refuse(req, res, err);
     } finally {
-      record(row, failed);
+      void commit();
+      budget.give(held.bytes);
     }
   }
 
   function models({ res }: Ctx): void {
     const data = config.models.filter((m) => m.provider.enabled).map((m) => ({ id: m.id, object: "model", created: 0, owned_by: m.provider.id }));
-    for (const [alias, target] of Object.entries(config.aliases)) {
+    for (const [alias, target] of config.aliases) {
       const m = config.models.find((x) => x.id === target && x.provider.enabled);
       if (m) data.push({ id: alias, object: "model", created: 0, owned_by: m.provider.id });
     }
     sendJson(res, 200, { object: "list", data });
   }
 
-  const view = { config, store, limiter, authDown: dispatcher.authDown, started };
+  const view = { config, store, limiter, authDown: dispatcher.authDown, refused: dispatcher.refused, started };
 
   function stats({ res, url }: Ctx): void {
     const w = url.searchParams.get("window") ?? "24h";
-    if (!(w in STATS_WINDOWS)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${JSON.stringify(w)}.`, "window");
+    if (!Object.hasOwn(STATS_WINDOWS, w)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${shown(w)}.`, "window");
     sendJson(res, 200, statsView(view, w, now()), { "cache-control": "no-store" });
   }
 
@@ -1952,11 +2357,11 @@ export function createRouter(config: Config, deps: Deps) {
     const fn = ROUTES[key];
     try {
       if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
-        throw new TwError(403, "host_not_allowed", `Host ${JSON.stringify(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
+        throw new TwError(403, "host_not_allowed", `Host ${shown(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
       if (!fn) {
         const allowed = Object.keys(ROUTES).filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
-        if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
-        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname}. Routes: POST /v1/chat/completions, GET /v1/models, GET /stats, GET /health, GET /.`);
+        if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname.slice(0, 200)}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
+        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: POST /v1/chat/completions, GET /v1/models, GET /stats, GET /health, GET /.`);
       }
       if (deps.apiKey && !OPEN.has(key) && !keyMatches(req, deps.apiKey))
         throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
@@ -1986,7 +2391,7 @@ export function createRouter(config: Config, deps: Deps) {
 export const STATS_WINDOWS: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 604_800_000, all: Infinity };
 
 /** What the stats view reads: the config, the log, the live limiter, the providers at rest. */
-type StatsSource = { config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; started: number };
+type StatsSource = { config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; refused: Map<string, number>; started: number };
 
 /** The 50th and 95th percentiles, from one sort: a typed array sorts numbers without a comparator, and /stats sorts 14 lists. */
 function p50p95(xs: number[]): (number | null)[] {
@@ -2000,14 +2405,22 @@ export function headroomOf(limiter: Limiter, m: Model, t: number) {
   return {
     pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
     percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
+    cooldown_asked_s: h.coolAsked ? Math.ceil((h.coolAsked - t) / 1000) : null, // set when the provider asked for longer than max_cooldown_ms
   };
 }
 
+/** How many models outside the table /stats lists: the busiest ones (the log may hold thousands of "provider/model" names). */
+const OTHER_MODELS_SHOWN = 30;
+
+/** The table's models and the busiest others, each with its totals, latencies and live limiter view: a fixed number of queries. */
 function modelStats(src: StatsSource, t: number, since: number) {
   const { config, store } = src;
-  const agg = new Map(store.byModel(since).map((r) => [`${r.provider}/${r.model}`, r]));
-  const list = [...config.models];
-  for (const k of agg.keys()) if (!list.some((m) => m.key === k)) { const [p, ...id] = k.split("/"); const prov = config.providers.find((x) => x.id === p); if (prov) list.push(unpricedModel(prov, id.join("/"))); }
+  const agg = new Map(store.byModel(since, config.models.length + OTHER_MODELS_SHOWN).map((r) => [`${r.provider}/${r.model}`, r]));
+  const list = [...config.models], listed = new Set(list.map((m) => m.key));
+  for (const [k, a] of agg) {
+    const prov = config.providers.find((x) => x.id === a.provider);
+    if (!listed.has(k) && prov && list.length < config.models.length + OTHER_MODELS_SHOWN) list.push(unpricedModel(prov, a.model));
+  }
   return list.map((m) => {
     const a = agg.get(m.key);
     const lat = a ? store.latencies(m.provider.id, m.id, since) : [];
@@ -2018,6 +2431,7 @@ function modelStats(src: StatsSource, t: number, since: number) {
       requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
       p50_ms: p50, p95_ms: p95, ttft_p50_ms: t50, ttft_p95_ms: t95,
       ...headroomOf(src.limiter, m, t), price_in: m.input, price_out: m.output,
+      refused_for_s: Math.max(0, Math.ceil(((src.refused.get(m.key) ?? 0) - t) / 1000)), // a 403: this key may not use the model
     };
   });
 }
@@ -2042,9 +2456,8 @@ export function statsView(src: StatsSource, w: string, t: number) {
   const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
   const fix = (x: Totals) => ({ ...x, cost_usd: round12(x.cost_usd) });
   const all = fix(store.totals(0));
-  const byProv = new Map<string, { requests: number; errors: number; cost_usd: number }>();
+  const byProv = new Map(store.byProvider(since).map((p) => [p.provider, { requests: p.requests, errors: p.errors, cost_usd: round12(p.cost_usd), models_used: p.models }]));
   const models = modelStats(src, t, since);
-  for (const m of models) { const p = byProv.get(m.provider) ?? { requests: 0, errors: 0, cost_usd: 0 }; p.requests += m.requests; p.errors += m.errors; p.cost_usd = round12(p.cost_usd + m.cost_usd); byProv.set(m.provider, p); }
   const routing = store.routing(since);
   const count = (c: string) => routing.find((r) => r.complexity === c)?.requests ?? 0;
   return {
@@ -2052,13 +2465,14 @@ export function statsView(src: StatsSource, w: string, t: number) {
     totals: all,
     periods: { today: fix(store.totals(midnight.getTime())), "24h": fix(store.totals(t - 86_400_000)), all },
     models,
-    providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0 }), disabled_for_s: Math.max(0, Math.ceil(((src.authDown.get(p.id) ?? 0) - t) / 1000)) })),
+    providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0, models_used: 0 }), disabled_for_s: Math.max(0, Math.ceil(((src.authDown.get(p.id) ?? 0) - t) / 1000)) })),
     routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
     series: { minute: seriesOf(store, t, 60, 1), hour: seriesOf(store, t, 24 * 60, 60) },
     recent: store.recent(50).map(rowOut),
     errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
     error_groups: store.errorGroups(since),
-    store: { path: store.path, pending_rows: store.pending, last_error: store.lastError },
+    models_not_shown: Math.max(0, [...byProv.values()].reduce((s, p) => s + p.models_used, 0) - models.filter((m) => m.requests > 0).length),
+    store: { path: store.path, pending_rows: store.pending, last_error: store.lastError, file_event: store.fileEvent, set_aside_rows: store.setAsideCount, set_aside: store.setAside },
   };
 }
 
@@ -2801,14 +3215,20 @@ function openStore(path: string): Store {
 export type Running = { url: string; port: number; server: http.Server; store: Store; router: ReturnType<typeof createRouter>; config: Config; close(drainMs?: number): Promise<void> };
 
 /** Open the store and listen: what main() does, and what the tests call to get a real server. */
-export async function start(opts: { config: Config; port?: number; host?: string; db?: string; env?: Record<string, string | undefined>; fetch?: typeof fetch; now?: () => number; log?: (l: string) => void }): Promise<Running> {
+export async function start(opts: {
+  config: Config; port?: number; host?: string; db?: string; env?: Record<string, string | undefined>; fetch?: typeof fetch; now?: () => number; log?: (l: string) => void;
+  receiveTimeouts?: { headersTimeout: number; requestTimeout: number }; // slow-loris limits on receiving a request (tests shorten them)
+}): Promise<Running> {
   const env = opts.env ?? {};
   const host = opts.host ?? "127.0.0.1";
   const store = openStore(opts.db ?? ":memory:");
   const deps: Deps = { store, fetch: opts.fetch, now: opts.now, apiKey: env.TOKENWATCH_API_KEY || undefined, log: opts.log };
   const router = createRouter(opts.config, deps);
   // Time limits on *receiving* a request (slow-loris); answers, streams included, may take as long as they need.
-  const server = http.createServer({ keepAliveTimeout: 65_000, headersTimeout: 20_000, requestTimeout: 120_000 }, (req, res) => void router.handle(req, res));
+  // connectionsCheckingInterval: how often node:http looks for a request past those limits (30 s by
+  // default, which let a slow client keep its connection up to 30 s longer than the limit says)
+  const limits = { headersTimeout: 20_000, requestTimeout: 120_000, ...opts.receiveTimeouts };
+  const server = http.createServer({ keepAliveTimeout: 65_000, ...limits, connectionsCheckingInterval: Math.min(1000, limits.headersTimeout / 4) }, (req, res) => void router.handle(req, res));
   await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); })
     .catch((e: unknown) => { store.close(); throw e; });
   const port = (server.address() as { port: number }).port;

@@ -150,7 +150,7 @@ describe("hot path: nothing grows with the number of requests", () => {
       assert.ok(v.ok);
       if (i > 0) limiter.settle(v.reservation, 10, t0); // model-0 stays in flight
     }
-    limiter.cool("openai/model-1", t0 + 120_000);
+    limiter.cool("openai/model-1", t0 + 120_000, t0);
     assert.equal(limiter.size, 500);
     for (let i = 0; i < 20; i++) { // a minute later the windows are empty; new names come in
       const v = limiter.reserve({ pool: `openai/late-${i}`, limit: Infinity }, 10, t0 + 61_000);

@@ -245,7 +245,7 @@ describe("faults: a full disk", () => {
       // leave ~40 KiB: the schema fits, a few hundred rows with their WAL frames do not
       const free = () => Number(spawnSync("df", ["-B1", "--output=avail", mnt], { encoding: "utf8" }).stdout.trim().split("\n")[1]);
       writeFileSync(filler, Buffer.alloc(Math.max(0, free() - 40 * 1024)));
-      const long = "x".repeat(2000); // a long error message makes each row big
+      const long = "x".repeat(230); // a long model name (256 characters at most) makes each row big
       let answered = 0;
       for (let i = 0; i < 300; i++) {
         const r = await raw(e.tw.port, { method: "POST", path: "/v1/chat/completions", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: `no-such-model-${long}`, messages: [{ role: "user", content: "hi" }] }) });
