@@ -253,7 +253,7 @@ export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
 }
 
 /** No single request counts more tokens than this: it bounds every cost and every sum of them. */
-export const MAX_TOKEN_COUNT = 100_000_000;
+export const MAX_TOKEN_COUNT = 10_000_000;
 
 /**
  * A token count as an upstream reported it, made safe to price and store: a whole number from 0 to
@@ -1308,9 +1308,8 @@ export class AnthropicStream implements StreamTranslator {
   }
 
   #messageDelta(data: Record<string, any>): string {
-    const u = data.usage ?? {}, prev = this.usage ?? usageFromAnthropic({});
     // output_tokens is cumulative; input and cache counts, when repeated here, replace message_start's
-    this.usage = { input: u.input_tokens ?? prev.input, cached: u.cache_read_input_tokens ?? prev.cached, cache_write: u.cache_creation_input_tokens ?? prev.cache_write, output: u.output_tokens ?? prev.output };
+    this.usage = usageFromAnthropic(data.usage, this.usage);
     return this.#chunk({}, finishReason(data.delta?.stop_reason) ?? "stop");
   }
 
@@ -1512,7 +1511,7 @@ export class Store {
     this.#timer = undefined;
     const batch = this.#batch;
     if (!batch.rows.length) return true;
-    this.#checkFile();
+    this.checkFile();
     this.#batch = newBatch();
     const ok = this.#commit(batch.rows);
     if (!ok) {
@@ -1571,12 +1570,12 @@ export class Store {
   }
 
   /**
-   * Notice, at most once a second, that the database file was deleted (or replaced) under us. A deleted
-   * file is rewritten at its path from the connection still open on it (SQLite's VACUUM INTO), so no
-   * row is lost; a replaced one is left alone and reported.
+   * Notice that the database file was deleted (or replaced) under us: every write looks at most once a
+   * second, /stats each time (`force`). A deleted file is rewritten at its path from the connection still
+   * open on it (SQLite's VACUUM INTO), so no row is lost; a replaced one is left alone and reported.
    */
-  #checkFile(): void {
-    if (!this.#file || Date.now() - this.#checkedAt < 1000) return;
+  checkFile(force = false): void {
+    if (!this.#file || (!force && Date.now() - this.#checkedAt < 1000)) return;
     this.#checkedAt = Date.now();
     const now = fileId(this.path);
     if (now && now.dev === this.#file.dev && now.ino === this.#file.ino) return;
@@ -2063,7 +2062,7 @@ export class Dispatcher {
     const err = why ? new TwError(timedOut ? 504 : 502, clip(info?.code ?? null, 100) ?? "upstream_stream_error", clip(this.#scrub(why), ROW_TEXT.error)!, { type: clip(info?.type ?? null, 100) ?? undefined }) : undefined;
     Object.assign(job.row, err ? { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" } : { status: 200 });
     await job.commit();
-    if (err) job.res.write(sseData(err.body()));
+    if (err) { job.res.write(sseData(err.body())); r.ac.abort(GAVE_UP); } // the upstream may still be sending: stop it
     else if (last) job.res.write(last);
     job.res.end();
     if (tr.done && !broke) void drainRest(body, r.ac);
@@ -2451,6 +2450,7 @@ const rowOut = (r: Row) => ({ ts: r.ts, provider: r.provider, model: r.model, re
 /** The whole /stats answer for a window ("1h", "24h", "7d", "all"): totals over all history, the rest over the window. */
 export function statsView(src: StatsSource, w: string, t: number) {
   const { config, store } = src;
+  store.checkFile(true);
   store.flush();
   const span = STATS_WINDOWS[w], since = Number.isFinite(span) ? t - span : 0;
   const midnight = new Date(t); midnight.setHours(0, 0, 0, 0);
