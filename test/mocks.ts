@@ -1,22 +1,55 @@
-// Mock upstream LLM providers (OpenAI Chat Completions, Kimi/Moonshot, Anthropic Messages) for TokenWatch tests.
-// Wire formats follow /work/shared/reference/providers.md (§1 OpenAI, §2 Anthropic, §3 Kimi, §6 pitfalls).
+// Mock upstream LLM providers (OpenAI Chat Completions and Responses, Kimi/Moonshot, Anthropic Messages) for TokenWatch tests.
+// Wire formats follow /work/shared/reference/providers.md (§1 OpenAI, §2 Anthropic, §3 Kimi, §6 pitfalls) and
+// /work/shared/reference/ingress.md (§1 Claude Code's Messages traffic, §3 OpenAI Responses).
 // Only node: built-ins; runs under Node's type stripping (erasable syntax only).
 //
 // Behaviour summary:
 // - Every request that reaches the handler is recorded (parsed JSON body, or the raw string) before anything is validated.
-// - Each request to the chat endpoint (POST /v1/chat/completions, POST /v1/messages) takes the next queued Script (or the
-//   default) on arrival, valid or not. Authentication and request validation then run first: an invalid request gets the
-//   provider's real 4xx answer and its script is spent. Scripts are only played for requests the real API would accept.
+// - Each request to a chat endpoint (POST /v1/chat/completions, POST /v1/responses (openai flavor), POST /v1/messages) takes
+//   the next queued Script (or the default) on arrival, valid or not: chat completions and responses share one queue.
+//   Authentication and request validation then run first: an invalid request gets the provider's real 4xx answer and its
+//   script is spent. Scripts are only played for requests the real API would accept. Routes match the path only, so
+//   Claude Code's `POST /v1/messages?beta=true` works.
 // - GET /v1/models (and /v1/models/{id}) answers after auth and never consumes a script.
+// - Anthropic: body fields that travel with a beta need its `anthropic-beta` value (context_management,
+//   output_config.effort, tool defer_loading), else 400 "<field>: Extra inputs are not permitted". `reply.thinking` answers
+//   with a thinking block signed by this mock (see `mock.sign`); thinking blocks sent back must carry a signature this mock
+//   issued for exactly that text. With thinking on, the last assistant turn that holds tool_use must start with thinking.
+//   POST /v1/messages/count_tokens answers {"input_tokens": anthropicTokenCount(body)} and takes its scripts from its own
+//   queue (`queueCount`), never from the chat queue. The key may come as x-api-key or `Authorization: Bearer` (x-api-key
+//   wins); anthropic-version 2026-10-21 (what @anthropic-ai/sdk 1.x sends) applies that version's rules (no sampling fields).
+// - OpenAI Responses: validated like the real API (unknown parameters, item shapes, tool-call pairing); responses with
+//   `store` not false are remembered, so `previous_response_id` and `item_reference` resolve (or fail like the real API).
+//   Streams follow ingress.md §3.4 (`event:` lines, sequence_number 0,1,2…); `stream-error` ends with `response.failed`.
+// - Kimi: `reply.reasoning` becomes `reasoning_content` (JSON) and `delta.reasoning_content` chunks before the content.
+// - Rate limits: fixed, generous headers by default. `mock.rateLimits({limits, others, enforce})` counts what the mock served
+//   in a sliding 60 s window (plus `others`, a steady load from another client on the same key) and sends the provider's
+//   headers computed from it; with `enforce`, a request that would exceed a limit gets the provider's real 429 and is not
+//   counted. Every other request that passes validation counts, whatever its script. OpenAI and Kimi charge prompt tokens
+//   (the usage estimate) + the request's max output tokens on arrival (when it names none, the real output is added when
+//   the answer is made); Anthropic charges input tokens without cache reads on arrival and output tokens up front from
+//   max_tokens, corrected to the real output when the answer is made. Real providers refill continuously (token bucket);
+//   the sliding window is the simpler, stricter model. Kimi's header format is unknown (providers.md §3.1 #10), so Kimi
+//   sends no rate-limit headers, only its 429s when enforcing.
 
 import { createServer } from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo, Socket } from "node:net";
-import { createHash, randomBytes, randomUUID } from "node:crypto";
+import { createHash, createHmac, randomBytes, randomUUID } from "node:crypto";
 
 export type Flavor = "openai" | "kimi" | "anthropic";
 export type Script =
-  | { type: "reply"; text?: string; tool_calls?: { name: string; arguments: string }[]; usage?: Partial<MockUsage>; delayMs?: number; gapMs?: number; chunks?: number; finish?: string; headers?: Record<string, string> }
+  | {
+      type: "reply"; text?: string; tool_calls?: { name: string; arguments: string }[]; usage?: Partial<MockUsage>; delayMs?: number; gapMs?: number; chunks?: number; finish?: string; headers?: Record<string, string>;
+      /** Anthropic: a signed `thinking` block first (JSON and stream). */
+      thinking?: string;
+      /** Anthropic: a `redacted_thinking` block (after the thinking block, if any). */
+      redactedThinking?: boolean;
+      /** Kimi: `reasoning_content`; OpenAI Responses: a `reasoning` item first with this summary text. */
+      reasoning?: string;
+      /** OpenAI Responses: custom tool calls (`custom_tool_call` items, raw `input`). */
+      custom_calls?: { name: string; input: string }[];
+    }
   | { type: "error"; status: number; body?: unknown; headers?: Record<string, string> }
   | { type: "raw"; status: number; body: string; headers?: Record<string, string> }
   | { type: "hang" }
@@ -25,6 +58,8 @@ export type Script =
   | { type: "stream-error"; afterChunks: number; message?: string }
   | { type: "stall"; afterChunks: number };
 export type MockUsage = { input: number; output: number; cached: number; cache_write: number };
+export type RateLimitDims = { requests?: number; tokens?: number; input_tokens?: number; output_tokens?: number };
+export type RateLimitOpts = { limits: RateLimitDims; others?: RateLimitDims; enforce?: boolean };
 export type Recorded = { method: string; path: string; headers: Record<string, string | string[] | undefined>; body: any; raw: string; at: number };
 export interface Mock {
   url: string;
@@ -33,6 +68,12 @@ export interface Mock {
   requests: Recorded[];
   queue(...s: Script[]): void;
   setDefault(s: Script): void;
+  /** Anthropic: scripts for POST /v1/messages/count_tokens (default: answer the count). */
+  queueCount(...s: Script[]): void;
+  /** Rate-limit accounting and headers; undefined restores the fixed default headers. */
+  rateLimits(opts?: RateLimitOpts): void;
+  /** Anthropic: the signature this mock issues for a thinking text (to build valid history by hand). */
+  sign(thinking: string): string;
   openConnections(): number;
   closedRequests(): number;
   waitForClosedRequest(): Promise<void>;
@@ -431,7 +472,28 @@ function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
 const ANTHROPIC_ALLOWED = new Set([
   "model", "max_tokens", "messages", "system", "tools", "tool_choice", "stop_sequences", "temperature", "top_p", "top_k", "stream",
   "metadata", "thinking", "service_tier", "output_config", "container", "mcp_servers", "context_management", "inference_geo",
+  "cache_control", "speed",
 ]);
+// POST /v1/messages/count_tokens (SDK MessageCountTokensParams, beta: + context_management, mcp_servers): no max_tokens,
+// stream, sampling, stop_sequences, metadata or service_tier.
+const COUNT_ALLOWED = new Set([
+  "model", "messages", "system", "tools", "tool_choice", "thinking", "output_config", "cache_control", "speed", "context_management", "mcp_servers",
+]);
+// Body fields that travel with a beta (Claude Code gateway protocol, "Feature pass-through"): without the header the API
+// answers 400 "<field>: Extra inputs are not permitted". `output_config.format` and tool `strict` (structured outputs) are
+// GA in the SDK's non-beta types, so they need no header.
+const BETA_CONTEXT_MANAGEMENT = "context-management-2025-06-27";
+const BETA_EFFORT = "effort-2025-11-24";
+const BETA_ADVANCED_TOOL_USE = "advanced-tool-use-2025-11-20";
+// anthropic-version values. 2026-10-21 (SDK majors of that day: TypeScript 1.0.0, Python 2.0.0) removes temperature, top_p
+// and top_k ("temperature: Extra inputs are not permitted", even at 1.0) and refuses document blocks in assistant messages
+// and non-empty citations on user text blocks (platform.claude.com/docs/en/api/versioning).
+const ANTHROPIC_VERSIONS = ["2023-01-01", "2023-06-01", "2026-10-21"];
+const NEW_VERSION = "2026-10-21";
+const EFFORTS = ["low", "medium", "high", "xhigh", "max"];
+const THINKING_ON = (body: Json): boolean => isObj(body.thinking) && (body.thinking.type === "enabled" || body.thinking.type === "adaptive");
+/** What a Messages request is checked against besides its body: its betas, the route, and the mock's thinking signatures. */
+type AnthropicCheck = { betas?: ReadonlySet<string>; count?: boolean; version?: string; signed?: (thinking: string, signature: string) => boolean };
 const ANTHROPIC_BLOCK_TYPES = [
   "text", "image", "document", "search_result", "tool_use", "tool_result", "thinking", "redacted_thinking", "server_tool_use",
   "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
@@ -440,15 +502,21 @@ const ANTHROPIC_BLOCK_TYPES = [
 const IMAGE_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 const TOOL_ID = /^[a-zA-Z0-9_-]+$/;
 
-function validateAnthropic(body: unknown): Fail | null {
+function validateAnthropic(body: unknown, check: AnthropicCheck = {}): Fail | null {
   const bad = (message: string): Fail => ({ message });
+  const betas = check.betas ?? new Set<string>();
   if (!isObj(body)) return bad("Input should be a valid dictionary");
-  for (const k of Object.keys(body)) if (!ANTHROPIC_ALLOWED.has(k)) return bad(`${k}: Extra inputs are not permitted`);
+  const allowed = check.count ? COUNT_ALLOWED : ANTHROPIC_ALLOWED;
+  const removed = check.version === NEW_VERSION ? ["temperature", "top_p", "top_k"] : [];
+  for (const k of Object.keys(body)) if (!allowed.has(k) || removed.includes(k)) return bad(`${k}: Extra inputs are not permitted`);
+  if (has(body, "context_management") && !betas.has(BETA_CONTEXT_MANAGEMENT)) return bad("context_management: Extra inputs are not permitted");
   if (!has(body, "model")) return bad("model: Field required");
   if (typeof body.model !== "string") return bad("model: Input should be a valid string");
-  if (!has(body, "max_tokens")) return bad("max_tokens: Field required");
-  if (!isInt(body.max_tokens)) return bad("max_tokens: Input should be a valid integer");
-  if (body.max_tokens < 0) return bad("max_tokens: Input should be greater than or equal to 0");
+  if (!check.count) {
+    if (!has(body, "max_tokens")) return bad("max_tokens: Field required");
+    if (!isInt(body.max_tokens)) return bad("max_tokens: Input should be a valid integer");
+    if (body.max_tokens < 0) return bad("max_tokens: Input should be greater than or equal to 0");
+  }
   if (!has(body, "messages")) return bad("messages: Field required");
   const msgs = body.messages;
   if (!Array.isArray(msgs)) return bad("messages: Input should be a valid list");
@@ -492,7 +560,19 @@ function validateAnthropic(body: unknown): Fail | null {
         }
         const f = validateAnthropicBlock(b, q, role);
         if (f) return f;
+        if (check.version === NEW_VERSION) {
+          // the refusals are documented; their wordings are not (these follow the tool_use/tool_result ones)
+          if (role === "assistant" && b.type === "document") return bad(`${q}: \`document\` blocks can only appear in user messages`);
+          if (role === "user" && b.type === "text" && Array.isArray(b.citations) && b.citations.length > 0) return bad(`${q}.text.citations: Extra inputs are not permitted`);
+        }
+        if (b.type === "thinking" && check.signed && !check.signed(String(b.thinking), String(b.signature))) {
+          return bad(`${q}: Invalid \`signature\` in \`thinking\` block`);
+        }
         blocks.push(b);
+      }
+      const firstType = blocks.length > 0 ? String(blocks[0].type) : "";
+      if (blocks.some((b) => b.type === "thinking" || b.type === "redacted_thinking") && firstType !== "thinking" && firstType !== "redacted_thinking") {
+        return bad(`${p}.content.0: If an assistant message contains any thinking blocks, the first block must be thinking or redacted_thinking. Found ${firstType}.`);
       }
     } else {
       return bad(`${p}.content: Input should be a valid list`);
@@ -588,6 +668,8 @@ function validateAnthropic(body: unknown): Fail | null {
       const t: unknown = tools[i];
       const p = `tools.${i}`;
       if (!isObj(t)) return bad(`${p}: Input should be a valid dictionary`);
+      const tag = typeof t.type === "string" ? t.type : "custom";
+      if (has(t, "defer_loading") && !betas.has(BETA_ADVANCED_TOOL_USE)) return bad(`${p}.${tag}.defer_loading: Extra inputs are not permitted`);
       if (typeof t.type === "string" && t.type !== "custom") {
         // server / versioned tools (web_search_20250305, bash_20250124, ...)
         if (typeof t.name !== "string") return bad(`${p}.${t.type}.name: Field required`);
@@ -620,20 +702,46 @@ function validateAnthropic(body: unknown): Fail | null {
     if (!isObj(th) || !["enabled", "disabled", "adaptive"].includes(String(th.type))) {
       return bad(`thinking: Input tag '${isObj(th) ? String(th.type) : ""}' found using 'type' does not match any of the expected tags: 'enabled', 'disabled', 'adaptive'`);
     }
+    const keys = th.type === "enabled" ? ["type", "budget_tokens", "display"] : th.type === "adaptive" ? ["type", "display"] : ["type"];
+    const extra = Object.keys(th).find((k) => !keys.includes(k));
+    if (extra !== undefined) return bad(`thinking.${String(th.type)}.${extra}: Extra inputs are not permitted`);
+    if (has(th, "display") && th.display !== null && th.display !== "summarized" && th.display !== "omitted") {
+      return bad(`thinking.${String(th.type)}.display: Input should be 'summarized' or 'omitted'`);
+    }
     if (th.type === "enabled") {
       if (!isInt(th.budget_tokens)) return bad("thinking.enabled.budget_tokens: Field required");
       if (th.budget_tokens < 1024) return bad("thinking.enabled.budget_tokens: Input should be greater than or equal to 1024");
-      if ((body.max_tokens as number) <= th.budget_tokens) {
+      if (!check.count && (body.max_tokens as number) <= th.budget_tokens) {
         return bad("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size");
       }
+    }
+  }
+  const thinkingRule = finalAssistantThinking(body, msgs as Json[]);
+  if (thinkingRule) return thinkingRule;
+
+  // output_config: {effort?, format?}; effort rides with its beta
+  if (has(body, "output_config") && body.output_config !== null) {
+    const oc = body.output_config;
+    if (!isObj(oc)) return bad("output_config: Input should be a valid dictionary");
+    for (const k of Object.keys(oc)) if (k !== "effort" && k !== "format") return bad(`output_config.${k}: Extra inputs are not permitted`);
+    if (has(oc, "effort") && oc.effort !== null) {
+      if (!betas.has(BETA_EFFORT)) return bad("output_config.effort: Extra inputs are not permitted");
+      if (!EFFORTS.includes(String(oc.effort))) return bad("output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'");
+    }
+    if (has(oc, "format") && oc.format !== null) {
+      const f = oc.format;
+      if (!isObj(f) || f.type !== "json_schema") return bad(`output_config.format.type: Input should be 'json_schema'`);
+      if (!has(f, "schema")) return bad("output_config.format.schema: Field required");
+      if (!isObj(f.schema)) return bad("output_config.format.schema: Input should be a valid dictionary");
     }
   }
 
   // prompt-cache breakpoints: {"type": "ephemeral", "ttl"?: "5m" | "1h"}, four at most in one request
   const marks = cacheMarks(body);
   for (const { where, value } of marks) {
-    if (!isObj(value) || value.type !== "ephemeral") return bad(`${where}.cache_control.type: Input should be 'ephemeral'`);
-    if (has(value, "ttl") && value.ttl !== "5m" && value.ttl !== "1h") return bad(`${where}.cache_control.ephemeral.ttl: Input should be '5m' or '1h'`);
+    const at = where ? `${where}.cache_control` : "cache_control";
+    if (!isObj(value) || value.type !== "ephemeral") return bad(`${at}.type: Input should be 'ephemeral'`);
+    if (has(value, "ttl") && value.ttl !== "5m" && value.ttl !== "1h") return bad(`${at}.ephemeral.ttl: Input should be '5m' or '1h'`);
   }
   if (marks.length > 4) return bad(`A maximum of 4 blocks with cache_control may be provided. Found ${marks.length}.`);
 
@@ -646,7 +754,34 @@ function validateAnthropic(body: unknown): Fail | null {
   return null;
 }
 
-/** Every `cache_control` in a Messages request, in the order the API reads a prompt: tools, system, messages. */
+/**
+ * Thinking rules on the assistant turns (real wordings: Kilo-Org/kilocode #5219, tailcallhq/forgecode #1853): with thinking
+ * on, the last assistant turn that holds tool_use must start with a thinking block; with it off, an assistant message in
+ * the final position (a prefill) cannot contain thinking.
+ */
+function finalAssistantThinking(body: Json, msgs: Json[]): Fail | null {
+  const blocksOf = (m: Json): Json[] => (Array.isArray(m.content) ? (m.content as Json[]) : []);
+  if (THINKING_ON(body)) {
+    let a = msgs.length - 1;
+    while (a >= 0 && msgs[a].role !== "assistant") a--;
+    if (a < 0) return null;
+    const blocks = blocksOf(msgs[a]);
+    const first = blocks.length > 0 ? String(blocks[0].type) : "text";
+    if (blocks.some((b) => b.type === "tool_use") && first !== "thinking" && first !== "redacted_thinking") {
+      return {
+        message: `messages.${a}.content.0.type: Expected \`thinking\` or \`redacted_thinking\`, but found \`${first}\`. When \`thinking\` is enabled, a final \`assistant\` message must start with a thinking block (preceeding the lastmost set of \`tool_use\` and \`tool_result\` blocks). We recommend you include thinking blocks from previous turns. To avoid this requirement, disable \`thinking\`. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking`,
+      };
+    }
+    return null;
+  }
+  const last = msgs.length - 1;
+  if (last < 0 || msgs[last].role !== "assistant") return null;
+  const j = blocksOf(msgs[last]).findIndex((b) => b.type === "thinking" || b.type === "redacted_thinking");
+  if (j < 0) return null;
+  return { message: `messages.${last}.content.${j}: When thinking is disabled, an \`assistant\` message in the final position cannot contain \`thinking\`. To use thinking blocks, enable \`thinking\` in your request.` };
+}
+
+/** Every `cache_control` in a Messages request, in the order the API reads a prompt: tools, system, messages (then the top-level one). */
 function cacheMarks(body: Json): { where: string; value: unknown }[] {
   const out: { where: string; value: unknown }[] = [];
   const look = (b: unknown, where: string) => { if (isObj(b) && has(b, "cache_control")) out.push({ where, value: b.cache_control }); };
@@ -659,6 +794,7 @@ function cacheMarks(body: Json): { where: string; value: unknown }[] {
       if (isObj(b) && Array.isArray(b.content)) b.content.forEach((inner, k) => look(inner, `messages.${i}.content.${j}.content.${k}`));
     });
   });
+  if (has(body, "cache_control") && body.cache_control !== null) out.push({ where: "", value: body.cache_control }); // automatic: marks the last block
   return out;
 }
 
@@ -667,11 +803,12 @@ function cacheMarks(body: Json): { where: string; value: unknown }[] {
  * `cache_control` mark when that prefix reaches the model's minimum; a later request whose prompt
  * starts with a cached prefix (looked up at block boundaries, up to 20 blocks before each mark)
  * reads it. Entries live five minutes from their last use. `undefined`: the request asked for no caching.
+ * A top-level `cache_control` marks the last block. `record: false` only looks (rate-limit estimates), changing nothing.
  */
 class PromptCache {
   #seen = new Map<string, number>();
 
-  usage(body: Json, now: number): { input: number; cached: number; cache_write: number } | undefined {
+  usage(body: Json, now: number, record = true): { input: number; cached: number; cache_write: number } | undefined {
     const blocks: string[] = [], marks: number[] = [];
     const add = (b: unknown) => {
       const { cache_control, ...rest } = (isObj(b) ? b : { text: b }) as Json;
@@ -686,6 +823,7 @@ class PromptCache {
       if (typeof m.content === "string") add({ role: m.role, text: m.content });
       else (Array.isArray(m.content) ? m.content : []).forEach((b) => add(isObj(b) ? { role: m.role, ...b } : b));
     }
+    if (isObj(body.cache_control) && blocks.length > 0) marks.push(blocks.length);
     if (!marks.length) return undefined;
     const tokens = (k: number) => Math.ceil(blocks.slice(0, k).join("").length / 4);
     const key = (k: number) => createHash("sha256").update(blocks.slice(0, k).join("\u0000")).digest("hex");
@@ -699,8 +837,8 @@ class PromptCache {
         if (until !== undefined && until > now) { hit = Math.max(hit, k); break; }
       }
     }
-    if (hit) this.#seen.set(key(hit), now + 300_000);
-    for (const mark of marks) if (tokens(mark) >= minimum) this.#seen.set(key(mark), now + 300_000);
+    if (hit && record) this.#seen.set(key(hit), now + 300_000);
+    if (record) for (const mark of marks) if (tokens(mark) >= minimum) this.#seen.set(key(mark), now + 300_000);
     const cached = hit ? tokens(hit) : 0;
     return { input: total - tokens(last), cached, cache_write: tokens(last) - cached };
   }
@@ -766,6 +904,342 @@ function validateAnthropicBlock(b: Json, q: string, role: string): Fail | null {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// OpenAI Responses request validation (ingress.md §3.2; openai-node ResponseCreateParamsBase, ResponseInputItem)
+
+const RESPONSES_ALLOWED = new Set([
+  "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning", "max_output_tokens", "metadata",
+  "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "store", "stream", "stream_options", "include", "previous_response_id",
+  "conversation", "truncation", "temperature", "top_p", "top_logprobs", "service_tier", "user", "safety_identifier", "background",
+  "background_options", "max_tool_calls", "context_management", "prompt", "access_programs", "image", "moderation",
+]);
+// Keys each input item may carry; others get "Unknown parameter: 'input[i].key'." (a replayed reasoning item with the
+// output-only `status` is refused that way: 1jehuang/jcode #1028). Built-in call items are accepted loosely.
+const ITEM_KEYS: Record<string, string[]> = {
+  message: ["type", "role", "content", "id", "status", "phase"],
+  function_call: ["type", "id", "call_id", "name", "arguments", "status", "namespace", "caller"],
+  function_call_output: ["type", "id", "call_id", "output", "status"],
+  custom_tool_call: ["type", "id", "call_id", "name", "input", "namespace", "caller"],
+  custom_tool_call_output: ["type", "id", "call_id", "output"],
+  reasoning: ["type", "id", "summary", "content", "encrypted_content"],
+  item_reference: ["type", "id"],
+};
+const BUILTIN_ITEMS = [
+  "web_search_call", "file_search_call", "computer_call", "computer_call_output", "code_interpreter_call", "image_generation_call",
+  "local_shell_call", "local_shell_call_output", "shell_call", "shell_call_output", "apply_patch_call", "apply_patch_call_output",
+  "mcp_list_tools", "mcp_approval_request", "mcp_approval_response", "mcp_call", "tool_search_call", "tool_search_output", "compaction",
+];
+const BUILTIN_TOOLS = [
+  "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11", "file_search", "code_interpreter",
+  "image_generation", "mcp", "local_shell", "shell", "apply_patch", "computer_use_preview", "computer", "tool_search", "namespace",
+];
+const REASONING_EFFORTS = ["none", "minimal", "low", "medium", "high", "xhigh", "max"];
+const quoteList = (xs: string[]): string => xs.map((x) => `'${x}'`).join(", ").replace(/, ([^,]*)$/, ", and $1");
+/** Models without reasoning: `reasoning.effort` is refused (same split as Chat's reasoning_effort rule). */
+const classicModel = (model: string): boolean => /^(gpt-4|gpt-3\.5|chatgpt-)/.test(model) || (/^gpt-5/.test(model) && model.includes("chat"));
+const reasoningModel = (model: string): boolean => /^(o\d|gpt-5)/.test(model) && !model.includes("chat");
+
+/** Shape checks of a Responses request; state (previous_response_id, item_reference, call pairing) is checked by the mock. */
+function validateResponses(body: unknown): Fail | null {
+  const bad = (message: string, param: string | null = null, code: string | null = null): Fail => ({ message, param, code });
+  const missing = (p: string): Fail => bad(`Missing required parameter: '${p}'.`, p, "missing_required_parameter");
+  const wrongType = (p: string, want: string, v: unknown): Fail => bad(`Invalid type for '${p}': expected ${want}, but got ${oaiType(v)} instead.`, p, "invalid_type");
+  const badValue = (p: string, v: unknown, allowed: string[]): Fail => bad(`Invalid value: '${String(v)}'. Supported values are: ${quoteList(allowed)}.`, p, "invalid_value");
+
+  if (!isObj(body)) return bad("Invalid type for request body: expected an object.", null, "invalid_type");
+  for (const k of Object.keys(body)) {
+    if (k === "reasoning_effort") {
+      // openai/OpenHands software-agent-sdk #755
+      return bad("Unsupported parameter: 'reasoning_effort'. In the Responses API, this parameter has moved to 'reasoning.effort'. Try again with the new parameter. See the API documentation for more information: https://platform.openai.com/docs/api-reference/responses/create.", null, "unsupported_parameter");
+    }
+    if (!RESPONSES_ALLOWED.has(k)) return bad(`Unknown parameter: '${k}'.`, k, "unknown_parameter");
+  }
+  if (!has(body, "model")) return missing("model");
+  if (typeof body.model !== "string" || body.model === "") return wrongType("model", "a string", body.model);
+  const model = body.model;
+
+  const input = body.input;
+  if (has(body, "input") && typeof input !== "string") {
+    if (!Array.isArray(input)) return wrongType("input", "one of a string or array of input items", input);
+    for (let i = 0; i < input.length; i++) {
+      const f = validateInputItem(input[i], `input[${i}]`);
+      if (f) return f;
+    }
+  }
+  if (has(body, "instructions") && body.instructions !== null && typeof body.instructions !== "string" && !Array.isArray(body.instructions)) {
+    return wrongType("instructions", "a string", body.instructions);
+  }
+
+  // tools / tool_choice
+  if (has(body, "tools") && body.tools !== null) {
+    if (!Array.isArray(body.tools)) return wrongType("tools", "an array", body.tools);
+    for (let i = 0; i < body.tools.length; i++) {
+      const f = validateResponsesTool(body.tools[i], `tools[${i}]`);
+      if (f) return f;
+    }
+  }
+  if (has(body, "tool_choice") && body.tool_choice !== null) {
+    const tc = body.tool_choice;
+    if (typeof tc === "string") {
+      if (!["none", "auto", "required"].includes(tc)) return badValue("tool_choice", tc, ["none", "auto", "required"]);
+    } else if (isObj(tc)) {
+      if ((tc.type === "function" || tc.type === "custom") && typeof tc.name !== "string") return missing("tool_choice.name");
+      const types = ["function", "custom", "allowed_tools", "mcp", "apply_patch", "shell", ...BUILTIN_TOOLS];
+      if (!types.includes(String(tc.type))) return badValue("tool_choice.type", tc.type, ["function", "custom", "allowed_tools", "mcp", "web_search_preview", "file_search", "code_interpreter", "image_generation", "computer_use_preview"]);
+    } else return wrongType("tool_choice", "one of a string or object", tc);
+  }
+  for (const k of ["parallel_tool_calls", "store", "stream", "background"]) {
+    if (has(body, k) && body[k] !== null && typeof body[k] !== "boolean") return wrongType(k, "a boolean", body[k]);
+  }
+  if (has(body, "stream_options") && body.stream_options !== null && body.stream !== true) {
+    return bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options");
+  }
+  if (has(body, "previous_response_id") && body.previous_response_id !== null && typeof body.previous_response_id !== "string") {
+    return wrongType("previous_response_id", "a string", body.previous_response_id);
+  }
+  if (has(body, "include") && body.include !== null && (!Array.isArray(body.include) || body.include.some((x) => typeof x !== "string"))) {
+    return wrongType("include", "an array of strings", body.include);
+  }
+  if (has(body, "metadata") && body.metadata !== null && !isObj(body.metadata)) return wrongType("metadata", "an object", body.metadata);
+
+  // text.format (flat json_schema, unlike Chat's nested one)
+  if (has(body, "text") && body.text !== null) {
+    const t = body.text;
+    if (!isObj(t)) return wrongType("text", "an object", t);
+    if (has(t, "format") && t.format !== null) {
+      const f = t.format;
+      if (!isObj(f)) return wrongType("text.format", "an object", f);
+      if (!["text", "json_object", "json_schema"].includes(String(f.type))) return badValue("text.format.type", f.type, ["text", "json_object", "json_schema"]);
+      if (f.type === "json_schema") {
+        if (typeof f.name !== "string") return missing("text.format.name");
+        if (!has(f, "schema")) return missing("text.format.schema");
+        if (!isObj(f.schema)) return wrongType("text.format.schema", "an object", f.schema);
+      }
+    }
+    if (has(t, "verbosity") && t.verbosity !== null && !["low", "medium", "high"].includes(String(t.verbosity))) return badValue("text.verbosity", t.verbosity, ["low", "medium", "high"]);
+  }
+
+  // reasoning
+  if (has(body, "reasoning") && body.reasoning !== null) {
+    const r = body.reasoning;
+    if (!isObj(r)) return wrongType("reasoning", "an object", r);
+    if (has(r, "effort") && r.effort !== null) {
+      if (!REASONING_EFFORTS.includes(String(r.effort))) return badValue("reasoning.effort", r.effort, REASONING_EFFORTS);
+      // Laisky/one-api #120
+      if (classicModel(model)) return bad("Unsupported parameter: 'reasoning.effort' is not supported with this model.", "reasoning.effort", "unsupported_parameter");
+    }
+    if (has(r, "summary") && r.summary !== null && !["auto", "concise", "detailed"].includes(String(r.summary))) return badValue("reasoning.summary", r.summary, ["auto", "concise", "detailed"]);
+  }
+
+  // numbers
+  const range = (name: string, lo: number, hi: number, integer = false): Fail | null => {
+    if (!has(body, name) || body[name] === null) return null;
+    const v = body[name];
+    if (integer ? !isInt(v) : !isNum(v)) return wrongType(name, integer ? "an integer" : "a decimal", v);
+    const kind = integer ? "integer" : "decimal";
+    if ((v as number) < lo) return bad(`Invalid '${name}': ${kind} below minimum value. Expected a value >= ${lo}, but got ${String(v)} instead.`, name, `${kind}_below_min_value`);
+    if ((v as number) > hi) return bad(`Invalid '${name}': ${kind} above maximum value. Expected a value <= ${hi}, but got ${String(v)} instead.`, name, `${kind}_above_max_value`);
+    return null;
+  };
+  const numeric = range("temperature", 0, 2) ?? range("top_p", 0, 1) ?? range("top_logprobs", 0, 20, true) ??
+    range("max_output_tokens", 16, Number.MAX_SAFE_INTEGER, true) ?? range("max_tool_calls", 1, Number.MAX_SAFE_INTEGER, true);
+  if (numeric) return numeric;
+  // reasoning models take only the default sampling (OpenHands software-agent-sdk #1837: code null on this route)
+  if (reasoningModel(model)) {
+    for (const k of ["temperature", "top_p"]) {
+      if (isNum(body[k]) && body[k] !== 1) return bad(`Unsupported parameter: '${k}' is not supported with this model.`, k, null);
+    }
+  }
+  return null;
+}
+
+function validateInputItem(item: unknown, p: string): Fail | null {
+  const bad = (message: string, param: string | null = null, code: string | null = null): Fail => ({ message, param, code });
+  const missing = (q: string): Fail => bad(`Missing required parameter: '${q}'.`, q, "missing_required_parameter");
+  const wrongType = (q: string, want: string, v: unknown): Fail => bad(`Invalid type for '${q}': expected ${want}, but got ${oaiType(v)} instead.`, q, "invalid_type");
+  if (!isObj(item)) return wrongType(p, "an object", item);
+  const type = has(item, "type") ? item.type : "message"; // an easy input message may omit `type`
+  if (typeof type !== "string") return wrongType(`${p}.type`, "a string", type);
+  if (BUILTIN_ITEMS.includes(type)) return null;
+  const keys = ITEM_KEYS[type];
+  if (!keys) return bad(`Invalid value: '${type}'. Supported values are: ${quoteList([...Object.keys(ITEM_KEYS), ...BUILTIN_ITEMS])}.`, `${p}.type`, "invalid_value");
+  const extra = Object.keys(item).find((k) => !keys.includes(k));
+  if (extra !== undefined) return bad(`Unknown parameter: '${p}.${extra}'.`, `${p}.${extra}`, "unknown_parameter");
+  const str = (k: string): Fail | null => (typeof item[k] === "string" ? null : has(item, k) ? wrongType(`${p}.${k}`, "a string", item[k]) : missing(`${p}.${k}`));
+  switch (type) {
+    case "message":
+      return validateInputMessage(item, p);
+    case "function_call":
+      return str("call_id") ?? str("name") ?? str("arguments");
+    case "custom_tool_call":
+      return str("call_id") ?? str("name") ?? str("input");
+    case "function_call_output":
+    case "custom_tool_call_output":
+      if (typeof item.output !== "string" && !Array.isArray(item.output)) {
+        return has(item, "output") ? wrongType(`${p}.output`, "one of a string or array of objects", item.output) : missing(`${p}.output`);
+      }
+      return str("call_id");
+    case "reasoning":
+      if (!Array.isArray(item.summary)) return has(item, "summary") ? wrongType(`${p}.summary`, "an array", item.summary) : missing(`${p}.summary`);
+      return str("id");
+    default: // item_reference
+      return str("id");
+  }
+}
+
+function validateInputMessage(m: Json, p: string): Fail | null {
+  const bad = (message: string, param: string | null = null, code: string | null = null): Fail => ({ message, param, code });
+  const missing = (q: string): Fail => bad(`Missing required parameter: '${q}'.`, q, "missing_required_parameter");
+  const wrongType = (q: string, want: string, v: unknown): Fail => bad(`Invalid type for '${q}': expected ${want}, but got ${oaiType(v)} instead.`, q, "invalid_type");
+  if (!has(m, "role")) return missing(`${p}.role`);
+  const roles = ["assistant", "system", "developer", "user"];
+  if (!roles.includes(String(m.role))) return bad(`Invalid value: '${String(m.role)}'. Supported values are: ${quoteList(roles)}.`, `${p}.role`, "invalid_value");
+  if (!has(m, "content")) return missing(`${p}.content`);
+  const c = m.content;
+  if (typeof c === "string") return null;
+  if (!Array.isArray(c)) return wrongType(`${p}.content`, "one of a string or array of objects", c);
+  const partTypes = m.role === "assistant" ? ["output_text", "refusal"] : ["input_text", "input_image", "input_file"];
+  for (let j = 0; j < c.length; j++) {
+    const part: unknown = c[j];
+    const q = `${p}.content[${j}]`;
+    if (!isObj(part)) return wrongType(q, "an object", part);
+    if (!partTypes.includes(String(part.type))) return bad(`Invalid value: '${String(part.type)}'. Supported values are: ${quoteList(partTypes)}.`, q, "invalid_value");
+    if ((part.type === "input_text" || part.type === "output_text") && typeof part.text !== "string") {
+      return has(part, "text") ? wrongType(`${q}.text`, "a string", part.text) : missing(`${q}.text`);
+    }
+    if (part.type === "refusal" && typeof part.refusal !== "string") return missing(`${q}.refusal`);
+    if (part.type === "input_image" && typeof part.image_url !== "string" && typeof part.file_id !== "string") return missing(`${q}.image_url`);
+    if (part.type === "input_image" && has(part, "detail") && !["auto", "low", "high", "original"].includes(String(part.detail))) {
+      return bad(`Invalid value: '${String(part.detail)}'. Supported values are: 'auto', 'low', 'high', and 'original'.`, `${q}.detail`, "invalid_value");
+    }
+    if (part.type === "input_file" && !["file_data", "file_url", "file_id"].some((k) => typeof part[k] === "string")) return missing(`${q}.file_id`);
+  }
+  return null;
+}
+
+function validateResponsesTool(t: unknown, p: string): Fail | null {
+  const bad = (message: string, param: string | null = null, code: string | null = null): Fail => ({ message, param, code });
+  const missing = (q: string): Fail => bad(`Missing required parameter: '${q}'.`, q, "missing_required_parameter");
+  const wrongType = (q: string, want: string, v: unknown): Fail => bad(`Invalid type for '${q}': expected ${want}, but got ${oaiType(v)} instead.`, q, "invalid_type");
+  if (!isObj(t)) return wrongType(p, "an object", t);
+  if (!has(t, "type")) return missing(`${p}.type`);
+  if (t.type === "function" || t.type === "custom") {
+    // a Chat-style {type:"function", function:{name,…}} lands here too: "Missing required parameter: 'tools[0].name'." (stanfordnlp/dspy #9943)
+    if (!has(t, "name")) return missing(`${p}.name`);
+    if (typeof t.name !== "string") return wrongType(`${p}.name`, "a string", t.name);
+    if (!/^[a-zA-Z0-9_-]{1,64}$/.test(t.name)) {
+      return bad(`Invalid '${p}.name': string does not match pattern. Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.`, `${p}.name`, "invalid_value");
+    }
+    if (t.type === "function") {
+      if (has(t, "parameters") && t.parameters !== null && !isObj(t.parameters)) return wrongType(`${p}.parameters`, "an object", t.parameters);
+      if (has(t, "strict") && t.strict !== null && typeof t.strict !== "boolean") return wrongType(`${p}.strict`, "a boolean", t.strict);
+      return null;
+    }
+    if (has(t, "format") && t.format !== null) {
+      const f = t.format;
+      if (!isObj(f) || (f.type !== "text" && f.type !== "grammar")) return bad(`Invalid value: '${isObj(f) ? String(f.type) : ""}'. Supported values are: 'text' and 'grammar'.`, `${p}.format.type`, "invalid_value");
+      if (f.type === "grammar") {
+        if (f.syntax !== "lark" && f.syntax !== "regex") return bad(`Invalid value: '${String(f.syntax)}'. Supported values are: 'lark' and 'regex'.`, `${p}.format.syntax`, "invalid_value");
+        if (typeof f.definition !== "string") return missing(`${p}.format.definition`);
+      }
+    }
+    return null;
+  }
+  if (BUILTIN_TOOLS.includes(String(t.type))) return null;
+  return bad(`Invalid value: '${String(t.type)}'. Supported values are: ${quoteList(["function", "custom", ...BUILTIN_TOOLS])}.`, `${p}.type`, "invalid_value");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// rate limits: a sliding 60-second window per mock (see the header comment for what is charged)
+
+type Dim = "requests" | "tokens" | "input_tokens" | "output_tokens";
+type Charge = { at: number; input: number; output: number };
+const WINDOW_MS = 60_000;
+// Dimensions each provider limits and reports; limits not given in `rateLimits({limits})` keep the default headers' values.
+const DIMS: Record<Flavor, Dim[]> = { openai: ["requests", "tokens"], kimi: ["requests", "tokens"], anthropic: ["requests", "input_tokens", "output_tokens", "tokens"] };
+const DEFAULT_LIMITS: Record<Flavor, RateLimitDims> = {
+  openai: { requests: 10000, tokens: 30000000 },
+  kimi: { requests: 200, tokens: 2000000 }, // Tier1 (providers.md §3.3)
+  anthropic: { requests: 4000, input_tokens: 2000000, output_tokens: 400000 }, // tokens: input + output
+};
+
+const partOf = (c: { input: number; output: number }, dim: Dim): number =>
+  dim === "requests" ? 1 : dim === "input_tokens" ? c.input : dim === "output_tokens" ? c.output : c.input + c.output;
+
+class RateWindow {
+  opts: RateLimitOpts;
+  flavor: Flavor;
+  #events: Charge[] = [];
+
+  constructor(flavor: Flavor, opts: RateLimitOpts) {
+    this.flavor = flavor;
+    this.opts = opts;
+  }
+
+  limit(dim: Dim): number {
+    const own = this.opts.limits[dim];
+    if (own !== undefined) return own;
+    if (dim === "tokens" && this.flavor === "anthropic") return this.limit("input_tokens") + this.limit("output_tokens");
+    return DEFAULT_LIMITS[this.flavor][dim] ?? 0;
+  }
+
+  /** The steady load of "another client" on the same key. */
+  others(dim: Dim): number {
+    const o = this.opts.others ?? {};
+    return dim === "tokens" ? (o.tokens ?? (o.input_tokens ?? 0) + (o.output_tokens ?? 0)) : (o[dim] ?? 0);
+  }
+
+  #live(now: number): Charge[] {
+    this.#events = this.#events.filter((e) => e.at > now - WINDOW_MS);
+    return this.#events;
+  }
+
+  used(now: number, dim: Dim): number {
+    return this.#live(now).reduce((n, e) => n + partOf(e, dim), this.others(dim));
+  }
+
+  add(now: number, input: number, output: number): Charge {
+    const c = { at: now, input, output };
+    this.#events.push(c);
+    return c;
+  }
+
+  /** Time until the window is back to its initial state; `others` is taken to leave within a full minute. */
+  resetMs(now: number, dim: Dim): number {
+    let ms = this.others(dim) > 0 ? WINDOW_MS : 0;
+    for (const e of this.#live(now)) if (partOf(e, dim) > 0) ms = Math.max(ms, e.at + WINDOW_MS - now);
+    return ms;
+  }
+
+  /** Time until `need` units have left the window (the oldest charges leave first). */
+  waitMs(now: number, dim: Dim, need: number): number {
+    let freed = 0;
+    for (const e of this.#live(now)) {
+      freed += partOf(e, dim);
+      if (freed >= need) return Math.max(1, e.at + WINDOW_MS - now);
+    }
+    return WINDOW_MS;
+  }
+}
+
+/** Go's time.Duration formatting, to the millisecond, as OpenAI sends in x-ratelimit-reset-* ("6m0s", "1s", "17ms", "18.642s"). */
+export function goDuration(ms: number): string {
+  const t = Math.max(0, Math.round(ms));
+  if (t === 0) return "0s";
+  if (t < 1000) return `${t}ms`;
+  const h = Math.floor(t / 3_600_000), m = Math.floor((t % 3_600_000) / 60_000);
+  const s = `${Number(((t % 60_000) / 1000).toFixed(3))}s`;
+  return h > 0 ? `${h}h${m}m${s}` : m > 0 ? `${m}m${s}` : s;
+}
+
+/** RFC 3339 to the second, as Anthropic sends in anthropic-ratelimit-*-reset ("2025-08-21T12:40:59Z"), rounded up. */
+const rfc3339 = (ms: number): string => new Date(Math.ceil(ms / 1000) * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+
+/** What the Anthropic mock's count_tokens answers: ceil(chars / 4) of the JSON of system + tools + messages. */
+export function anthropicTokenCount(body: { system?: unknown; tools?: unknown; messages?: unknown }): number {
+  return Math.ceil((JSON.stringify(body.system ?? "") + JSON.stringify(body.tools ?? []) + JSON.stringify(body.messages ?? [])).length / 4);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // the mock server
 
 type Ctx = {
@@ -774,14 +1248,24 @@ type Ctx = {
   gone: boolean; // the response's connection is closed (client abort, or we destroyed it)
   self: boolean; // we destroyed the socket on purpose (reset / stream-break)
   onGone?: () => void;
+  charge?: { c: Charge; max: number | undefined }; // what this request counts in the rate-limit window, and the max output it named
 };
+type Route = "chat" | "responses";
+/** A stored Responses answer: its full (expanded) input and its output, for previous_response_id. */
+type StoredResponse = { input: Json[]; output: Json[] };
 
 export function startMock(flavor: Flavor, opts: { key?: string; model?: string } = {}): Promise<Mock> {
   const key = opts.key ?? DEFAULT_KEYS[flavor];
   const scripts: Script[] = [];
   let fallback: Script = { type: "reply" };
+  const countScripts: Script[] = [];
   const requests: Recorded[] = [];
   const promptCache = new PromptCache();
+  const secret = randomBytes(32); // signs this mock's thinking blocks and reasoning items
+  let rates: RateWindow | undefined;
+  const responses = new Map<string, StoredResponse>();
+  const storedItems = new Map<string, Json>(); // stored Responses output items by id
+  const orgId = randomUUID(); // named in Anthropic's 429 bodies
   const sockets = new Set<Socket>();
   const timers = new Set<ReturnType<typeof setTimeout>>();
   let closing = false;
@@ -845,7 +1329,31 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
 
   const requestId = (): string => (flavor === "anthropic" ? `req_011C${rand62(20)}` : `req_${hex(32)}`);
 
+  /** The provider's rate-limit headers computed from the window (`rateLimits(opts)` set). */
+  const rateHeaders = (win: RateWindow): Record<string, string> => {
+    const now = Date.now();
+    const out: Record<string, string> = {};
+    for (const dim of DIMS[flavor]) {
+      const limit = win.limit(dim);
+      const remaining = Math.max(0, limit - win.used(now, dim));
+      const reset = win.resetMs(now, dim);
+      if (flavor === "openai") {
+        out[`x-ratelimit-limit-${dim}`] = String(limit);
+        out[`x-ratelimit-remaining-${dim}`] = String(remaining);
+        out[`x-ratelimit-reset-${dim}`] = goDuration(reset);
+      } else {
+        const name = dim.replace("_", "-");
+        out[`anthropic-ratelimit-${name}-limit`] = String(limit);
+        out[`anthropic-ratelimit-${name}-remaining`] = String(dim === "requests" ? remaining : Math.round(remaining / 1000) * 1000); // tokens: nearest thousand (§2.5)
+        out[`anthropic-ratelimit-${name}-reset`] = rfc3339(now + reset);
+      }
+    }
+    return out;
+  };
+
   const providerHeaders = (reqId: string): Record<string, string> => {
+    if (rates && flavor === "openai") return { "x-request-id": reqId, "openai-version": "2020-10-01", "openai-organization": "user-mock", "openai-processing-ms": "12", ...rateHeaders(rates) };
+    if (rates && flavor === "anthropic") return { "request-id": reqId, "anthropic-organization-id": randomUUID(), ...rateHeaders(rates) };
     if (flavor === "openai") {
       return {
         "x-request-id": reqId,
@@ -949,9 +1457,13 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
     const method = ctx.req.method ?? "GET";
     const path = (ctx.req.url ?? "/").split("?")[0];
     const chatPath = flavor === "anthropic" ? "/v1/messages" : "/v1/chat/completions";
-    if (method === "POST" && path === chatPath) {
+    if (method === "POST" && (path === chatPath || (flavor === "openai" && path === "/v1/responses"))) {
       const script = scripts.length > 0 ? (scripts.shift() as Script) : fallback;
-      chat(ctx, parsedOk, body, script);
+      chat(ctx, parsedOk, body, script, path === chatPath ? "chat" : "responses");
+      return;
+    }
+    if (method === "POST" && flavor === "anthropic" && path === "/v1/messages/count_tokens") {
+      countTokens(ctx, parsedOk, body, countScripts.length > 0 ? (countScripts.shift() as Script) : { type: "reply" });
       return;
     }
     if (method === "GET" && (path === "/v1/models" || path.startsWith("/v1/models/"))) {
@@ -966,12 +1478,14 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
   function checkAuth(ctx: Ctx): Fail | null {
     const h = ctx.req.headers;
     if (flavor === "anthropic") {
-      const k = h["x-api-key"];
+      // The SDK majors of 2026-10-21 send the key as `Authorization: Bearer`; with both headers the API reads x-api-key.
+      const bearer = typeof h.authorization === "string" ? /^Bearer\s+(.+)$/i.exec(h.authorization.trim())?.[1] : undefined;
+      const k = h["x-api-key"] !== undefined && h["x-api-key"] !== "" ? h["x-api-key"] : bearer;
       if (k === undefined || k === "") return { status: 401, message: "x-api-key header is required" };
       if (k !== key) return { status: 401, message: "invalid x-api-key" };
       const v = h["anthropic-version"];
       if (v === undefined || v === "") return { status: 400, message: "anthropic-version: header is required" };
-      if (v !== "2023-06-01" && v !== "2023-01-01") return { status: 400, message: `anthropic-version: invalid version '${String(v)}'` };
+      if (!ANTHROPIC_VERSIONS.includes(String(v))) return { status: 400, message: `anthropic-version: invalid version '${String(v)}'` };
       return null;
     }
     const auth = h.authorization;
@@ -1014,56 +1528,253 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
     sendJson(ctx, 200, payload, reqId);
   }
 
-  function chat(ctx: Ctx, parsedOk: boolean, body: unknown, script: Script): void {
+  /** Auth, then a JSON body; false when the request was already answered with the provider's error. */
+  function checkRequest(ctx: Ctx, parsedOk: boolean): boolean {
     const authFail = checkAuth(ctx);
-    if (authFail) return sendFail(ctx, authFail.status ?? 401, authFail);
+    if (authFail) {
+      sendFail(ctx, authFail.status ?? 401, authFail);
+      return false;
+    }
     const ct = ctx.req.headers["content-type"];
     const jsonCt = typeof ct === "string" && /^application\/json\b/i.test(ct.trim());
-    if (!jsonCt || !parsedOk) {
-      if (flavor === "anthropic") return sendFail(ctx, 400, { message: jsonCt ? "There was an issue with your request body: invalid JSON" : "Invalid content-type header: expected application/json" });
-      if (flavor === "kimi") return sendFail(ctx, 400, { message: "Invalid request: failed to parse the request body as JSON" });
-      return sendFail(ctx, 400, {
+    if (jsonCt && parsedOk) return true;
+    if (flavor === "anthropic") sendFail(ctx, 400, { message: jsonCt ? "There was an issue with your request body: invalid JSON" : "Invalid content-type header: expected application/json" });
+    else if (flavor === "kimi") sendFail(ctx, 400, { message: "Invalid request: failed to parse the request body as JSON" });
+    else {
+      sendFail(ctx, 400, {
         message: "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. If you have trouble figuring out how to fix this, please contact us through our help center at help.openai.com.)",
         type: "invalid_request_error",
       });
     }
-    const invalid = flavor === "anthropic" ? validateAnthropic(body) : validateOpenAI(flavor, body);
+    return false;
+  }
+
+  /** The `anthropic-beta` values of a request (a comma list, possibly over several headers). */
+  const betasOf = (ctx: Ctx): Set<string> => {
+    const h = ctx.req.headers["anthropic-beta"];
+    const raw = Array.isArray(h) ? h.join(",") : (h ?? "");
+    return new Set(raw.split(",").map((b) => b.trim()).filter(Boolean));
+  };
+
+  /** A thinking signature: base64 of HMACs of the text under this mock's secret, about as long as a real one. */
+  const sign = (thinking: string): string => {
+    const macs = Array.from({ length: 10 }, (_, i) => createHmac("sha256", secret).update(`${i}:${thinking}`).digest());
+    return Buffer.concat([Buffer.from([0x12, 0xa8, 0x02, 0x0a, 0x01, 0x18]), ...macs]).toString("base64");
+  };
+  const anthropicCheck = (ctx: Ctx, count = false): AnthropicCheck => ({
+    betas: betasOf(ctx),
+    count,
+    version: String(ctx.req.headers["anthropic-version"] ?? ""),
+    signed: (t, s) => s === sign(t),
+  });
+
+  function chat(ctx: Ctx, parsedOk: boolean, body: unknown, script: Script, route: Route = "chat"): void {
+    if (!checkRequest(ctx, parsedOk)) return;
+    const invalid =
+      route === "responses" ? validateResponses(body) : flavor === "anthropic" ? validateAnthropic(body, anthropicCheck(ctx)) : validateOpenAI(flavor, body);
     if (invalid) return sendFail(ctx, invalid.status ?? 400, invalid);
     const req = body as Json;
+    let history: Json[] = [];
+    if (route === "responses") {
+      const expanded = expandResponses(req);
+      if (!Array.isArray(expanded)) return sendFail(ctx, expanded.status ?? 400, expanded);
+      history = expanded;
+    }
     const reqModel = String(req.model);
+    if (!admit(ctx, req, reqModel, route, history)) return;
+    if (playFixed(ctx, reqModel, script)) return;
+    answer(ctx, req, reqModel, script as AnswerScript, route, history).catch(() => {
+      if (!ctx.gone) ctx.res.destroy();
+    });
+  }
 
+  /** The scripts that answer the same way on every route (error, raw, hang, reset); false for the others. */
+  function playFixed(ctx: Ctx, reqModel: string, script: Script): boolean {
     switch (script.type) {
       case "error": {
+        settle(ctx, 0);
         const reqId = requestId();
         const payload = script.body !== undefined ? script.body : errorPayload(flavor, script.status, defaultError(flavor, script.status, reqModel, key), reqId);
-        return sendJson(ctx, script.status, payload, reqId, script.headers);
+        sendJson(ctx, script.status, payload, reqId, script.headers);
+        return true;
       }
       case "raw": {
+        settle(ctx, 0);
         const type = script.body.trimStart().startsWith("<") ? "text/html; charset=utf-8" : "application/json";
         ctx.res.writeHead(script.status, { "content-type": type, ...(script.headers ?? {}), "content-length": String(Buffer.byteLength(script.body)) });
         ctx.res.end(script.body);
-        return;
+        return true;
       }
       case "hang":
-        return; // never answer; close() or the client ends it
+        return true; // never answer; close() or the client ends it
       case "reset":
-        return destroySocket(ctx);
+        settle(ctx, 0);
+        destroySocket(ctx);
+        return true;
       default:
-        answer(ctx, req, reqModel, script).catch(() => {
-          if (!ctx.gone) ctx.res.destroy();
-        });
+        return false;
     }
+  }
+
+  // ---- count_tokens (Anthropic) -------------------------------------------------------------------------------
+
+  function countTokens(ctx: Ctx, parsedOk: boolean, body: unknown, script: Script): void {
+    if (!checkRequest(ctx, parsedOk)) return;
+    const invalid = validateAnthropic(body, anthropicCheck(ctx, true));
+    if (invalid) return sendFail(ctx, invalid.status ?? 400, invalid);
+    const req = body as Json;
+    if (playFixed(ctx, String(req.model), script)) return;
+    if (script.type === "stream-error") {
+      const f = defaultError(flavor, 529, String(req.model), key);
+      return sendFail(ctx, 529, script.message ? { ...f, message: script.message } : f);
+    }
+    const reply = script.type === "reply" ? script : undefined;
+    const payload = { input_tokens: typeof reply?.usage?.input === "number" ? reply.usage.input : anthropicTokenCount(req) };
+    const reqId = requestId();
+    if (script.type === "stall") {
+      ctx.res.writeHead(200, { "content-type": "application/json", ...providerHeaders(reqId) });
+      ctx.res.flushHeaders();
+      return;
+    }
+    if (script.type === "stream-break") {
+      const text = JSON.stringify(payload);
+      ctx.res.writeHead(200, { "content-type": "application/json", ...providerHeaders(reqId), "content-length": String(Buffer.byteLength(text)) });
+      write(ctx, text.slice(0, Math.floor(text.length / 2))).then((ok) => ok && destroySocket(ctx), noop);
+      return;
+    }
+    wait(ctx, reply?.delayMs ?? 0).then((ok) => ok && sendJson(ctx, 200, payload, reqId, reply?.headers), noop);
+  }
+
+  // ---- OpenAI Responses state ---------------------------------------------------------------------------------
+
+  /**
+   * The full input a Responses request stands for: the stored history of `previous_response_id`, then its own items with
+   * `item_reference`s (and reasoning items sent by id alone) replaced by the stored items; then tool calls must pair.
+   */
+  function expandResponses(req: Json): Json[] | Fail {
+    let history: Json[] = [];
+    if (typeof req.previous_response_id === "string") {
+      const prev = responses.get(req.previous_response_id);
+      if (!prev) {
+        return { message: `Previous response with id '${req.previous_response_id}' not found.`, param: "previous_response_id", code: "previous_response_not_found" };
+      }
+      history = [...prev.input, ...prev.output];
+    }
+    const own: Json[] = typeof req.input === "string" ? [{ role: "user", content: req.input }] : Array.isArray(req.input) ? (req.input as Json[]) : [];
+    const out = [...history];
+    for (const item of own) {
+      const byId = item.type === "item_reference" || (item.type === "reasoning" && typeof item.encrypted_content !== "string");
+      if (!byId) {
+        out.push(item);
+        continue;
+      }
+      const found = storedItems.get(String(item.id));
+      if (!found) {
+        // the real wording and status: router-for-me/CLIProxyAPI #2381, Wei-Shaw/claude-relay-service #323 (404)
+        return {
+          status: 404,
+          message: `Item with id '${String(item.id)}' not found. Items are not persisted when \`store\` is set to false. Try again with \`store\` set to true, or remove this item from your input.`,
+          param: "input",
+          code: null,
+        };
+      }
+      out.push(item.type === "item_reference" ? found : item);
+    }
+    return pairCalls(out) ?? out;
+  }
+
+  /** Every tool output answers an earlier call, and every call gets its output (continuedev/continue #10092, tjardoo/openai-client #124). */
+  function pairCalls(all: Json[]): Fail | null {
+    const label: Record<string, string> = { function_call: "function call", custom_tool_call: "custom tool call" };
+    const calls = new Map<string, string>();
+    const answered = new Set<string>();
+    for (const item of all) {
+      const t = String(item.type);
+      if (t === "function_call" || t === "custom_tool_call") calls.set(String(item.call_id), t);
+      if (t === "function_call_output" || t === "custom_tool_call_output") {
+        const want = t.replace(/_output$/, "");
+        if (calls.get(String(item.call_id)) !== want) return { message: `No tool call found for ${label[want]} output with call_id ${String(item.call_id)}.`, param: "input", code: null };
+        answered.add(String(item.call_id));
+      }
+    }
+    for (const [id, t] of calls) if (!answered.has(id)) return { message: `No tool output found for ${label[t]} ${id}.`, param: "input", code: null };
+    return null;
+  }
+
+  /** Responses usage default: ceil(chars / 4) of the JSON of instructions + the full input. */
+  const responsesInput = (req: Json, history: Json[]): number => Math.ceil((JSON.stringify(req.instructions ?? "") + JSON.stringify(history)).length / 4);
+
+  // ---- rate limits ----------------------------------------------------------------------------------------------
+
+  /** Charge a request to the window; with `enforce`, answer the provider's 429 instead when it would not fit (and charge nothing). */
+  function admit(ctx: Ctx, req: Json, reqModel: string, route: Route, history: Json[]): boolean {
+    if (!rates) return true;
+    const now = Date.now();
+    let input: number;
+    if (route === "responses") input = responsesInput(req, history);
+    else if (flavor === "anthropic") {
+      const u = promptCache.usage(req, now, false);
+      input = u ? u.input + u.cache_write : Math.ceil(JSON.stringify(req.messages ?? []).length / 4); // cache reads don't count (§5)
+    } else input = Math.ceil(JSON.stringify(req.messages ?? []).length / 4);
+    const named = route === "responses" ? req.max_output_tokens : (req.max_completion_tokens ?? req.max_tokens);
+    const max = isInt(named) ? named : undefined;
+    const output = max ?? 0;
+    if (rates.opts.enforce) {
+      for (const dim of DIMS[flavor]) {
+        const limit = rates.limit(dim), used = rates.used(now, dim), want = partOf({ input, output }, dim);
+        if (used + want > limit) {
+          rateLimited(ctx, reqModel, dim, { limit, used, want, waitMs: rates.waitMs(now, dim, used + want - limit) });
+          return false;
+        }
+      }
+    }
+    ctx.charge = { c: rates.add(now, input, output), max };
+    return true;
+  }
+
+  /** The answer is made: Anthropic's output charge becomes the real output; OpenAI/Kimi keep a named max, else the real output. */
+  const settle = (ctx: Ctx, output: number, input?: number): void => {
+    const ch = ctx.charge;
+    if (!ch) return;
+    if (input !== undefined) ch.c.input = input;
+    ch.c.output = flavor === "anthropic" || ch.max === undefined ? output : ch.max;
+  };
+
+  function rateLimited(ctx: Ctx, model: string, dim: Dim, n: { limit: number; used: number; want: number; waitMs: number }): void {
+    const seconds = Math.max(1, Math.ceil(n.waitMs / 1000));
+    if (flavor === "anthropic") {
+      // wording: anthropics/claude-code #55132 (2026); older bodies said "for your organization (<org>) of N input tokens per minute"
+      const what: Record<Dim, string> = { requests: "requests", input_tokens: "input tokens", output_tokens: "output tokens", tokens: "tokens" };
+      const message = `This request would exceed your organization's rate limit of ${n.limit.toLocaleString("en-US")} ${what[dim]} per minute (org: ${orgId}, model: ${model}). For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later. You may also contact sales at https://claude.com/contact-sales to discuss your options for a rate limit increase.`;
+      return sendFail(ctx, 429, { message }, { "retry-after": String(seconds) });
+    }
+    if (flavor === "kimi") {
+      // MoonshotAI/kimi-cli #1599, LLM-Red-Team/kimi-cc #41
+      const message = dim === "requests"
+        ? `Your account org-mock<ak-mock> request reached organization max RPM: ${n.limit}, please try again after ${seconds} seconds`
+        : `Your account org-mock<ak-mock> request reached organization TPM rate limit, current: ${n.used}, limit: ${n.limit}`;
+      return sendFail(ctx, 429, { type: "rate_limit_reached_error", message });
+    }
+    // OpenAI: BuilderIO/micro-agent #86 (TPM), feder-cr/invisible_playwright_mcp #249 (RPM, type "requests")
+    const per = dim === "requests" ? "requests per min (RPM)" : "tokens per min (TPM)";
+    const message = n.want > n.limit
+      ? `Request too large for ${model} in organization org-mock on ${per}: Limit ${n.limit}, Requested ${n.want}. The input or output tokens must be reduced in order to run successfully. Visit https://platform.openai.com/account/rate-limits to learn more.`
+      : `Rate limit reached for ${model} in organization org-mock on ${per}: Limit ${n.limit}, Used ${n.used}, Requested ${n.want}. Please try again in ${goDuration(n.waitMs)}. Visit https://platform.openai.com/account/rate-limits to learn more.`;
+    sendFail(ctx, 429, { message, type: dim, code: "rate_limit_exceeded" });
   }
 
   // ---- answering (reply / stream-break / stream-error / stall) -----------------------------------------------
 
-  async function answer(ctx: Ctx, req: Json, reqModel: string, script: AnswerScript): Promise<void> {
+  async function answer(ctx: Ctx, req: Json, reqModel: string, script: AnswerScript, route: Route = "chat", history: Json[] = []): Promise<void> {
     const reply = script.type === "reply" ? script : undefined;
     const toolCalls: ToolCall[] = reply?.tool_calls ?? [];
-    const text = reply?.text !== undefined ? reply.text : toolCalls.length > 0 ? "" : `Hello from ${reqModel}`;
+    const customCalls = route === "responses" ? (reply?.custom_calls ?? []) : [];
+    const text = reply?.text !== undefined ? reply.text : toolCalls.length + customCalls.length > 0 ? "" : `Hello from ${reqModel}`;
+    const thinking = flavor === "anthropic" ? (reply?.thinking ?? "") : "";
+    const reasoning = route === "responses" || flavor === "kimi" ? (reply?.reasoning ?? "") : "";
     const usage: MockUsage = {
-      input: Math.ceil(JSON.stringify(req.messages ?? []).length / 4),
-      output: Math.max(1, wordCount(text)),
+      input: route === "responses" ? responsesInput(req, history) : Math.ceil(JSON.stringify(req.messages ?? []).length / 4),
+      output: Math.max(1, wordCount(text) + wordCount(thinking) + wordCount(reasoning)),
       cached: 0,
       cache_write: 0,
     };
@@ -1073,10 +1784,16 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
       const v = reply?.usage?.[k];
       if (typeof v === "number") usage[k] = v;
     }
+    settle(ctx, usage.output, flavor === "anthropic" ? usage.input + usage.cache_write : usage.input + usage.cached + usage.cache_write);
     const model = opts.model ?? reqModel;
     const stream = req.stream === true;
     const reqId = requestId();
     const extra = reply?.headers ?? {};
+    const resp = route === "responses" ? responsesBody(req, model, { text, calls: toolCalls, custom: customCalls, reasoning }, usage, reply) : undefined;
+    if (resp && script.type === "reply" && req.store !== false) {
+      responses.set(String(resp.response.id), { input: history, output: resp.items });
+      for (const item of resp.items) storedItems.set(String(item.id), item);
+    }
 
     if (!stream) {
       if (script.type === "stream-error") {
@@ -1086,7 +1803,7 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
         return sendFail(ctx, status, script.message ? { ...f, message: script.message } : f);
       }
       const payload =
-        flavor === "anthropic" ? anthropicJson(model, text, toolCalls, usage, reply?.finish) : openaiJson(req, model, text, toolCalls, usage, reply?.finish);
+        resp ? resp.response : flavor === "anthropic" ? anthropicJson(model, text, toolCalls, usage, reply) : openaiJson(req, model, text, toolCalls, usage, reply);
       const bodyText = JSON.stringify(payload);
       if (ctx.gone) return;
       if (script.type === "stall") {
@@ -1103,14 +1820,16 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
       return sendJson(ctx, 200, payload, reqId, extra);
     }
 
-    const frames = flavor === "anthropic" ? anthropicFrames(model, text, toolCalls, usage, reply) : openaiFrames(req, model, text, toolCalls, usage, reply);
+    const frames = resp ? resp.frames : flavor === "anthropic" ? anthropicFrames(model, text, toolCalls, usage, reply) : openaiFrames(req, model, text, toolCalls, usage, reply);
     const errMessage = script.type === "stream-error" ? script.message : undefined;
-    const errorFrame =
-      flavor === "anthropic"
-        ? `event: error\ndata: ${JSON.stringify({ type: "error", error: { type: "overloaded_error", message: errMessage ?? "Overloaded" } })}\n\n`
-        : flavor === "kimi"
-          ? `data: ${JSON.stringify({ error: { type: "server_error", message: errMessage ?? "The server had an error while processing your request. Sorry about that!" } })}\n\n`
-          : `data: ${JSON.stringify({ error: { message: errMessage ?? "The server had an error while processing your request. Sorry about that!", type: "server_error", param: null, code: null } })}\n\n`;
+    const errorFrame = (seq: number): string =>
+      resp
+        ? resp.failed(seq, errMessage ?? `An error occurred while processing your request. You can retry your request, or contact us through our help center at help.openai.com if the error persists. Please include the request ID ${reqId} in your message.`)
+        : flavor === "anthropic"
+          ? `event: error\ndata: ${JSON.stringify({ type: "error", error: { type: "overloaded_error", message: errMessage ?? "Overloaded" } })}\n\n`
+          : flavor === "kimi"
+            ? `data: ${JSON.stringify({ error: { type: "server_error", message: errMessage ?? "The server had an error while processing your request. Sorry about that!" } })}\n\n`
+            : `data: ${JSON.stringify({ error: { message: errMessage ?? "The server had an error while processing your request. Sorry about that!", type: "server_error", param: null, code: null } })}\n\n`;
 
     if (ctx.gone) return;
     ctx.res.writeHead(200, {
@@ -1124,19 +1843,140 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
 
     const limit = script.type === "reply" ? Infinity : Math.max(0, script.afterChunks);
     let sent = 0;
+    let written = 0; // frames written: a Responses stream numbers its events, the failure event included
     for (const f of frames) {
       if (f.kind !== "start" && sent >= limit) {
         if (script.type === "stream-break") destroySocket(ctx);
         else if (script.type === "stream-error") {
-          if (await write(ctx, errorFrame)) ctx.res.end();
+          if (await write(ctx, errorFrame(written))) ctx.res.end();
         }
         return; // stall: send nothing more
       }
       if (reply?.gapMs && f.kind === "content" && sent > 0 && !(await wait(ctx, reply.gapMs))) return; // a slow model: a pause before each further chunk
       for (const line of f.lines) if (!(await write(ctx, line))) return;
+      written++;
       if (f.kind === "content") sent++;
     }
     if (!ctx.gone) ctx.res.end();
+  }
+
+  // ---- OpenAI Responses bodies --------------------------------------------------------------------------------
+
+  type ResponsesParts = { text: string; calls: ToolCall[]; custom: { name: string; input: string }[]; reasoning: string };
+  type ResponsesBody = { response: Json; items: Json[]; frames: Frame[]; failed: (seq: number, message: string) => string };
+
+  /** One answer as the final response object, its stream (ingress.md §3.4) and its failure event, all with the same ids. */
+  function responsesBody(req: Json, model: string, parts: ResponsesParts, u: MockUsage, reply?: Extract<Script, { type: "reply" }>): ResponsesBody {
+    const id = `resp_${hex(48)}`;
+    const createdAt = Math.floor(Date.now() / 1000);
+    const include = Array.isArray(req.include) ? req.include : [];
+    const cut = reply?.finish === "length" ? "max_output_tokens" : reply?.finish === "content_filter" ? "content_filter" : undefined;
+    const items: Json[] = [];
+    if (parts.reasoning !== "") {
+      const r: Json = { id: `rs_${hex(48)}`, type: "reasoning", summary: [{ type: "summary_text", text: parts.reasoning }] };
+      if (include.includes("reasoning.encrypted_content")) {
+        r.encrypted_content = `gAAAAAB${Buffer.concat([randomBytes(24), createHmac("sha256", secret).update(parts.reasoning).digest(), Buffer.from(parts.reasoning)]).toString("base64url")}`;
+      }
+      items.push(r);
+    }
+    if (parts.text !== "" || parts.calls.length + parts.custom.length === 0) {
+      items.push({ id: `msg_${hex(48)}`, type: "message", status: cut ? "incomplete" : "completed", content: [{ type: "output_text", annotations: [], logprobs: [], text: parts.text }], role: "assistant" });
+    }
+    for (const c of parts.calls) items.push({ id: `fc_${hex(48)}`, type: "function_call", status: "completed", arguments: c.arguments, call_id: `call_${rand62(24)}`, name: c.name });
+    for (const c of parts.custom) items.push({ id: `ctc_${hex(48)}`, type: "custom_tool_call", call_id: `call_${rand62(24)}`, input: c.input, name: c.name });
+
+    const prompt = u.input + u.cached + u.cache_write;
+    const inputDetails: Json = { cached_tokens: u.cached };
+    if (u.cache_write > 0) inputDetails.cache_write_tokens = u.cache_write;
+    const usage = {
+      input_tokens: prompt,
+      input_tokens_details: inputDetails,
+      output_tokens: u.output,
+      output_tokens_details: { reasoning_tokens: Math.min(u.output, wordCount(parts.reasoning)) },
+      total_tokens: prompt + u.output,
+    };
+    const reasoningIn = isObj(req.reasoning) ? req.reasoning : {};
+    const textIn = isObj(req.text) ? req.text : {};
+    const object = (status: string, output: Json[], withUsage: boolean): Json => ({
+      id,
+      object: "response",
+      created_at: createdAt,
+      status,
+      background: req.background ?? false,
+      completed_at: status === "completed" ? Math.floor(Date.now() / 1000) : null,
+      error: null,
+      incomplete_details: status === "incomplete" ? { reason: cut } : null,
+      instructions: req.instructions ?? null,
+      max_output_tokens: req.max_output_tokens ?? null,
+      max_tool_calls: req.max_tool_calls ?? null,
+      model,
+      output,
+      parallel_tool_calls: req.parallel_tool_calls ?? true,
+      previous_response_id: req.previous_response_id ?? null,
+      prompt_cache_key: req.prompt_cache_key ?? null,
+      prompt_cache_retention: req.prompt_cache_retention ?? null,
+      reasoning: { effort: reasoningIn.effort ?? (reasoningModel(model) ? "medium" : null), summary: reasoningIn.summary ?? null },
+      safety_identifier: req.safety_identifier ?? null,
+      service_tier: status === "in_progress" ? (req.service_tier ?? "auto") : "default",
+      store: req.store ?? true,
+      temperature: req.temperature ?? 1,
+      text: { format: textIn.format ?? { type: "text" }, verbosity: textIn.verbosity ?? "medium" },
+      tool_choice: req.tool_choice ?? "auto",
+      tools: req.tools ?? [],
+      top_logprobs: req.top_logprobs ?? 0,
+      top_p: req.top_p ?? 1,
+      truncation: req.truncation ?? "disabled",
+      usage: withUsage ? usage : null,
+      user: req.user ?? null,
+      metadata: req.metadata ?? {},
+    });
+    const final = object(cut ? "incomplete" : "completed", items, true);
+
+    const frames: Frame[] = [];
+    let seq = 0;
+    let started = false; // "start" frames become "other" once a content delta went out (see answer())
+    const push = (kind: Frame["kind"], data: Json): void => {
+      if (kind === "content") started = true;
+      frames.push({ kind: kind === "start" && started ? "other" : kind, lines: [`event: ${String(data.type)}\ndata: ${JSON.stringify({ ...data, sequence_number: seq++ })}\n\n`] });
+    };
+    push("start", { type: "response.created", response: object("in_progress", [], false) });
+    push("start", { type: "response.in_progress", response: object("in_progress", [], false) });
+    items.forEach((item, output_index) => {
+      const item_id = item.id;
+      if (item.type === "reasoning") {
+        const text = parts.reasoning;
+        push("start", { type: "response.output_item.added", output_index, item: { id: item_id, type: "reasoning", summary: [] } });
+        push("start", { type: "response.reasoning_summary_part.added", item_id, output_index, summary_index: 0, part: { type: "summary_text", text: "" } });
+        for (const delta of splitText(text)) push("content", { type: "response.reasoning_summary_text.delta", item_id, output_index, summary_index: 0, delta });
+        push("other", { type: "response.reasoning_summary_text.done", item_id, output_index, summary_index: 0, text });
+        push("other", { type: "response.reasoning_summary_part.done", item_id, output_index, summary_index: 0, part: { type: "summary_text", text } });
+      } else if (item.type === "message") {
+        const part = { type: "output_text", annotations: [], logprobs: [], text: parts.text };
+        push("start", { type: "response.output_item.added", output_index, item: { id: item_id, type: "message", status: "in_progress", content: [], role: "assistant" } });
+        push("start", { type: "response.content_part.added", item_id, output_index, content_index: 0, part: { ...part, text: "" } });
+        for (const delta of splitText(parts.text, reply?.chunks)) push("content", { type: "response.output_text.delta", item_id, output_index, content_index: 0, delta, logprobs: [] });
+        push("other", { type: "response.output_text.done", item_id, output_index, content_index: 0, text: parts.text, logprobs: [] });
+        push("other", { type: "response.content_part.done", item_id, output_index, content_index: 0, part });
+      } else if (item.type === "function_call") {
+        const args = String(item.arguments);
+        push("start", { type: "response.output_item.added", output_index, item: { ...item, status: "in_progress", arguments: "" } });
+        for (const delta of halves(args)) push("content", { type: "response.function_call_arguments.delta", item_id, output_index, delta });
+        push("other", { type: "response.function_call_arguments.done", item_id, output_index, name: item.name, arguments: args });
+      } else {
+        const input = String(item.input);
+        push("start", { type: "response.output_item.added", output_index, item: { ...item, input: "" } });
+        for (const delta of halves(input)) push("content", { type: "response.custom_tool_call_input.delta", item_id, output_index, delta });
+        push("other", { type: "response.custom_tool_call_input.done", item_id, output_index, input });
+      }
+      push("other", { type: "response.output_item.done", output_index, item });
+    });
+    push("other", { type: cut ? "response.incomplete" : "response.completed", response: final });
+
+    const failed = (at: number, message: string): string => {
+      const response = { ...object("failed", [], false), error: { code: "server_error", message } };
+      return `event: response.failed\ndata: ${JSON.stringify({ type: "response.failed", response, sequence_number: at })}\n\n`;
+    };
+    return { response: final, items, frames, failed };
   }
 
   // ---- OpenAI / Kimi bodies -----------------------------------------------------------------------------------
@@ -1159,14 +1999,17 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
     };
   }
 
-  function openaiJson(req: Json, model: string, text: string, calls: ToolCall[], u: MockUsage, finish?: string): Json {
+  function openaiJson(req: Json, model: string, text: string, calls: ToolCall[], u: MockUsage, reply?: Extract<Script, { type: "reply" }>): Json {
     const kimi = flavor === "kimi";
+    const finish = reply?.finish;
     const n = isInt(req.n) ? req.n : 1;
     const toolCalls = calls.map((c, i) => (kimi ? { index: i, id: toolId(i, c.name), type: "function", function: { name: c.name, arguments: c.arguments } } : { id: toolId(i, c.name), type: "function", function: { name: c.name, arguments: c.arguments } }));
     const finishReason = finish ?? (calls.length > 0 ? "tool_calls" : "stop");
     const choices = Array.from({ length: n }, (_, index) => {
       const message: Json = kimi
-        ? { role: "assistant", content: text }
+        ? reply?.reasoning
+          ? { role: "assistant", reasoning_content: reply.reasoning, content: text } // kimi-k2.5 thinking (providers.md §3.1 #5)
+          : { role: "assistant", content: text }
         : { role: "assistant", content: text === "" && calls.length > 0 ? null : text, refusal: null };
       if (toolCalls.length > 0) message.tool_calls = toolCalls;
       return kimi ? { index, message, finish_reason: finishReason } : { index, message, logprobs: null, finish_reason: finishReason };
@@ -1207,7 +2050,12 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
     const ids = calls.map((c, i) => toolId(i, c.name));
     const head = (k: number): Json => ({ index: k, id: ids[k], type: "function", function: { name: calls[k].name, arguments: "" } });
     let firstTool = 0;
-    if (text !== "" || calls.length === 0) {
+    if (kimi && reply?.reasoning) {
+      // kimi-k2.5 thinking: reasoning_content chunks before any content or tool call
+      frames.push(each({ role: "assistant", content: "" }, "start"));
+      for (const piece of splitText(reply.reasoning)) frames.push(each({ reasoning_content: piece }, "content"));
+      for (const piece of splitText(text, reply.chunks)) frames.push(each({ content: piece }, "content"));
+    } else if (text !== "" || calls.length === 0) {
       frames.push(each(kimi ? { role: "assistant", content: "" } : { role: "assistant", content: "", refusal: null }, "start"));
       for (const piece of splitText(text, reply?.chunks)) frames.push(each({ content: piece }, "content"));
     } else {
@@ -1256,8 +2104,17 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
     }
   }
 
-  function anthropicJson(model: string, text: string, calls: ToolCall[], u: MockUsage, finish?: string): Json {
-    const content: Json[] = [];
+  /** The blocks a reply opens with: a signed thinking block and/or a redacted one. */
+  function thinkingBlocks(reply?: Extract<Script, { type: "reply" }>): Json[] {
+    const out: Json[] = [];
+    if (reply?.thinking !== undefined) out.push({ type: "thinking", thinking: reply.thinking, signature: sign(reply.thinking) });
+    if (reply?.redactedThinking) out.push({ type: "redacted_thinking", data: Buffer.concat([Buffer.from([0x12, 0x96, 0x01]), randomBytes(240)]).toString("base64") });
+    return out;
+  }
+
+  function anthropicJson(model: string, text: string, calls: ToolCall[], u: MockUsage, reply?: Extract<Script, { type: "reply" }>): Json {
+    const finish = reply?.finish;
+    const content: Json[] = thinkingBlocks(reply);
     if (text !== "") content.push({ type: "text", text });
     for (const c of calls) content.push({ type: "tool_use", id: `toolu_01${rand62(22)}`, name: c.name, input: parseInput(c.arguments) });
     return {
@@ -1286,9 +2143,21 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
       message: { id: `msg_01${rand62(22)}`, type: "message", role: "assistant", model, content: [], stop_reason: null, stop_sequence: null, usage: anthropicUsage(u, 1) },
     });
     let index = 0;
+    for (const b of thinkingBlocks(reply)) {
+      // thinking: starts empty (signature "" too), thinking_delta pieces, one signature_delta just before its stop
+      const open = b.type === "thinking" ? { type: "thinking", thinking: "", signature: "" } : b;
+      push("start", "content_block_start", { type: "content_block_start", index, content_block: open });
+      if (index === 0) ping();
+      if (b.type === "thinking") {
+        for (const piece of splitText(String(b.thinking))) push("content", "content_block_delta", { type: "content_block_delta", index, delta: { type: "thinking_delta", thinking: piece } });
+        push("other", "content_block_delta", { type: "content_block_delta", index, delta: { type: "signature_delta", signature: b.signature } });
+      }
+      push("other", "content_block_stop", { type: "content_block_stop", index });
+      index++;
+    }
     if (text !== "") {
       push("start", "content_block_start", { type: "content_block_start", index, content_block: { type: "text", text: "" } });
-      ping();
+      if (index === 0) ping();
       for (const piece of splitText(text, reply?.chunks)) push("content", "content_block_delta", { type: "content_block_delta", index, delta: { type: "text_delta", text: piece } });
       push("other", "content_block_stop", { type: "content_block_stop", index });
       index++;
@@ -1324,6 +2193,13 @@ export function startMock(flavor: Flavor, opts: { key?: string; model?: string }
         setDefault: (s: Script) => {
           fallback = s;
         },
+        queueCount: (...s: Script[]) => {
+          countScripts.push(...s);
+        },
+        rateLimits: (o?: RateLimitOpts) => {
+          rates = o ? new RateWindow(flavor, o) : undefined;
+        },
+        sign,
         openConnections: () => sockets.size,
         closedRequests: () => closedCount,
         waitForClosedRequest: () =>
