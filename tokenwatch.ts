@@ -2840,6 +2840,12 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
       banner.replaceChildren(add(el("b"), "Database writes are failing: "), str(st.last_error) + DOT + fmtInt(st.pending_rows) + " rows pending, retrying" + C(8230));
       banner.title = str(st.path);
       banner.hidden = false;
+    } else if (st.file_event || num(st.set_aside_rows) > 0) {
+      var aside = st.set_aside && st.set_aside.length ? st.set_aside[st.set_aside.length - 1].reason : "";
+      banner.replaceChildren(add(el("b"), "Database: "), st.file_event ? str(st.file_event) : "",
+        num(st.set_aside_rows) > 0 ? (st.file_event ? DOT : "") + fmtInt(st.set_aside_rows) + " row(s) could not be stored: " + str(aside) : "");
+      banner.title = str(st.path);
+      banner.hidden = false;
     } else banner.hidden = true;
 
     setText("total-requests", fmtInt(all.requests), num(all.requests));
@@ -2943,7 +2949,9 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
         var tags = add(el("div", "tags"), m.tier ? tag(str(m.tier)) : null,
           m.enabled === false ? tag("Disabled", "red") : null,
           m.saturated ? tag("Saturated", "red") : null, m.cooling ? tag("Cooling down", "amber") : null,
+          num(m.refused_for_s) > 0 ? tag("Refused to this key", "red") : null,
           (m.saturated || m.cooling) && num(m.free_in_s) > 0 ? el("span", "muted free-in", "frees in " + fmtDur(m.free_in_s)) : null,
+          num(m.cooldown_asked_s) > 0 ? el("span", "muted capped", "(provider asked " + fmtDur(m.cooldown_asked_s) + "; capped at max_cooldown_ms)") : null,
           num(m.inflight) > 0 ? tag(fmtInt(m.inflight) + " in flight") : null);
         add(r, add(el("div", "hr-name"), el("div", "mname", str(m.model)), tags));
         add(r, meter("Tokens", num(m.window_tokens), num(m.limit), th, ""));

@@ -9,8 +9,9 @@
 
 import { describe, it, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, writeFileSync } from "node:fs";
-import { dirname, resolve } from "node:path";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
 import { chromium } from "playwright-core";
 import type { Browser, BrowserContext, BrowserContextOptions, Page } from "playwright-core";
 import { buildConfig, start } from "../tokenwatch.ts";
@@ -24,7 +25,7 @@ const SKIP = !existsSync(CHROMIUM) && !process.env.CI ? `Chromium is not install
 const WAIT = { timeout: 10_000 };
 
 // Injected markup: it must reach the page as text. Run as markup, it would set window.__pwned.
-const EVIL_MODEL = "<img src=x onerror=window.__pwned=1>";
+const EVIL_MODEL = "<img/src=x/onerror=window.__pwned=1>"; // model names take no spaces: "/" separates the attributes
 const EVIL_ERROR = "<img src=y onerror=window.__pwned=2> is not a valid stop sequence";
 
 type Mocks = Record<Flavor, Mock>;
@@ -171,6 +172,26 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
     const width = await phone.page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 390, `page is ${width}px wide on a 390px screen`);
     await phone.context.close();
+  });
+
+  it("says when a provider asked for a longer rest than max_cooldown_ms, and when the database file was deleted", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "tw-browser-"));
+    const db = join(dir, "tw.db");
+    const all: Record<string, string> = { OPENAI_API_KEY: mocks.openai.key, OPENAI_BASE_URL: mocks.openai.url, KIMI_API_KEY: mocks.kimi.key, KIMI_BASE_URL: mocks.kimi.url };
+    const tw = await start({ config: buildConfig({ env: all }), env: all, db });
+    opened.push(tw);
+    const { context, page: p } = await open(tw.url);
+    try {
+      mocks.openai.queue({ type: "error", status: 429, headers: { "retry-after": "999999" } });
+      assert.equal(await chat(tw, { model: "gpt-4o-mini" }), 200); // fails over to kimi
+      for (const f of [db, `${db}-wal`, `${db}-shm`]) rmSync(f, { force: true });
+      await p.goto(`${tw.url}/`);
+      const note = p.locator('[data-model="openai/gpt-4o-mini"] .capped');
+      await note.waitFor(WAIT);
+      assert.match(await note.textContent() ?? "", /provider asked .+; capped at max_cooldown_ms/);
+      await p.locator("#store-banner").waitFor(WAIT);
+      assert.match(await p.locator("#store-banner").textContent() ?? "", /was deleted .* rewrote it/);
+    } finally { await context.close(); rmSync(dir, { recursive: true, force: true }); }
   });
 
   it("asks for the API key when TOKENWATCH_API_KEY is set, and shows the numbers once it is given", async () => {
