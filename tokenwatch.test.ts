@@ -14,14 +14,16 @@ import OpenAI from "openai";
 import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, windowTokens, mergeConfig, buildConfig,
-  SlidingWindow, Limiter, classify, route, openAIBody, anthropicBody, toAnthropicMessages, fromAnthropicMessage, AnthropicStream,
-  ADAPTERS, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
+  SlidingWindow, Limiter, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
+  ADAPTERS, ENTRIES, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
-import type { ChatRequest, Config, Model, Row, Running } from "./tokenwatch.ts";
+import type { ChatRequest, Config, Model, Parsed, Row, Running, Tap } from "./tokenwatch.ts";
 import { startMock } from "./test/mocks.ts";
 import type { Mock, Flavor } from "./test/mocks.ts";
 
 const user = (content: string): ChatRequest => ({ messages: [{ role: "user", content }] });
+/** A request as an entry hands it to the dispatcher (for the translators that read a client's options). */
+const parsed = (hub: ChatRequest): Parsed => ({ hub, body: hub, text: JSON.stringify(hub), stream: hub.stream === true, forward: {} });
 const ALL_KEYS = { ANTHROPIC_API_KEY: "sk-ant-x", KIMI_API_KEY: "sk-kimi-x", OPENAI_API_KEY: "sk-openai-x" };
 const cfg = (env: Record<string, string> = ALL_KEYS, file: unknown = {}) => buildConfig({ env, file });
 const model = (c: Config, key: string): Model => c.models.find((m) => m.key === key)!;
@@ -498,8 +500,10 @@ describe("6. Adapters", () => {
       ];
       for (const [req, m, same] of cases) {
         const text = ` ${JSON.stringify(req)}`; // a leading space: only the client's own text has one
-        const { body } = ADAPTERS.openai.build(req, m, 4096, text);
+        const job = { p: { hub: req, body: req, text, stream: req.stream === true, forward: {} } } as never;
+        const { body } = ENTRIES.chat!.nativeRequest(job, m);
         assert.equal(body === text, same, JSON.stringify(req));
+        assert.equal(openAIRequest(req, m, req.stream === true).changed, !same);
         const sent = JSON.parse(body);
         assert.deepEqual(sent, JSON.parse(JSON.stringify(openAIBody(req, m, req.stream === true))), JSON.stringify(req));
       }
@@ -514,47 +518,56 @@ describe("6. Adapters", () => {
 
     const chunk = (o: object) => Buffer.from(`data: ${JSON.stringify(o)}\n\n`);
     const base = { id: "c1", object: "chat.completion.chunk", created: 1, model: "gpt-4o" };
+    /** The Chat Completions passthrough of a stream, as the dispatcher drives it: events, then `end` with the usage and its cost. */
+    const tap = (m: Model, includeUsage: boolean) => {
+      const t = ENTRIES.chat!.nativeTap(parsed({ messages: [], stream: true, stream_options: { include_usage: includeUsage } }), m);
+      return Object.assign(t, { finish: () => String(t.end(t.usage!, costUsd(m, t.usage!))) });
+    };
 
     it("passes stream events through byte for byte and adds cost_usd to the usage chunk asked for, sent once before [DONE]", () => {
-      const tr = ADAPTERS.openai.stream(gpt, true, 0);
+      const tr = tap(gpt, true);
       const first = chunk({ ...base, choices: [{ index: 0, delta: { content: "Hi" }, finish_reason: null }], usage: null });
       assert.equal(tr.feed(first), first);
       assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 100, completion_tokens: 10, total_tokens: 110 } })), null, "held until [DONE]");
-      const [usage, done] = String(tr.feed(Buffer.from("data: [DONE]\n\n"))).split("\n\n");
+      assert.equal(tr.feed(Buffer.from("data: [DONE]\n\n")), null, "[DONE] goes out after the row is committed");
+      const [usage, done] = tr.finish().split("\n\n");
       assert.equal(JSON.parse(usage.slice(6)).usage.cost_usd, costUsd(gpt, { input: 100, cached: 0, cache_write: 0, output: 10 }));
       assert.equal(done, "data: [DONE]");
       assert.equal(tr.done, true);
     });
 
     it("drops the usage chunk when the client did not ask, but still counts it", () => {
-      const tr = ADAPTERS.openai.stream(gpt, false, 0);
+      const tr = tap(gpt, false);
       assert.equal(tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 5, completion_tokens: 1, total_tokens: 6 } })), null);
       assert.deepEqual(tr.usage, { input: 5, cached: 0, cache_write: 0, output: 1 });
-      assert.equal(tr.feed(Buffer.from("data: [DONE]\n\n")), "data: [DONE]\n\n");
+      tr.feed(Buffer.from("data: [DONE]\n\n"));
+      assert.equal(tr.finish(), "data: [DONE]\n\n");
     });
 
     it("uses the last usage an upstream sends for the client's usage chunk and for the log alike", () => {
-      const tr = ADAPTERS.openai.stream(gpt, true, 0);
+      const tr = tap(gpt, true);
       tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 10, completion_tokens: 1, total_tokens: 11 } }));
       tr.feed(chunk({ ...base, choices: [], usage: { prompt_tokens: 1000, completion_tokens: 100, total_tokens: 1100 } }));
-      const sent = String(tr.feed(Buffer.from("data: [DONE]\n\n"))).split("\n\n").filter((e) => e.includes("usage"));
+      tr.feed(Buffer.from("data: [DONE]\n\n"));
+      const sent = tr.finish().split("\n\n").filter((e) => e.includes("usage"));
       assert.equal(sent.length, 1, "one usage chunk");
       assert.deepEqual(tr.usage, { input: 1000, cached: 0, cache_write: 0, output: 100 });
       assert.equal(JSON.parse(sent[0].slice(6)).usage.cost_usd, costUsd(gpt, tr.usage!));
     });
 
     it("reads Kimi's usage inside choices[0] and gives the client a usage chunk before [DONE]", () => {
-      const tr = ADAPTERS.openai.stream(kimi, true, 0);
+      const tr = tap(kimi, true);
       tr.feed(chunk({ ...base, choices: [{ index: 0, delta: { content: "x" }, finish_reason: null }] }));
       tr.feed(chunk({ ...base, choices: [{ index: 0, delta: {}, finish_reason: "stop", usage: { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11, cached_tokens: 4 } }] }));
-      const tail = String(tr.feed(Buffer.from("data: [DONE]\n\n")));
+      tr.feed(Buffer.from("data: [DONE]\n\n"));
+      const tail = tr.finish();
       const [usageEvent, done] = tail.split("\n\n");
       assert.deepEqual(JSON.parse(usageEvent.slice(6)).usage, { prompt_tokens: 9, completion_tokens: 2, total_tokens: 11, prompt_tokens_details: { cached_tokens: 4 }, cost_usd: costUsd(kimi, { input: 5, cached: 4, cache_write: 0, output: 2 }) });
       assert.equal(done, "data: [DONE]");
     });
 
     it("turns a mid-stream error event into an error, not content", () => {
-      const tr = ADAPTERS.openai.stream(gpt, false, 0);
+      const tr = tap(gpt, false);
       assert.equal(tr.feed(chunk({ error: { message: "boom", type: "server_error" } })), null);
       assert.equal(tr.error?.message, "boom");
     });
@@ -680,15 +693,16 @@ describe("6. Adapters", () => {
     const stops: [string, string][] = [["end_turn", "stop"], ["stop_sequence", "stop"], ["max_tokens", "length"], ["tool_use", "tool_calls"], ["refusal", "content_filter"], ["pause_turn", "stop"], ["model_context_window_exceeded", "length"]];
     for (const [stop, finish] of stops)
       it(`maps stop_reason ${stop} to finish_reason ${finish}`, () => {
-        assert.equal(fromAnthropicMessage({ content: [{ type: "text", text: "x" }], stop_reason: stop }, 0).completion.choices[0].finish_reason, finish);
+        assert.equal(completionOf(answerFromMessage({ content: [{ type: "text", text: "x" }], stop_reason: stop }, haiku, 0)).choices[0].finish_reason, finish);
       });
 
     it("joins text blocks, turns tool_use into tool_calls, drops thinking, keeps usage apart", () => {
-      const { completion, usage } = fromAnthropicMessage({
+      const answer = answerFromMessage({
         id: "msg_1", model: "claude-haiku-4-5-20251001", stop_reason: "tool_use",
         content: [{ type: "thinking", thinking: "hmm" }, { type: "text", text: "I'll " }, { type: "text", text: "check." }, { type: "tool_use", id: "toolu_1", name: "w", input: { city: "Paris" } }],
         usage: { input_tokens: 10, output_tokens: 5, cache_read_input_tokens: 100, cache_creation_input_tokens: 20 },
-      }, 1_700_000_000_000);
+      }, haiku, 1_700_000_000_000);
+      const completion = completionOf(answer), usage = answer.usage;
       assert.deepEqual(completion, {
         id: "msg_1", object: "chat.completion", created: 1_700_000_000, model: "claude-haiku-4-5-20251001",
         choices: [{ index: 0, finish_reason: "tool_calls", logprobs: null, message: { role: "assistant", content: "I'll check.", tool_calls: [{ id: "toolu_1", type: "function", function: { name: "w", arguments: "{\"city\":\"Paris\"}" } }] } }],
@@ -697,16 +711,20 @@ describe("6. Adapters", () => {
     });
 
     it("gives null content when there are only tool calls", () => {
-      const { completion } = fromAnthropicMessage({ content: [{ type: "tool_use", id: "t", name: "f", input: {} }], stop_reason: "tool_use" }, 0);
+      const completion = completionOf(answerFromMessage({ content: [{ type: "tool_use", id: "t", name: "f", input: {} }], stop_reason: "tool_use" }, haiku, 0));
       assert.equal(completion.choices[0].message.content, null);
     });
   });
 
   describe("kind anthropic: stream events", () => {
     const ev = (name: string, data: object) => Buffer.from(`event: ${name}\ndata: ${JSON.stringify(data)}\n\n`);
-    const payload = (s: string | null) => (s ? s.split("\n\n").filter(Boolean).map((l) => (l === "data: [DONE]" ? "[DONE]" : JSON.parse(l.slice(6)))) : []);
-    const deltas = (s: string | null) => payload(s).map((p) => (p === "[DONE]" ? p : { delta: p.choices[0]?.delta, finish: p.choices[0]?.finish_reason, usage: p.usage }));
-    const fresh = (includeUsage = true) => new AnthropicStream(haiku, includeUsage, 1_700_000_000_000);
+    const payload = (b: string | Buffer | null) => { const s = b === null ? null : String(b); return s ? s.split("\n\n").filter(Boolean).map((l) => (l === "data: [DONE]" ? "[DONE]" : JSON.parse(l.slice(6)))) : []; };
+    const deltas = (s: string | Buffer | null) => payload(s).map((p) => (p === "[DONE]" ? p : { delta: p.choices[0]?.delta, finish: p.choices[0]?.finish_reason, usage: p.usage }));
+    /** Anthropic's events decoded, then encoded for a Chat Completions client: what the dispatcher does with such a stream. */
+    const fresh = (includeUsage = true): Tap & { finish(): string } => {
+      const t = new Translation(ADAPTERS.anthropic.decoder(haiku, 1_700_000_000_000), ENTRIES.chat!.encoder(parsed({ messages: [], stream: true, stream_options: { include_usage: includeUsage } }), haiku, 1_700_000_000_000));
+      return Object.assign(t, { finish: () => String(t.end(t.usage!, costUsd(haiku, t.usage!))) });
+    };
     const started = () => { const t = fresh(); t.feed(ev("message_start", { type: "message_start", message: { id: "msg_1", model: "claude-haiku-4-5-20251001", usage: { input_tokens: 10, cache_read_input_tokens: 5, output_tokens: 1 } } })); return t; };
 
     it("message_start gives the role chunk with the message id and model", () => {
@@ -735,7 +753,8 @@ describe("6. Adapters", () => {
     it("message_delta gives the mapped finish_reason; message_stop gives usage (when asked) then [DONE]", () => {
       const t = started();
       assert.deepEqual(deltas(t.feed(ev("message_delta", { type: "message_delta", delta: { stop_reason: "max_tokens" }, usage: { output_tokens: 42 } }))), [{ delta: {}, finish: "length", usage: undefined }]);
-      const end = payload(t.feed(ev("message_stop", { type: "message_stop" })));
+      assert.equal(t.feed(ev("message_stop", { type: "message_stop" })), null);
+      const end = payload(t.finish());
       const usage = { input: 10, cached: 5, cache_write: 0, output: 42 };
       assert.deepEqual(end, [{ id: "msg_1", object: "chat.completion.chunk", created: 1_700_000_000, model: "claude-haiku-4-5-20251001", choices: [], usage: openAIUsage(usage, costUsd(haiku, usage)) }, "[DONE]"]);
       assert.equal(t.done, true);
@@ -743,10 +762,11 @@ describe("6. Adapters", () => {
     });
 
     it("message_stop without include_usage sends only [DONE] but the usage is still known", () => {
-      const t = new AnthropicStream(haiku, false, 0);
+      const t = fresh(false);
       t.feed(ev("message_start", { type: "message_start", message: { id: "m", usage: { input_tokens: 4 } } }));
       t.feed(ev("message_delta", { type: "message_delta", delta: { stop_reason: "end_turn" }, usage: { output_tokens: 3 } }));
-      assert.equal(t.feed(ev("message_stop", { type: "message_stop" })), "data: [DONE]\n\n");
+      t.feed(ev("message_stop", { type: "message_stop" }));
+      assert.equal(t.finish(), "data: [DONE]\n\n");
       assert.deepEqual(t.usage, { input: 4, cached: 0, cache_write: 0, output: 3 });
     });
 
@@ -760,7 +780,7 @@ describe("6. Adapters", () => {
 
 // ============================================================================================
 describe("7. Store", () => {
-  const row = (o: Partial<Row> = {}): Row => ({ ts: Date.now(), provider: "openai", model: "gpt-4o", requested_model: "auto", complexity: "simple", status: 200, stream: false, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.001, latency_ms: 12, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, ...o });
+  const row = (o: Partial<Row> = {}): Row => ({ ts: Date.now(), entry: "chat", provider: "openai", model: "gpt-4o", requested_model: "auto", complexity: "simple", status: 200, stream: false, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.001, latency_ms: 12, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, ...o });
   let dir: string;
   before(() => { dir = mkdtempSync(join(tmpdir(), "tw-store-")); });
   after(() => rmSync(dir, { recursive: true, force: true }));
@@ -792,6 +812,36 @@ describe("7. Store", () => {
     assert.equal(again.count(), 1);
     again.close();
     await once(holder, "exit");
+  });
+
+  it("brings a database written before client formats were told apart to the new schema, every row counted as chat", () => {
+    const path = join(dir, "old.db");
+    const old = new DatabaseSync(path);
+    old.exec(`CREATE TABLE requests (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, provider TEXT, model TEXT, requested_model TEXT, complexity TEXT,
+      status INTEGER NOT NULL, stream INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+      cached_tokens INTEGER NOT NULL DEFAULT 0, cache_write_tokens INTEGER NOT NULL DEFAULT 0, cost_usd REAL NOT NULL DEFAULT 0, latency_ms INTEGER,
+      ttft_ms INTEGER, attempts INTEGER NOT NULL DEFAULT 0, failover TEXT, error TEXT, error_kind TEXT);
+      CREATE TABLE rollup (minute INTEGER NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL, complexity TEXT NOT NULL, requests INTEGER NOT NULL,
+      errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
+      failovers INTEGER NOT NULL, PRIMARY KEY (minute, provider, model, complexity)) WITHOUT ROWID;
+      CREATE TABLE rollup_hour (hour INTEGER NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL, complexity TEXT NOT NULL, requests INTEGER NOT NULL,
+      errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cached_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL,
+      failovers INTEGER NOT NULL, PRIMARY KEY (hour, provider, model, complexity)) WITHOUT ROWID;`);
+    const minute = Math.floor(Date.now() / 60_000);
+    old.prepare("INSERT INTO requests (ts, provider, model, status) VALUES (?, 'openai', 'gpt-4o', 200)").run(Date.now());
+    old.prepare("INSERT INTO rollup VALUES (?, 'openai', 'gpt-4o', 'simple', 1, 0, 10, 5, 0, 0.5, 0)").run(minute);
+    old.prepare("INSERT INTO rollup_hour VALUES (?, 'openai', 'gpt-4o', 'simple', 1, 0, 10, 5, 0, 0.5, 0)").run(Math.floor(minute / 60));
+    old.close();
+    const s = new Store(path);
+    void s.add(row({ entry: "messages" }));
+    s.flush();
+    assert.deepEqual(s.entries(0).map((e) => [e.entry, e.requests]).sort(), [["chat", 1], ["messages", 1]]);
+    assert.deepEqual(s.recent(10).map((r) => r.entry).sort(), ["chat", "messages"]);
+    assert.equal(s.totals(0).requests, 2);
+    s.close();
+    const again = new Store(path); // a second open finds the schema current and changes nothing
+    assert.equal(again.totals(0).requests, 2);
+    again.close();
   });
 
   it("uses WAL mode", () => {

@@ -18,7 +18,8 @@
 // Routes:   POST /v1/chat/completions   GET /v1/models   GET /   GET /stats   GET /health
 //
 // The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 selector,
-// 6 provider adapters, 7 store, 8 dispatcher, 9 HTTP edge, 10 stats view and dashboard, 11 main.
+// 6 provider adapters, 7 client entries, 8 store, 9 dispatcher, 10 HTTP edge, 11 stats view and
+// dashboard, 12 main.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -120,7 +121,7 @@ export type Tier = "simple" | "complex";
 export type Kind = "openai" | "anthropic";
 
 export type ModelConfig = {
-  input: number; output: number; cached_input?: number; cache_write?: number;
+  input: number; output: number; cached_input?: number; cache_write?: number; cache_write_1h?: number;
   limit: number; rpm?: number; tier: Tier; pool?: string;
   max_tokens?: number; fixed_sampling?: boolean; eol?: string;
 };
@@ -143,10 +144,11 @@ export type Provider = {
   apiKey: string | undefined; enabled: boolean; why: string;
   maxTokensField?: "max_tokens" | "max_completion_tokens"; maxTemperature?: number; reasoningContent?: boolean;
   promptCache: boolean;
+  note?: string;   // what the start banner should say about it (a base URL that pointed at TokenWatch itself)
 };
 
 /** One routable model: `key` is "provider/model"; `pool` names its limiter window (its own, or one it shares). */
-export type Model = ModelConfig & { key: string; pool: string; id: string; provider: Provider; priced: boolean; order: number };
+export type Model = ModelConfig & { key: string; pool: string; id: string; provider: Provider; priced: boolean; order: number; family?: string };
 
 export type Config = typeof DEFAULTS & {
   providers: Provider[]; models: Model[]; aliases: Map<string, string>;
@@ -161,17 +163,30 @@ export type ChatMessage = {
   content?: string | ContentPart[] | null; name?: string;
   tool_calls?: ToolCall[]; tool_call_id?: string; [k: string]: unknown;
 };
+/** A function tool (JSON arguments) or a custom tool (free text in, as Codex's apply_patch). */
+export type Tool = { type: string; function?: { name: string; description?: string; parameters?: unknown }; custom?: { name: string; description?: string; format?: unknown } };
+
 export type ChatRequest = {
   model?: string; messages: ChatMessage[]; stream?: boolean; stream_options?: { include_usage?: boolean; [k: string]: unknown };
   max_tokens?: number; max_completion_tokens?: number; temperature?: number; top_p?: number; n?: number;
-  stop?: string | string[]; tools?: { type: string; function?: { name: string; description?: string; parameters?: unknown } }[];
-  tool_choice?: string | { type: string; function?: { name: string } }; parallel_tool_calls?: boolean;
+  stop?: string | string[]; tools?: Tool[];
+  tool_choice?: string | { type: string; function?: { name: string }; custom?: { name: string } }; parallel_tool_calls?: boolean;
   response_format?: { type: string; json_schema?: { name?: string; schema?: unknown } }; user?: string;
   complexity?: Tier; [k: string]: unknown;
 };
 
-/** Token counts as billed: `input` is the uncached part of the prompt. */
-export type Usage = { input: number; cached: number; cache_write: number; output: number };
+/**
+ * Token counts as billed: `input` is the uncached part of the prompt, `cached` what was read from the
+ * provider's cache, `cache_write` what was written to it (Anthropic's 5-minute cache; `cache_write_1h`,
+ * its 1-hour cache, costs more).
+ */
+export type Usage = { input: number; cached: number; cache_write: number; cache_write_1h?: number; output: number };
+
+/** Every cache write of a usage, whatever its lifetime. */
+const writes = (u: Usage) => u.cache_write + (u.cache_write_1h ?? 0);
+
+/** The client formats TokenWatch serves: OpenAI Chat Completions, Anthropic Messages, OpenAI Responses. */
+export type Format = "chat" | "messages" | "responses";
 
 export type OpenAIUsage = {
   prompt_tokens: number; completion_tokens: number; total_tokens: number;
@@ -190,7 +205,7 @@ export type Route = { complexity: Tier; reason: string; candidates: Model[] };
 export type Attempt = { provider: string; model: string; status: number; error?: string; ms: number };
 
 export type Row = {
-  ts: number; provider: string | null; model: string | null; requested_model: string | null; complexity: string | null;
+  ts: number; entry: Format; provider: string | null; model: string | null; requested_model: string | null; complexity: string | null;
   status: number; stream: boolean; input_tokens: number; output_tokens: number; cached_tokens: number;
   cache_write_tokens: number; cost_usd: number; latency_ms: number; ttft_ms: number | null; attempts: number;
   failover: string | null; error: string | null; error_kind: string | null;
@@ -207,6 +222,8 @@ export type Row = {
  */
 export class TwError extends Error {
   status: number; code: string; type: string; param: string | null; headers: Record<string, string>; attempts?: Attempt[];
+  /** An upstream's own error body (keys scrubbed), which an entry whose client speaks the upstream's format relays as it is. */
+  raw?: string;
   constructor(status: number, code: string, message: string, opts: { type?: string; param?: string | null; headers?: Record<string, string> } = {}) {
     super(message);
     this.status = status;
@@ -235,20 +252,51 @@ export function estimateTokens(req: ChatRequest, bodyChars: number, defaultMax: 
   return Math.ceil(bodyChars / 4) + outputCap(req, defaultMax);
 }
 
+/** What an image or a document costs in a prompt, about (Anthropic: a 1,092 × 1,092 image is ~1,600 tokens). */
+const IMAGE_TOKENS = 1_600;
+
+/**
+ * A local count of a Messages request's input tokens, for count_tokens when Anthropic cannot count:
+ * every block is counted (system, tools, text, tool calls and their results, thinking), text at a
+ * token per four characters, images at IMAGE_TOKENS, documents by their size. An estimate, never 0.
+ */
+export function estimateMessagesTokens(body: Record<string, unknown>): number {
+  let chars = 0, media = 0;
+  const walk = (x: unknown): void => {
+    if (typeof x === "string") { chars += x.length; return; }
+    if (Array.isArray(x)) { for (const v of x) walk(v); return; }
+    if (!isObj(x)) return;
+    if (x.type === "image" || x.type === "document") {
+      const data = isObj(x.source) && typeof x.source.data === "string" ? x.source.data.length : 0;
+      media += x.type === "document" ? Math.max(IMAGE_TOKENS, Math.ceil(data / 40)) : IMAGE_TOKENS;
+      return;
+    }
+    for (const [k, v] of Object.entries(x)) if (k !== "cache_control" && k !== "signature") walk(k === "input" && isObj(v) ? JSON.stringify(v) : v);
+  };
+  walk(body.system);
+  walk(body.tools === undefined ? undefined : JSON.stringify(body.tools));
+  walk(body.messages);
+  return Math.max(1, Math.ceil(chars / 4) + media);
+}
+
 const round12 = (x: number) => Math.round(x * 1e12) / 1e12;
 
-/** Exact cost in US dollars: prices are per million tokens; cache reads and writes have their own price. */
-export function costUsd(m: Pick<ModelConfig, "input" | "output" | "cached_input" | "cache_write">, u: Usage): number {
-  const perMillion = u.input * m.input + u.cached * (m.cached_input ?? m.input) + u.cache_write * (m.cache_write ?? m.input) + u.output * m.output;
+/**
+ * Exact cost in US dollars: prices are per million tokens; cache reads and writes have their own price
+ * (a 1-hour cache write, when the model names no price for it, costs twice the input, as at Anthropic).
+ */
+export function costUsd(m: Pick<ModelConfig, "input" | "output" | "cached_input" | "cache_write" | "cache_write_1h">, u: Usage): number {
+  const perMillion = u.input * m.input + u.cached * (m.cached_input ?? m.input) + u.cache_write * (m.cache_write ?? m.input)
+    + (u.cache_write_1h ?? 0) * (m.cache_write_1h ?? 2 * m.input) + u.output * m.output;
   return round12(perMillion / 1e6);
 }
 
 /** The tokens a request counts against its model's per-minute limit: Anthropic does not count cache reads. */
-export const windowTokens = (kind: Kind, u: Usage) => u.input + (kind === "anthropic" ? 0 : u.cached) + u.cache_write + u.output;
+export const windowTokens = (kind: Kind, u: Usage) => u.input + (kind === "anthropic" ? 0 : u.cached) + writes(u) + u.output;
 
 export function openAIUsage(u: Usage, cost: number): OpenAIUsage {
-  const prompt = u.input + u.cached + u.cache_write;
-  const details = u.cache_write ? { cached_tokens: u.cached, cache_write_tokens: u.cache_write } : { cached_tokens: u.cached };
+  const prompt = u.input + u.cached + writes(u);
+  const details = writes(u) ? { cached_tokens: u.cached, cache_write_tokens: writes(u) } : { cached_tokens: u.cached };
   return { prompt_tokens: prompt, completion_tokens: u.output, total_tokens: prompt + u.output, prompt_tokens_details: details, cost_usd: cost };
 }
 
@@ -274,12 +322,24 @@ export function usageFromOpenAI(raw: unknown): Usage | undefined {
   return { input: Math.max(0, tokenCount(u.prompt_tokens) - cached - write), cached, cache_write: write, output: tokenCount(u.completion_tokens) };
 }
 
-/** Anthropic usage: `input_tokens` is already only the uncached part. Fields it leaves out keep `prev`'s value. */
+/**
+ * Anthropic usage: `input_tokens` is already only the uncached part; cache writes are split by lifetime
+ * when `cache_creation` says how. Fields it leaves out keep `prev`'s value.
+ */
 export function usageFromAnthropic(raw: unknown, prev: Usage = { input: 0, cached: 0, cache_write: 0, output: 0 }): Usage {
-  const u = (raw ?? {}) as Record<string, unknown>;
+  const u = (raw ?? {}) as Record<string, any>;
+  const written = tokenCount(u.cache_creation_input_tokens, writes(prev));
+  const hour = Math.min(written, tokenCount(u.cache_creation?.ephemeral_1h_input_tokens, prev.cache_write_1h ?? 0));
+  const out: Usage = { input: tokenCount(u.input_tokens, prev.input), cached: tokenCount(u.cache_read_input_tokens, prev.cached), cache_write: written - hour, output: tokenCount(u.output_tokens, prev.output) };
+  if (hour) out.cache_write_1h = hour;
+  return out;
+}
+
+/** Usage as Anthropic reports it (all four counters, the writes split by lifetime). */
+export function anthropicUsage(u: Usage): Record<string, unknown> {
   return {
-    input: tokenCount(u.input_tokens, prev.input), cached: tokenCount(u.cache_read_input_tokens, prev.cached),
-    cache_write: tokenCount(u.cache_creation_input_tokens, prev.cache_write), output: tokenCount(u.output_tokens, prev.output),
+    input_tokens: u.input, cache_creation_input_tokens: writes(u), cache_read_input_tokens: u.cached, output_tokens: u.output,
+    cache_creation: { ephemeral_5m_input_tokens: u.cache_write, ephemeral_1h_input_tokens: u.cache_write_1h ?? 0 },
   };
 }
 
@@ -546,7 +606,7 @@ function closingQuote(text: string, open: number): number {
 
 const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "models"]);
-const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
+const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
 export class ConfigError extends Error {}
 
@@ -565,7 +625,7 @@ function checkModel(m: unknown, where: string): void {
   const o = m as Record<string, unknown>;
   checkKeys(o, MODEL_KEYS, where);
   for (const k of ["input", "output", "limit"]) need(isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
-  for (const k of ["cached_input", "cache_write", "rpm", "max_tokens"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  for (const k of ["cached_input", "cache_write", "cache_write_1h", "rpm", "max_tokens"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
   need(o.tier === "simple" || o.tier === "complex", `${where}.tier`, "must be \"simple\" or \"complex\"");
   need(o.pool === undefined || (typeof o.pool === "string" && /^[A-Za-z0-9_.-]+$/.test(o.pool)), `${where}.pool`, "must be a name of letters, digits, '_', '-' or '.'");
   need(o.fixed_sampling === undefined || typeof o.fixed_sampling === "boolean", `${where}.fixed_sampling`, "must be true or false");
@@ -622,23 +682,52 @@ export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown)
 const LOCAL_URL = /^https?:\/\/(127\.\d+\.\d+\.\d+|localhost|\[::1\])(:\d+)?(\/|$)/;
 
 /** Read keys and base URLs from the environment and decide which providers are enabled. */
-function resolveProvider(id: string, p: ProviderConfig, env: Record<string, string | undefined>): Provider {
+/** Where TokenWatch itself listens, to notice a base URL that would make it call itself. */
+export type Listen = { host: string; port: number };
+
+/** Whether a URL points at TokenWatch's own listen address (a loopback name or the listen host, and its port). */
+export function pointsAtSelf(url: string, self: Listen | undefined): boolean {
+  if (!self) return false;
+  let u: URL;
+  try { u = new URL(url); } catch { return false; }
+  const host = u.hostname.replace(/^\[|\]$/g, ""), port = Number(u.port || (u.protocol === "https:" ? 443 : 80));
+  return port === self.port && (host === self.host || /^(127\.\d+\.\d+\.\d+|localhost|::1|0\.0\.0\.0)$/.test(host));
+}
+
+/**
+ * A provider's base URL: its variable (ANTHROPIC_BASE_URL…), else the config's, else the built-in one;
+ * one that points at TokenWatch itself is passed over, with a note for the banner. Claude Code users
+ * set ANTHROPIC_BASE_URL to TokenWatch in the same shell that starts it.
+ */
+function baseUrlOf(id: string, p: ProviderConfig, env: Record<string, string | undefined>, builtIn: string | undefined, self: Listen | undefined): { url: string; note?: string } {
+  const variable = `${id.toUpperCase()}_BASE_URL`;
+  const choices = [[env[variable], variable], [p.base_url, "its base_url"], [builtIn, "the built-in URL"]] as const;
+  const skipped: string[] = [];
+  for (const [url, from] of choices) {
+    if (!url) continue;
+    if (!pointsAtSelf(url, self)) return { url: url.replace(/\/+$/, ""), note: skipped.length ? `${skipped.join(" and ")} point${skipped.length > 1 ? "" : "s"} at TokenWatch itself: ignored, ${id} uses ${url}` : undefined };
+    skipped.push(`${from} (${url})`);
+  }
+  return { url: p.base_url.replace(/\/+$/, ""), note: `${skipped.join(" and ")} point at TokenWatch itself, and there is no other: every request to ${id} will be refused as a loop (508)` };
+}
+
+function resolveProvider(id: string, p: ProviderConfig, env: Record<string, string | undefined>, builtIn: string | undefined, self: Listen | undefined): Provider {
   const vars = p.api_key_env === undefined ? [] : Array.isArray(p.api_key_env) ? p.api_key_env : [p.api_key_env];
   const apiKey = p.api_key || vars.map((v) => env[v]).find((v) => v);
-  const baseUrl = (env[`${id.toUpperCase()}_BASE_URL`] || p.base_url).replace(/\/+$/, "");
+  const { url: baseUrl, note } = baseUrlOf(id, p, env, builtIn, self);
   const local = LOCAL_URL.test(baseUrl);
   const enabled = Boolean(apiKey) || local;
   const why = enabled ? (apiKey ? "key set" : "local server, no key needed") : `no key (set ${vars.join(" or ") || "api_key"})`;
-  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content, promptCache: p.prompt_cache !== false };
+  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content, promptCache: p.prompt_cache !== false, ...(note ? { note } : {}) };
 }
 
 const priceSum = (m: Model) => m.input + m.output;
 
 /** Build the router's view of the config; candidate orders are computed once here, not per request. */
-export function buildConfig(opts: { file?: unknown; env?: Record<string, string | undefined>; base?: Record<string, ProviderConfig> } = {}): Config {
-  const env = opts.env ?? {};
-  const { providers: table, settings, aliases } = mergeConfig(opts.base ?? PROVIDERS, opts.file ?? {});
-  const providers = Object.entries(table).map(([id, p]) => resolveProvider(id, p, env));
+export function buildConfig(opts: { file?: unknown; env?: Record<string, string | undefined>; base?: Record<string, ProviderConfig>; listen?: Listen } = {}): Config {
+  const env = opts.env ?? {}, base = opts.base ?? PROVIDERS;
+  const { providers: table, settings, aliases } = mergeConfig(base, opts.file ?? {});
+  const providers = Object.entries(table).map(([id, p]) => resolveProvider(id, p, env, Object.hasOwn(base, id) ? base[id].base_url : undefined, opts.listen));
   const models: Model[] = [];
   for (const p of providers)
     for (const [id, m] of Object.entries(table[p.id].models)) models.push({ ...m, id, key: `${p.id}/${id}`, pool: `${p.id}/${m.pool ?? id}`, provider: p, priced: true, order: models.length });
@@ -888,8 +977,24 @@ function tierOrder(config: Config, tier: Tier): Model[] {
   return tier === "simple" ? config.simpleOrder : config.complexOrder;
 }
 
+/**
+ * A Claude model id the table does not have (a newer one, or a dated snapshot, as Claude Code sends):
+ * sent to Anthropic as it is, priced and limited like the table's model of its family (a dated id's own
+ * base model first, else the first of opus, sonnet, haiku… it names). Undefined for any other name.
+ */
+export function claudeModel(config: Config, name: string): Model | undefined {
+  if (!name.startsWith("claude-")) return undefined;
+  const dated = /^(.+)-\d{8}$/.exec(name)?.[1];
+  const family = /\b(opus|sonnet|haiku|fable|mythos)\b/.exec(name)?.[1];
+  const base = config.models.find((m) => m.provider.kind === "anthropic" && m.id === dated)
+    ?? config.models.find((m) => m.provider.kind === "anthropic" && family !== undefined && m.id.includes(family));
+  return base && { ...base, id: name, key: `${base.provider.id}/${name}`, family: base.id };
+}
+
 function byModelName(config: Config, name: string, resolved: string): Route {
   const named = config.models.filter((m) => m.id === resolved);
+  const claude = named.length ? undefined : claudeModel(config, resolved);
+  if (claude) named.push(claude);
   if (!named.length) {
     const names = [...new Set([...config.models.filter((m) => m.provider.enabled).map((m) => m.id), ...config.aliases.keys()])];
     throw new TwError(404, "model_not_found", `Model "${name}" does not exist here. Use "auto", one of: ${names.join(", ")}; or "provider/model" to reach a model that is not in the table.`, { param: "model" });
@@ -897,7 +1002,7 @@ function byModelName(config: Config, name: string, resolved: string): Route {
   const tier = named[0].tier;
   const first = named.filter((m) => m.provider.enabled);
   const sameTier = tierOrder(config, tier).filter((m) => m.tier === tier && !first.includes(m));
-  const alias = resolved !== name ? ` (alias of ${resolved})` : "";
+  const alias = resolved !== name ? ` (alias of ${resolved})` : claude ? ` (not in the table: sent to Anthropic as it is, priced as ${claude.family})` : "";
   const down = first.length ? "" : `, unavailable: ${named[0].provider.name} has ${named[0].provider.why}`;
   if (first.length + sameTier.length === 0) {
     return { complexity: tier, reason: `requested ${name}${alias}${down}; no ${tier} model is enabled, so the ${tier === "simple" ? "complex" : "simple"} ones are tried`, candidates: tierOrder(config, tier === "simple" ? "complex" : "simple") };
@@ -910,7 +1015,7 @@ function byModelName(config: Config, name: string, resolved: string): Route {
  * a named model goes first, then its tier; "auto" or no model is classified; "provider/model" is
  * sent exactly there. Candidates that cannot honour `n` are left out.
  */
-export function route(req: ChatRequest, config: Config, headerHint?: string): Route {
+export function route(req: ChatRequest, config: Config, headerHint?: string, only?: Only): Route {
   if (headerHint !== undefined && headerHint !== "simple" && headerHint !== "complex")
     throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${shown(headerHint)}.`);
   const hint = req.complexity ?? (headerHint as Tier | undefined);
@@ -926,7 +1031,17 @@ export function route(req: ChatRequest, config: Config, headerHint?: string): Ro
     r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || "no sign of complex work"})`, candidates: tierOrder(config, c.tier) };
   }
   r ??= config.named.get(name) ?? byModelName(config, name, config.aliases.get(name) ?? name);
-  return withN(r, req.n ?? 1);
+  return keepOnly(withN(r, req.n ?? 1), only);
+}
+
+/** A request only some providers can serve (Anthropic's server tools, OpenAI's built-in tools), and why. */
+export type Only = { keep: (p: Provider) => boolean; why: string };
+
+function keepOnly(r: Route, only: Only | undefined): Route {
+  if (!only) return r;
+  const able = r.candidates.filter((m) => only.keep(m.provider));
+  if (!able.length) throw bad(`No candidate (${r.candidates.map((m) => m.id).join(", ")}) can serve this request: ${only.why}. Name a model of that provider, or remove those tools.`, "tools");
+  return able.length === r.candidates.length ? r : { ...r, reason: `${r.reason}; only ${[...new Set(able.map((m) => m.provider.id))].join(", ")}, as ${only.why}`, candidates: able };
 }
 
 function withN(r: Route, n: number): Route {
@@ -937,32 +1052,61 @@ function withN(r: Route, n: number): Route {
 }
 
 // ============================================================================================
-// 6. Adapters: one small object per `kind`. Each builds the upstream request from the OpenAI-shaped
-//    hub request and turns responses, errors and stream events back into OpenAI shape. No fetch here.
+// 6. Adapters: one small object per upstream `kind`. Each builds the upstream request from the hub
+//    request (OpenAI-shaped), and turns the upstream's answers, errors and stream events into hub
+//    answers and hub events, which the entries (section 7) encode for their clients. No fetch here.
 // ============================================================================================
 
 export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
 export type ErrorInfo = { message: string; type: string; code: string | null };
 
-/** Turns one provider's event stream into OpenAI chunks, one whole SSE event at a time. */
-export interface StreamTranslator {
-  /** One raw event in; what to send on (null: nothing). Error events set `error` and return null. */
-  feed(raw: Buffer): Buffer | string | null;
+/** Why an answer stopped, in the hub's (OpenAI's) words. */
+export type Finish = "stop" | "length" | "tool_calls" | "content_filter";
+
+/** An OpenAI finish_reason as the hub's (the deprecated function_call is a tool call; anything unknown, a plain stop). */
+const finishOf = (r: unknown): Finish => (r === "length" || r === "tool_calls" || r === "content_filter" ? r : r === "function_call" ? "tool_calls" : "stop");
+
+/** One part of an answer, in the order the model produced it. */
+export type AnswerPart =
+  | { type: "text"; text: string }
+  | { type: "thinking"; text: string; signature: string } // Anthropic's signature, or TokenWatch's ("tw:…") on another provider's reasoning
+  | { type: "redacted_thinking"; data: string }
+  | { type: "tool_call"; id: string; name: string; arguments: string };
+
+/** A whole answer in the hub's shape, whatever the upstream: what every entry encodes for its client. */
+export type Answer = { id: string; model: string; created: number; parts: AnswerPart[]; finish: Finish; usage: Usage | undefined };
+
+/** One step of a streamed answer in the hub's shape. */
+export type HubEvent =
+  | { type: "start"; id: string; model: string }
+  | { type: "text"; text: string }
+  | { type: "thinking"; text: string }
+  | { type: "signature"; signature: string }
+  | { type: "redacted"; data: string }
+  | { type: "tool"; id: string; name: string }   // a tool call begins; its arguments follow as "args"
+  | { type: "args"; tool: number; text: string } // arguments of tool call number `tool` (0, 1, … in the order they began)
+  | { type: "finish"; reason: Finish };
+
+/** Turns an upstream's event stream into hub events, one whole SSE event at a time. */
+export interface Decoder {
+  feed(raw: Buffer): HubEvent[];
   usage: Usage | undefined;
   done: boolean;
   error: ErrorInfo | undefined;
 }
 
 export type Adapter = {
-  /** `text`: the client's body as it came, which an adapter may send on untouched when it would not change it. */
-  build(req: ChatRequest, m: Model, defaultMaxTokens: number, text?: string): UpstreamRequest;
-  parse(body: unknown, m: Model, now: number): { completion: Completion; usage: Usage | undefined };
+  build(hub: ChatRequest, m: Model, defaultMaxTokens: number): UpstreamRequest;
+  parse(body: unknown, m: Model, now: number): Answer;
   error(status: number, text: string): ErrorInfo;
-  stream(m: Model, includeUsage: boolean, now: number): StreamTranslator;
+  decoder(m: Model, now: number): Decoder;
 };
 
 /** The header TokenWatch adds to every upstream request: one that comes back in is a loop (508). */
 const HOP = "x-tokenwatch-hop";
+
+/** Reasoning another provider produced, carried in a thinking block: Anthropic must not see it (it checks signatures). */
+export const OWN_SIGNATURE = "tw:";
 
 function parseJson(text: string): unknown {
   try { return JSON.parse(text); } catch { return undefined; }
@@ -982,6 +1126,10 @@ function errorInfoFrom(status: number, text: string): ErrorInfo {
   return { message: `Upstream answered ${status} with ${snippet}`, type: "upstream_error", code: null };
 }
 
+/** The text parts of an answer joined, and its tool calls: what the OpenAI shapes carry. */
+export const answerText = (a: Answer) => a.parts.map((p) => (p.type === "text" ? p.text : "")).join("");
+const answerCalls = (a: Answer) => a.parts.filter((p): p is Extract<AnswerPart, { type: "tool_call" }> => p.type === "tool_call");
+
 // ---- kind "openai": OpenAI, Kimi and any OpenAI-compatible server ----
 
 const OPENAI_FIELDS = new Set([
@@ -992,27 +1140,56 @@ const OPENAI_FIELDS = new Set([
 ]);
 const SAMPLING = ["temperature", "top_p", "frequency_penalty", "presence_penalty", "logit_bias", "top_k"];
 const MESSAGE_FIELDS = new Set(["role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"]);
+/** Content parts an OpenAI-compatible upstream takes: thinking parts (from another provider) are not among them. */
+const OPENAI_PARTS = new Set(["text", "image_url", "input_audio", "file", "refusal"]);
+
+/** A message's thinking parts, as the text Kimi wants in `reasoning_content`. */
+const thinkingOf = (m: ChatMessage) =>
+  Array.isArray(m.content) ? m.content.filter((p) => p.type === "thinking" && typeof p.thinking === "string").map((p) => p.thinking as string).join("\n") : "";
 
 /**
- * Messages as this upstream takes them. OpenAI refuses message keys it does not know (another
- * provider's `reasoning_content`, a client's `id`), so they are dropped; a provider that wants
- * `reasoning_content` on assistant tool-call turns (Kimi thinking) keeps it, or gets a placeholder
- * when the turn came from elsewhere. Untouched messages are not copied.
+ * One message as this upstream takes it, or the message itself when it needs nothing: OpenAI refuses
+ * message keys it does not know (another provider's `reasoning_content`, a client's `id`) and parts it
+ * does not know (thinking); a provider that wants `reasoning_content` on assistant tool-call turns (Kimi
+ * thinking) gets it from the thinking parts, keeps the one given, or gets a placeholder.
  */
+function upstreamMessage(m: ChatMessage, reasoning: boolean): ChatMessage {
+  const needsReasoning = reasoning && m.role === "assistant" && typeof m.reasoning_content !== "string" && (Boolean(m.tool_calls?.length) || thinkingOf(m) !== "");
+  const foreignParts = Array.isArray(m.content) && m.content.some((p) => !OPENAI_PARTS.has(p.type) || "cache_control" in p);
+  let extra = false;
+  for (const k in m) if (!MESSAGE_FIELDS.has(k) && !(reasoning && k === "reasoning_content")) { extra = true; break; }
+  if (!needsReasoning && !foreignParts && !extra) return m;
+  const clean: ChatMessage = { role: m.role };
+  for (const k in m) if (MESSAGE_FIELDS.has(k) || (reasoning && k === "reasoning_content")) clean[k] = m[k];
+  if (foreignParts) {
+    const parts = (m.content as ContentPart[]).filter((p) => OPENAI_PARTS.has(p.type)).map(({ cache_control: _, ...p }) => p as ContentPart);
+    clean.content = parts.length ? parts : m.role === "assistant" && m.tool_calls?.length ? null : "";
+  }
+  if (needsReasoning) clean.reasoning_content = thinkingOf(m) || " ";
+  return clean;
+}
+
+/** Messages as this upstream takes them; untouched messages are not copied, and nor is the list when none changed. */
 export function upstreamMessages(messages: ChatMessage[], reasoning: boolean): ChatMessage[] {
   let out: ChatMessage[] | undefined;
   messages.forEach((m, i) => {
-    const missing = reasoning && m.role === "assistant" && m.tool_calls?.length && typeof m.reasoning_content !== "string";
-    let extra = false;
-    for (const k in m) if (!MESSAGE_FIELDS.has(k) && !(reasoning && k === "reasoning_content")) { extra = true; break; }
-    if (!missing && !extra) return;
-    out ??= [...messages];
-    const clean: ChatMessage = { role: m.role };
-    for (const k in m) if (MESSAGE_FIELDS.has(k) || (reasoning && k === "reasoning_content")) clean[k] = m[k];
-    if (missing) clean.reasoning_content = " ";
-    out[i] = clean;
+    const clean = upstreamMessage(m, reasoning);
+    if (clean !== m) (out ??= [...messages])[i] = clean;
   });
   return out ?? messages;
+}
+
+/**
+ * A custom tool (free text in, as Codex declares `apply_patch`) for an upstream that only takes
+ * functions: one required string parameter `input`, which the answer's call is read back from.
+ */
+export const CUSTOM_INPUT = { type: "object", properties: { input: { type: "string", description: "The raw text input of the tool: write it as it is, not as JSON." } }, required: ["input"], additionalProperties: false };
+
+function functionTools(tools: ChatRequest["tools"]): ChatRequest["tools"] {
+  if (!tools?.some((t) => t.type === "custom")) return tools;
+  return tools.map((t) => (t.type !== "custom" || !isObj(t.custom) ? t : {
+    type: "function", function: { name: String(t.custom.name), description: `${t.custom.description ?? ""}\n(Raw text tool: put the whole input in "input".)`.trim(), parameters: CUSTOM_INPUT },
+  }));
 }
 
 /**
@@ -1020,7 +1197,7 @@ export function upstreamMessages(messages: ChatMessage[], reasoning: boolean): C
  * and whether that differs from what the client sent. When it does not, the client's own text goes
  * up, which saves encoding the whole conversation again on every request.
  */
-function openAIRequest(req: ChatRequest, m: Model, stream: boolean): { body: Record<string, unknown>; changed: boolean } {
+export function openAIRequest(req: ChatRequest, m: Model, stream: boolean): { body: Record<string, unknown>; changed: boolean } {
   const body: Record<string, unknown> = {};
   let changed = req.model !== m.id;
   for (const k in req) {
@@ -1057,86 +1234,107 @@ function openAIRequest(req: ChatRequest, m: Model, stream: boolean): { body: Rec
 
 export const openAIBody = (req: ChatRequest, m: Model, stream: boolean) => openAIRequest(req, m, stream).body;
 
-/** The usage chunk a stream ends with when the client asked for usage: the billed counts and the exact cost. */
-const usageChunk = (id: unknown, created: unknown, model: unknown, m: Model, u: Usage) =>
-  sseData({ id, object: "chat.completion.chunk", created, model, choices: [], usage: openAIUsage(u, costUsd(m, u)) });
+function openAIHeaders(m: Model): Record<string, string> {
+  const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
+  if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
+  return headers;
+}
 
-/** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage or an error. */
-class OpenAIStream implements StreamTranslator {
+/**
+ * A chat completion to the hub's answer. Reasoning (Kimi's `reasoning_content`) becomes a thinking part
+ * signed by TokenWatch, so that a client can send it back and Kimi gets it again, but Anthropic never.
+ */
+function answerFromCompletion(body: Record<string, any>, m: Model, now: number): Answer {
+  const choice = Array.isArray(body.choices) ? body.choices[0] ?? {} : {};
+  const msg = isObj(choice.message) ? choice.message as Record<string, any> : {};
+  const parts: AnswerPart[] = [];
+  if (typeof msg.reasoning_content === "string" && msg.reasoning_content) parts.push({ type: "thinking", text: msg.reasoning_content, signature: `${OWN_SIGNATURE}${m.provider.id}` });
+  if (typeof msg.content === "string" && msg.content) parts.push({ type: "text", text: msg.content });
+  for (const t of Array.isArray(msg.tool_calls) ? msg.tool_calls as Record<string, any>[] : [])
+    if (isObj(t) && isObj(t.function)) parts.push({ type: "tool_call", id: String(t.id ?? ""), name: String(t.function.name ?? ""), arguments: typeof t.function.arguments === "string" ? t.function.arguments : "" });
+  const finish = finishOf(choice.finish_reason);
+  return { id: String(body.id ?? ""), model: typeof body.model === "string" ? body.model : m.id, created: typeof body.created === "number" ? body.created : Math.floor(now / 1000), parts, finish, usage: usageFromOpenAI(body.usage) };
+}
+
+/** An OpenAI (or Kimi) chat-completion stream to hub events: content, reasoning, tool calls, finish, usage. */
+class OpenAIDecoder implements Decoder {
   usage: Usage | undefined;
   done = false;
   error: ErrorInfo | undefined;
-  #m: Model; #includeUsage: boolean; #sentUsage = false;
-  #meta: { id?: string; created?: number; model?: string } | undefined;
+  #m: Model; #started = false; #tools = new Map<number, number>(); #lastTool = -1; #now: number;
+  constructor(m: Model, now: number) { this.#m = m; this.#now = now; }
 
-  constructor(m: Model, includeUsage: boolean) { this.#m = m; this.#includeUsage = includeUsage; }
-
-  feed(raw: Buffer): Buffer | string | null {
-    const s = raw.toString(); // decoding a short event and one regex cost ~0.1 µs: less than three Buffer.indexOf calls
-    if (/"usage"\s*:\s*\{|"error"\s*:|"object"\s*:\s*"error"|\[DONE\]/.test(s)) return this.#inspect(s, raw);
-    return raw;
-  }
-
-  #inspect(s: string, raw: Buffer): Buffer | string | null {
-    const ev = parseSseEvent(s);
-    if (!ev) return raw;
-    if (ev.data.trim() === "[DONE]") { this.done = true; return this.#usageChunk() + s; }
+  feed(raw: Buffer): HubEvent[] {
+    const ev = parseSseEvent(raw.toString());
+    if (!ev) return [];
+    if (ev.data.trim() === "[DONE]") { this.done = true; return []; }
     const json = parseJson(ev.data) as Record<string, any> | undefined;
-    if (!json || typeof json !== "object") return raw;
-    if (json.error || json.object === "error") { this.error = errorInfoFrom(500, ev.data); return null; }
-    const usage = json.usage ?? json.choices?.[0]?.usage; // Kimi puts it inside the final choice
-    if (!isObj(usage)) return raw;
-    // one definition of the request's usage: the last the upstream sends, read by the log and by the client's usage chunk alike
-    this.usage = usageFromOpenAI(usage);
-    this.#meta = { id: json.id, created: json.created, model: json.model };
-    if (!(Array.isArray(json.choices) && json.choices.length === 0)) return raw;
-    return null; // the usage-only chunk goes out once, at [DONE], with the cost
+    if (!json || typeof json !== "object") return [];
+    if (json.error || json.object === "error") { this.error = errorInfoFrom(500, ev.data); return []; }
+    const out: HubEvent[] = [];
+    if (!this.#started) { this.#started = true; out.push({ type: "start", id: String(json.id ?? ""), model: typeof json.model === "string" ? json.model : this.#m.id }); }
+    const choice = Array.isArray(json.choices) ? json.choices[0] : undefined;
+    const usage = json.usage ?? choice?.usage; // Kimi puts it inside the final choice
+    if (isObj(usage)) this.usage = usageFromOpenAI(usage);
+    if (!isObj(choice)) return out;
+    const d = isObj(choice.delta) ? choice.delta as Record<string, any> : {};
+    if (typeof d.reasoning_content === "string" && d.reasoning_content) out.push({ type: "thinking", text: d.reasoning_content });
+    if (typeof d.content === "string" && d.content) out.push({ type: "text", text: d.content });
+    for (const t of Array.isArray(d.tool_calls) ? d.tool_calls : []) this.#toolDelta(t, out);
+    if (typeof choice.finish_reason === "string") out.push({ type: "finish", reason: finishOf(choice.finish_reason) });
+    return out;
   }
 
-  /** The usage chunk the client asked for (once, at [DONE]), with the exact cost. */
-  #usageChunk(): string {
-    if (!this.#includeUsage || this.#sentUsage || !this.usage) return "";
-    this.#sentUsage = true;
-    const { id, created, model } = this.#meta ?? {};
-    return usageChunk(id, created, model, this.#m, this.usage);
+  /** A tool-call fragment: the first of a call carries its id and name; Kimi may leave out `index` (then: the last call begun). */
+  #toolDelta(t: Record<string, any>, out: HubEvent[]): void {
+    if (!t || typeof t !== "object") return;
+    const index = typeof t.index === "number" ? t.index : (t.id ? this.#tools.size : this.#lastIndex());
+    if (!this.#tools.has(index)) {
+      this.#tools.set(index, this.#tools.size);
+      out.push({ type: "tool", id: String(t.id ?? `call_${this.#now}_${index}`), name: String(t.function?.name ?? "") });
+    }
+    this.#lastTool = index;
+    const args = t.function?.arguments;
+    if (typeof args === "string" && args) out.push({ type: "args", tool: this.#tools.get(index)!, text: args });
   }
+
+  #lastIndex(): number { return this.#lastTool < 0 ? 0 : this.#lastTool; }
 }
 
 const openaiAdapter: Adapter = {
-  build(req, m, _defaultMax, text) {
-    const headers: Record<string, string> = { "content-type": "application/json", [HOP]: "1" };
-    if (m.provider.apiKey) headers.authorization = `Bearer ${m.provider.apiKey}`;
-    const { body, changed } = openAIRequest(req, m, req.stream === true);
-    return { url: `${m.provider.baseUrl}/chat/completions`, headers, body: text !== undefined && !changed ? text : JSON.stringify(body) };
+  build(hub, m) {
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers: openAIHeaders(m), body: JSON.stringify(openAIBody({ ...hub, tools: functionTools(hub.tools) }, m, hub.stream === true)) };
   },
-  parse(body, _m) {
+  parse(body, m, now) {
     if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
-    const completion = body as unknown as Completion;
-    return { completion, usage: usageFromOpenAI(body.usage) };
+    return answerFromCompletion(body, m, now);
   },
   error: errorInfoFrom,
-  stream: (m, includeUsage) => new OpenAIStream(m, includeUsage),
+  decoder: (m, now) => new OpenAIDecoder(m, now),
 };
 
-// ---- kind "anthropic": the Messages API, translated both ways ----
+// ---- kind "anthropic": the Messages API ----
 
 type Block = Record<string, unknown> & { type: string };
 type Turn = { role: "user" | "assistant"; content: Block[] };
 
 const DATA_URL = /^data:([^;,]+)(?:;[^,]*)?;base64,(.*)$/s;
 
-/** One OpenAI content part to an Anthropic block; empty text becomes nothing (Anthropic refuses it). */
+/** One hub content part to an Anthropic block; empty text and TokenWatch's own thinking become nothing. */
 function partToBlock(p: ContentPart, where: string): Block | undefined {
-  if (p.type === "text") return p.text?.trim() ? { type: "text", text: p.text } : undefined;
+  const mark = isObj(p.cache_control) ? { cache_control: p.cache_control } : {};
+  if (p.type === "text") return p.text?.trim() ? { type: "text", text: p.text, ...mark } : undefined;
+  if (p.type === "thinking") return typeof p.signature === "string" && p.signature && !p.signature.startsWith(OWN_SIGNATURE) ? { type: "thinking", thinking: p.thinking, signature: p.signature } : undefined;
+  if (p.type === "redacted_thinking") return typeof p.data === "string" ? { type: "redacted_thinking", data: p.data } : undefined;
   if (p.type === "image_url" && p.image_url) {
     const data = DATA_URL.exec(p.image_url.url);
-    if (data) return { type: data[1] === "application/pdf" ? "document" : "image", source: { type: "base64", media_type: data[1], data: data[2] } };
-    if (/^https?:\/\//.test(p.image_url.url)) return { type: "image", source: { type: "url", url: p.image_url.url } };
+    if (data) return { type: data[1] === "application/pdf" ? "document" : "image", source: { type: "base64", media_type: data[1], data: data[2] }, ...mark };
+    if (/^https?:\/\//.test(p.image_url.url)) return { type: "image", source: { type: "url", url: p.image_url.url }, ...mark };
     throw bad(`${where}.image_url.url must be an http(s) URL or a base64 data: URL.`, where);
   }
   if (p.type === "file" && p.file?.file_data) {
     const data = DATA_URL.exec(p.file.file_data);
-    if (data) return { type: "document", source: { type: "base64", media_type: data[1], data: data[2] } };
+    if (data) return { type: "document", source: { type: "base64", media_type: data[1], data: data[2] }, ...mark };
   }
   throw bad(`${where} has a "${p.type}" part, which Anthropic models cannot take: send text, image_url or a PDF file, or pick an OpenAI model.`, where);
 }
@@ -1147,7 +1345,7 @@ function blocksOf(content: ChatMessage["content"], where: string): Block[] {
 }
 
 /** Anthropic accepts tool ids of [a-zA-Z0-9_-] only; other providers' ids (Kimi's "functions.f:0") are mapped the same way on both sides. */
-const toolId = (id: string) => id.replace(/[^a-zA-Z0-9_-]/g, "_");
+export const toolId = (id: string) => id.replace(/[^a-zA-Z0-9_-]/g, "_");
 
 function toolUses(m: ChatMessage, i: number): Block[] {
   return (m.tool_calls ?? []).map((t, j) => {
@@ -1165,14 +1363,15 @@ function pushTurn(turns: Turn[], role: Turn["role"], blocks: Block[]): void {
 }
 
 /**
- * OpenAI messages to Anthropic's: system and developer text moves to `system`; tool results become
- * `tool_result` blocks at the start of one user turn; same-role turns merge; empty text is dropped.
+ * Hub messages to Anthropic's: system and developer text moves to `system`; tool results become
+ * `tool_result` blocks at the start of one user turn; same-role turns merge; empty text is dropped;
+ * thinking goes first in its assistant turn, as Anthropic wants it.
  */
 export function toAnthropicMessages(messages: ChatMessage[]): { system: Block[]; turns: Turn[] } {
   const system: Block[] = [], turns: Turn[] = [];
   messages.forEach((m, i) => {
     const where = `messages[${i}].content`;
-    if (m.role === "system" || m.role === "developer") system.push(...blocksOf(m.content, where));
+    if (m.role === "system" || m.role === "developer") system.push(...blocksOf(m.content, where).filter((b) => b.type === "text"));
     else if (m.role === "user") pushTurn(turns, "user", blocksOf(m.content, where));
     else if (m.role === "assistant") pushTurn(turns, "assistant", [...blocksOf(m.content, where), ...toolUses(m, i)]);
     else {
@@ -1182,7 +1381,8 @@ export function toAnthropicMessages(messages: ChatMessage[]): { system: Block[];
       pushTurn(turns, "user", [result]);
     }
   });
-  for (const t of turns) if (t.role === "user") t.content.sort((a, b) => Number(b.type === "tool_result") - Number(a.type === "tool_result"));
+  const first = (t: string) => (b: Block) => Number(b.type === t || (t === "thinking" && b.type === "redacted_thinking"));
+  for (const t of turns) t.content.sort((a, b) => (t.role === "user" ? first("tool_result")(b) - first("tool_result")(a) : first("thinking")(b) - first("thinking")(a)));
   return { system, turns };
 }
 
@@ -1190,10 +1390,22 @@ function anthropicToolChoice(req: ChatRequest): Record<string, unknown> | undefi
   const tc = req.tool_choice;
   let out: Record<string, unknown> | undefined =
     tc === "auto" ? { type: "auto" } : tc === "required" ? { type: "any" } : tc === "none" ? { type: "none" }
-    : isObj(tc) && tc.function?.name ? { type: "tool", name: tc.function.name } : undefined;
+    : isObj(tc) && tc.function?.name ? { type: "tool", name: tc.function.name } : isObj(tc) && isObj(tc.custom) && tc.custom.name ? { type: "tool", name: tc.custom.name } : undefined;
   if (req.parallel_tool_calls === false && req.tools?.length) out = { ...(out ?? { type: "auto" }), disable_parallel_tool_use: true };
   return out;
 }
+
+/** Function and custom tools as Anthropic declares them (a custom tool takes one string, `input`). */
+function anthropicTools(tools: ChatRequest["tools"]): Record<string, unknown>[] {
+  return (tools ?? []).flatMap((t) => {
+    if (t.type === "function" && t.function) return [{ name: t.function.name, ...(t.function.description ? { description: t.function.description } : {}), input_schema: t.function.parameters ?? { type: "object", properties: {} } }];
+    if (t.type === "custom" && isObj(t.custom)) return [{ name: String(t.custom.name), description: `${t.custom.description ?? ""}\n(Raw text tool: put the whole input in "input".)`.trim(), input_schema: CUSTOM_INPUT }];
+    return [];
+  });
+}
+
+/** How much Anthropic may think for a reasoning effort (a Responses client's `reasoning.effort`). */
+const THINKING_BUDGET: Record<string, number> = { minimal: 1024, low: 2048, medium: 8192, high: 24_576, xhigh: 32_768 };
 
 const JSON_MODE = "Reply with one valid JSON object and nothing else: no prose before or after it, no code fences.";
 
@@ -1208,20 +1420,40 @@ export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): R
     if (typeof req.top_p === "number") body.top_p = req.top_p;
   }
   if (req.stop != null) body.stop_sequences = Array.isArray(req.stop) ? req.stop : [req.stop];
-  const tools = (req.tools ?? []).filter((t) => t.type === "function" && t.function);
-  if (tools.length) body.tools = tools.map((t) => ({ name: t.function!.name, ...(t.function!.description ? { description: t.function!.description } : {}), input_schema: t.function!.parameters ?? { type: "object", properties: {} } }));
+  const tools = anthropicTools(req.tools);
+  if (tools.length) body.tools = tools;
   const choice = tools.length ? anthropicToolChoice(req) : undefined;
   if (choice) body.tool_choice = choice;
   if (typeof req.user === "string") body.metadata = { user_id: req.user };
   if (req.response_format?.type === "json_schema" && req.response_format.json_schema?.schema) body.output_config = { format: { type: "json_schema", schema: req.response_format.json_schema.schema } };
   // Anthropic has no JSON mode without a schema: ask for it in the instructions, as OpenAI's JSON mode also requires
   if (req.response_format?.type === "json_object") body.system = [...system, { type: "text", text: JSON_MODE }];
+  addThinking(body, req.reasoning_effort, turns);
   if (req.stream) body.stream = true;
-  if (m.provider.promptCache) markCacheBreakpoints(body as AnthropicPrompt);
+  if (m.provider.promptCache && !hasCacheMarks(body)) markCacheBreakpoints(body as AnthropicPrompt);
   return body;
 }
 
+/**
+ * Thinking for a request that asks for reasoning effort, when Anthropic can take it: not with a forced
+ * tool, and not when an assistant tool-use turn has no thinking to start with (Anthropic refuses that
+ * with thinking on; reasoning from another provider cannot be sent to it).
+ */
+function addThinking(body: Record<string, unknown>, effort: unknown, turns: Turn[]): void {
+  const budget = typeof effort === "string" && Object.hasOwn(THINKING_BUDGET, effort) ? THINKING_BUDGET[effort] : 0;
+  if (!budget) return;
+  const bare = turns.some((t) => t.role === "assistant" && t.content.some((b) => b.type === "tool_use") && t.content[0].type !== "thinking" && t.content[0].type !== "redacted_thinking");
+  const forced = isObj(body.tool_choice) && (body.tool_choice.type === "any" || body.tool_choice.type === "tool");
+  if (bare || forced) return;
+  body.thinking = { type: "enabled", budget_tokens: budget };
+  body.max_tokens = Math.max(Number(body.max_tokens), budget + 1024);
+  delete body.temperature; delete body.top_p; // thinking takes the default sampling only
+}
+
 type AnthropicPrompt = { tools?: Record<string, unknown>[]; system?: Block[]; messages: Turn[] };
+
+/** Whether a Messages body already marks cache breakpoints anywhere (TokenWatch then adds none: Anthropic allows four). */
+const hasCacheMarks = (body: unknown) => JSON.stringify(body).includes('"cache_control"');
 
 /**
  * Anthropic caches a prompt only up to the blocks marked `cache_control` (OpenAI and Kimi cache on
@@ -1231,124 +1463,604 @@ type AnthropicPrompt = { tools?: Record<string, unknown>[]; system?: Block[]; me
  * do not count against Anthropic's input-token limit); writing them costs 1.25× once. A prefix shorter
  * than the model's minimum (1,024 to 4,096 tokens) is simply not cached, at no extra cost.
  */
-function markCacheBreakpoints(body: AnthropicPrompt): void {
+export function markCacheBreakpoints(body: AnthropicPrompt): void {
   const last = <T>(xs: T[] | undefined): T | undefined => xs?.[xs.length - 1];
-  for (const b of [last(body.tools), last(body.system), last(last(body.messages)?.content)]) if (b) b.cache_control = { type: "ephemeral" };
+  const lastTurn = last(body.messages);
+  if (lastTurn && typeof lastTurn.content === "string") lastTurn.content = [{ type: "text", text: lastTurn.content }];
+  if (typeof body.system === "string") body.system = [{ type: "text", text: body.system }];
+  for (const b of [last(body.tools), last(body.system), last(lastTurn?.content)]) if (isObj(b)) b.cache_control = { type: "ephemeral" };
 }
 
-const STOP_REASONS: Record<string, string> = {
+const STOP_REASONS: Record<string, Finish> = {
   end_turn: "stop", stop_sequence: "stop", pause_turn: "stop", max_tokens: "length",
   model_context_window_exceeded: "length", tool_use: "tool_calls", refusal: "content_filter",
 };
-const finishReason = (r: unknown) => (typeof r === "string" ? (Object.hasOwn(STOP_REASONS, r) ? STOP_REASONS[r] : "stop") : null);
+const finishReason = (r: unknown): Finish => (typeof r === "string" && Object.hasOwn(STOP_REASONS, r) ? STOP_REASONS[r] : "stop");
 
-/** An Anthropic message to an OpenAI chat completion: text joined, tool_use to tool_calls, thinking dropped. */
-export function fromAnthropicMessage(body: Record<string, any>, now: number): { completion: Completion; usage: Usage } {
-  const blocks: Block[] = Array.isArray(body.content) ? body.content : [];
-  const text = blocks.filter((b) => b.type === "text").map((b) => b.text as string).join("");
-  const calls: ToolCall[] = blocks.filter((b) => b.type === "tool_use").map((b) => ({ id: b.id as string, type: "function", function: { name: b.name as string, arguments: JSON.stringify(b.input ?? {}) } }));
-  const message: Completion["choices"][0]["message"] = { role: "assistant", content: text || (calls.length ? null : "") };
-  if (calls.length) message.tool_calls = calls;
-  const usage = usageFromAnthropic(body.usage);
-  return {
-    completion: { id: String(body.id ?? ""), object: "chat.completion", created: Math.floor(now / 1000), model: String(body.model ?? ""), choices: [{ index: 0, message, finish_reason: finishReason(body.stop_reason), logprobs: null }] },
-    usage,
-  };
+/** An Anthropic message to the hub's answer: blocks in order, tool_use as tool calls, thinking with its signature. */
+export function answerFromMessage(body: Record<string, any>, m: Model, now: number): Answer {
+  const parts: AnswerPart[] = [];
+  for (const b of Array.isArray(body.content) ? body.content : []) {
+    if (!isObj(b)) continue;
+    if (b.type === "text" && typeof b.text === "string") parts.push({ type: "text", text: b.text });
+    else if (b.type === "thinking") parts.push({ type: "thinking", text: String(b.thinking ?? ""), signature: String(b.signature ?? "") });
+    else if (b.type === "redacted_thinking") parts.push({ type: "redacted_thinking", data: String(b.data ?? "") });
+    else if (b.type === "tool_use") parts.push({ type: "tool_call", id: String(b.id ?? ""), name: String(b.name ?? ""), arguments: JSON.stringify(b.input ?? {}) });
+  }
+  return { id: String(body.id ?? ""), model: typeof body.model === "string" ? body.model : m.id, created: Math.floor(now / 1000), parts, finish: finishReason(body.stop_reason), usage: usageFromAnthropic(body.usage) };
 }
 
-/** Anthropic's event stream to OpenAI chunks, event by event; tool calls get their own index counter. */
-export class AnthropicStream implements StreamTranslator {
+/** Anthropic's event stream to hub events, event by event; tool calls are numbered in the order they begin. */
+class AnthropicDecoder implements Decoder {
   usage: Usage | undefined;
   done = false;
   error: ErrorInfo | undefined;
-  #m: Model; #includeUsage: boolean; #created: number;
-  #id = ""; #model = ""; #tools = 0; #toolOf = new Map<number, number>();
+  #m: Model; #toolOf = new Map<number, number>();
+  constructor(m: Model) { this.#m = m; }
 
-  constructor(m: Model, includeUsage: boolean, now: number) { this.#m = m; this.#includeUsage = includeUsage; this.#created = Math.floor(now / 1000); this.#model = m.id; }
+  feed(raw: Buffer): HubEvent[] {
+    const ev = parseSseEvent(raw.toString());
+    const data = ev && (parseJson(ev.data) as Record<string, any> | undefined);
+    if (!data || typeof data !== "object") return [];
+    switch (data.type) {
+      case "message_start": {
+        const msg = isObj(data.message) ? data.message as Record<string, any> : {};
+        this.usage = usageFromAnthropic(msg.usage);
+        return [{ type: "start", id: String(msg.id ?? ""), model: typeof msg.model === "string" ? msg.model : this.#m.id }];
+      }
+      case "content_block_start": return this.#blockStart(data.index, isObj(data.content_block) ? data.content_block : {});
+      case "content_block_delta": return this.#delta(data.index, isObj(data.delta) ? data.delta : {});
+      case "message_delta":
+        // output_tokens is cumulative; input and cache counts, when repeated here, replace message_start's
+        this.usage = usageFromAnthropic(data.usage, this.usage);
+        return [{ type: "finish", reason: finishReason(data.delta?.stop_reason) }];
+      case "message_stop": this.done = true; return [];
+      case "error": this.error = { message: String(data.error?.message ?? "Upstream stream error"), type: String(data.error?.type ?? "api_error"), code: typeof data.error?.type === "string" ? data.error.type : null }; return [];
+      default: return []; // ping, content_block_stop and anything newer carry nothing for the hub
+    }
+  }
+
+  #blockStart(index: number, block: Record<string, any>): HubEvent[] {
+    if (block.type === "text") return block.text ? [{ type: "text", text: block.text }] : [];
+    if (block.type === "thinking") return block.thinking ? [{ type: "thinking", text: block.thinking }] : [];
+    if (block.type === "redacted_thinking") return [{ type: "redacted", data: String(block.data ?? "") }];
+    if (block.type !== "tool_use") return [];
+    this.#toolOf.set(index, this.#toolOf.size);
+    return [{ type: "tool", id: String(block.id ?? ""), name: String(block.name ?? "") }];
+  }
+
+  #delta(index: number, d: Record<string, any>): HubEvent[] {
+    if (d.type === "text_delta" && d.text) return [{ type: "text", text: d.text }];
+    if (d.type === "thinking_delta" && d.thinking) return [{ type: "thinking", text: d.thinking }];
+    if (d.type === "signature_delta" && d.signature) return [{ type: "signature", signature: d.signature }];
+    if (d.type === "input_json_delta" && d.partial_json && this.#toolOf.has(index)) return [{ type: "args", tool: this.#toolOf.get(index)!, text: d.partial_json }];
+    return []; // citations and anything newer are not content the hub carries
+  }
+}
+
+const anthropicAdapter: Adapter = {
+  build(hub, m, defaultMax) {
+    return { url: `${m.provider.baseUrl}/v1/messages`, headers: anthropicHeaders(m), body: JSON.stringify(anthropicBody(hub, m, defaultMax)) };
+  },
+  parse(body, m, now) {
+    if (!isObj(body) || !Array.isArray(body.content)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a message in its body.");
+    return answerFromMessage(body, m, now);
+  },
+  error: errorInfoFrom,
+  decoder: (m) => new AnthropicDecoder(m),
+};
+
+/** What Anthropic wants with every request; a Messages client's own version and betas go up as they came. */
+function anthropicHeaders(m: Model, client: { version?: string; beta?: string } = {}): Record<string, string> {
+  const headers: Record<string, string> = { "content-type": "application/json", "anthropic-version": client.version ?? "2023-06-01", [HOP]: "1" };
+  if (client.beta) headers["anthropic-beta"] = client.beta;
+  if (m.provider.apiKey) headers["x-api-key"] = m.provider.apiKey;
+  return headers;
+}
+
+export const ADAPTERS: Record<Kind, Adapter> = { openai: openaiAdapter, anthropic: anthropicAdapter };
+
+// ============================================================================================
+// 7. Entries: one small object per client format. Each reads its client's body into the hub request
+//    and encodes hub answers, hub events and errors for its client. Its passthrough lane sends the
+//    client's own body to an upstream that speaks the same format, and that upstream's bytes back.
+// ============================================================================================
+
+/** A client request once its entry has read it. */
+export type Parsed = {
+  hub: ChatRequest;              // OpenAI-shaped: what routing reads, and what a translating adapter builds from
+  body: Record<string, unknown>; // the client's body, parsed: what the passthrough lane starts from
+  text: string;                  // … and as it was sent
+  stream: boolean;
+  nativeOnly?: string;           // why only an upstream of the client's own format can serve it (its server tools, …)
+  forward: Record<string, string>; // client headers the passthrough lane sends on as they came (anthropic-version, anthropic-beta)
+};
+
+/** What an entry needs to answer: the job, the model that answered, the attempts before it. */
+export type AnswerCtx = { job: Job; m: Model; attempts: Attempt[] };
+
+/** What a stream relay feeds and asks: events in, bytes out; `end` gives the last bytes, sent once the row is committed. */
+export interface Tap {
+  feed(raw: Buffer): Buffer | string | null;
+  end(u: Usage, cost: number): string | Buffer;
+  fail(err: TwError): string;
+  usage: Usage | undefined;
+  done: boolean;
+  error: ErrorInfo | undefined;
+}
+
+/** Hub events in, the client's events out: what an entry gives a translated stream. */
+export interface Encoder {
+  event(e: HubEvent): string;
+  end(u: Usage, cost: number): string;
+  fail(err: TwError): string;
+}
+
+export type Entry = {
+  format: Format;
+  /** Read and check the client's body (errors in the client's shape come from `error`). */
+  parse(body: unknown, text: string, headers: IncomingMessage["headers"]): Parsed;
+  /** Whether an upstream speaks this entry's format: then the passthrough lane. */
+  native(p: Provider): boolean;
+  /** An upstream error on the passthrough lane goes back to the client unchanged (but for keys), not re-worded. */
+  relaysErrors: boolean;
+  nativeRequest(job: Job, m: Model): UpstreamRequest;
+  nativeJson(text: string, ctx: AnswerCtx): { usage: Usage | undefined; outputChars: number; body(u: Usage, cost: number): string };
+  nativeTap(p: Parsed, m: Model): Tap;
+  encode(a: Answer, ctx: AnswerCtx, u: Usage, cost: number): unknown;
+  encoder(p: Parsed, m: Model, now: number): Encoder;
+  error(err: TwError): { status: number; body: unknown };
+};
+
+/** A translated stream: the upstream's decoder, then the client's encoder. */
+export class Translation implements Tap {
+  #dec: Decoder; #enc: Encoder;
+  constructor(dec: Decoder, enc: Encoder) { this.#dec = dec; this.#enc = enc; }
+  get usage() { return this.#dec.usage; }
+  get done() { return this.#dec.done; }
+  get error() { return this.#dec.error; }
+  feed(raw: Buffer): string | null {
+    let out = "";
+    for (const e of this.#dec.feed(raw)) out += this.#enc.event(e);
+    return out || null;
+  }
+  end(u: Usage, cost: number): string { return this.#enc.end(u, cost); }
+  fail(err: TwError): string { return this.#enc.fail(err); }
+}
+
+/**
+ * The client's JSON text with its top-level "model" replaced, every other byte as sent: a scan that
+ * jumps over strings, no re-encoding. A body whose model is not a plain top-level string (or is given
+ * twice) is re-encoded instead.
+ */
+export function withModel(text: string, model: string): string {
+  let depth = 0, key = false, at: [number, number] | undefined, twice = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (c === 34) {
+      const end = closingQuote(text, i);
+      if (depth === 1 && key && end - i === 6 && text.startsWith("model", i + 1)) {
+        const v = valueAfterColon(text, end + 1);
+        if (at || v < 0) twice = true;
+        else at = [v, closingQuote(text, v)];
+      }
+      key = false;
+      i = end;
+    } else if (c === 123 || c === 91) { depth++; key = c === 123 && depth === 1; }
+    else if (c === 125 || c === 93) depth--;
+    else if (c === 44 && depth === 1) key = true;
+  }
+  if (at && !twice) return text.slice(0, at[0]) + JSON.stringify(model) + text.slice(at[1] + 1);
+  return JSON.stringify({ ...(JSON.parse(text) as object), model });
+}
+
+/** Where the string value after a key starts (its opening quote), or -1 when the value is not a string. */
+function valueAfterColon(text: string, from: number): number {
+  let j = from;
+  while (j < text.length && text.charCodeAt(j) <= 32) j++;
+  if (text[j] !== ":") return -1;
+  j++;
+  while (j < text.length && text.charCodeAt(j) <= 32) j++;
+  return text[j] === '"' ? j : -1;
+}
+
+/** Where an answer went and why: the Chat Completions body carries it as `routing`. */
+function routingOf(ctx: AnswerCtx) {
+  const { m, job } = ctx;
+  return { provider: m.provider.id, model: m.id, complexity: job.route.complexity, reason: job.route.reason, attempts: ctx.attempts, ...(m.priced ? {} : { unpriced: true }), ...(m.family ? { priced_as: m.family } : {}) };
+}
+
+// ---- Chat Completions (the OpenAI SDKs, LangChain, most frameworks) ----
+
+/** The usage chunk a stream ends with when the client asked for usage: the billed counts and the exact cost. */
+const usageChunk = (id: unknown, created: unknown, model: unknown, u: Usage, cost: number) =>
+  sseData({ id, object: "chat.completion.chunk", created, model, choices: [], usage: openAIUsage(u, cost) });
+
+/** A completion with TokenWatch's additions: the billed usage with its cost (the upstream's other usage details stay) and `routing`. */
+function withRouting(c: Completion, u: Usage, cost: number, ctx: AnswerCtx): Completion {
+  const ours = openAIUsage(u, cost);
+  c.usage = { ...c.usage, ...ours, prompt_tokens_details: { ...c.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
+  c.routing = routingOf(ctx);
+  return c;
+}
+
+/** The hub's answer as a chat completion: text joined, tool calls, the finish reason (thinking is not part of this format). */
+export function completionOf(a: Answer): Completion {
+  const text = answerText(a);
+  const calls: ToolCall[] = answerCalls(a).map((t) => ({ id: t.id, type: "function", function: { name: t.name, arguments: t.arguments } }));
+  const message: Completion["choices"][0]["message"] = { role: "assistant", content: text || (calls.length ? null : "") };
+  if (calls.length) message.tool_calls = calls;
+  return { id: a.id, object: "chat.completion", created: a.created, model: a.model, choices: [{ index: 0, message, finish_reason: a.finish, logprobs: null }] };
+}
+
+/** Passes an OpenAI stream through byte for byte, parsing only the events that carry usage, an error or [DONE]. */
+class ChatTap implements Tap {
+  usage: Usage | undefined;
+  done = false;
+  error: ErrorInfo | undefined;
+  #includeUsage: boolean;
+  #meta: { id?: string; created?: number; model?: string } | undefined;
+  constructor(includeUsage: boolean) { this.#includeUsage = includeUsage; }
+
+  feed(raw: Buffer): Buffer | string | null {
+    const s = raw.toString(); // decoding a short event and one regex cost ~0.1 µs: less than three Buffer.indexOf calls
+    if (/"usage"\s*:\s*\{|"error"\s*:|"object"\s*:\s*"error"|\[DONE\]/.test(s)) return this.#inspect(s, raw);
+    return raw;
+  }
+
+  #inspect(s: string, raw: Buffer): Buffer | string | null {
+    const ev = parseSseEvent(s);
+    if (!ev) return raw;
+    if (ev.data.trim() === "[DONE]") { this.done = true; return null; }
+    const json = parseJson(ev.data) as Record<string, any> | undefined;
+    if (!json || typeof json !== "object") return raw;
+    if (json.error || json.object === "error") { this.error = errorInfoFrom(500, ev.data); return null; }
+    const usage = json.usage ?? json.choices?.[0]?.usage; // Kimi puts it inside the final choice
+    if (!isObj(usage)) return raw;
+    // one definition of the request's usage: the last the upstream sends, read by the log and by the client's usage chunk alike
+    this.usage = usageFromOpenAI(usage);
+    this.#meta = { id: json.id, created: json.created, model: json.model };
+    if (!(Array.isArray(json.choices) && json.choices.length === 0)) return raw;
+    return null; // the usage-only chunk goes out once, at [DONE], with the cost
+  }
+
+  /** The usage chunk the client asked for (once, at the end), with the exact cost, then [DONE]. */
+  end(u: Usage, cost: number): string {
+    const { id, created, model } = this.#meta ?? {};
+    return (this.#includeUsage ? usageChunk(id, created, model, u, cost) : "") + SSE_DONE;
+  }
+
+  fail(err: TwError): string { return sseData(err.body()); }
+}
+
+/** Hub events to chat-completion chunks; tool calls are indexed in the order they began. */
+class ChatEncoder implements Encoder {
+  #includeUsage: boolean; #created: number; #id = ""; #model = ""; #tools = 0;
+  constructor(includeUsage: boolean, m: Model, now: number) { this.#includeUsage = includeUsage; this.#created = Math.floor(now / 1000); this.#model = m.id; }
 
   #chunk(delta: Record<string, unknown>, finish: string | null = null): string {
     return sseData({ id: this.#id, object: "chat.completion.chunk", created: this.#created, model: this.#model, choices: [{ index: 0, delta, logprobs: null, finish_reason: finish }] });
   }
 
-  feed(raw: Buffer): string | null {
-    const ev = parseSseEvent(raw.toString());
-    const data = ev && (parseJson(ev.data) as Record<string, any> | undefined);
-    if (!data) return null;
-    switch (data.type) {
-      case "message_start": return this.#start(data.message ?? {});
-      case "content_block_start": return this.#blockStart(data.index, data.content_block ?? {});
-      case "content_block_delta": return this.#delta(data.index, data.delta ?? {});
-      case "message_delta": return this.#messageDelta(data);
-      case "message_stop": return this.#stop();
-      case "error": this.error = { message: String(data.error?.message ?? "Upstream stream error"), type: String(data.error?.type ?? "api_error"), code: data.error?.type ?? null }; return null;
-      default: return null; // ping, content_block_stop and anything newer carry nothing for the client
+  event(e: HubEvent): string {
+    switch (e.type) {
+      case "start": this.#id = e.id; this.#model = e.model; return this.#chunk({ role: "assistant", content: "" });
+      case "text": return this.#chunk({ content: e.text });
+      case "tool": return this.#chunk({ tool_calls: [{ index: this.#tools++, id: e.id, type: "function", function: { name: e.name, arguments: "" } }] });
+      case "args": return this.#chunk({ tool_calls: [{ index: e.tool, function: { arguments: e.text } }] });
+      case "finish": return this.#chunk({}, e.reason);
+      default: return ""; // thinking, signatures: not part of this format
     }
   }
 
-  #start(msg: Record<string, any>): string {
-    this.#id = String(msg.id ?? "");
-    if (msg.model) this.#model = String(msg.model);
-    this.usage = usageFromAnthropic(msg.usage);
-    return this.#chunk({ role: "assistant", content: "" });
-  }
-
-  #blockStart(index: number, block: Record<string, any>): string | null {
-    if (block.type === "text" && block.text) return this.#chunk({ content: block.text });
-    if (block.type !== "tool_use") return null;
-    const t = this.#tools++;
-    this.#toolOf.set(index, t);
-    return this.#chunk({ tool_calls: [{ index: t, id: block.id, type: "function", function: { name: block.name, arguments: "" } }] });
-  }
-
-  #delta(index: number, d: Record<string, any>): string | null {
-    if (d.type === "text_delta" && d.text) return this.#chunk({ content: d.text });
-    if (d.type === "input_json_delta" && d.partial_json && this.#toolOf.has(index))
-      return this.#chunk({ tool_calls: [{ index: this.#toolOf.get(index), function: { arguments: d.partial_json } }] });
-    return null; // thinking, signature and citation deltas are not content
-  }
-
-  #messageDelta(data: Record<string, any>): string {
-    // output_tokens is cumulative; input and cache counts, when repeated here, replace message_start's
-    this.usage = usageFromAnthropic(data.usage, this.usage);
-    return this.#chunk({}, finishReason(data.delta?.stop_reason) ?? "stop");
-  }
-
-  #stop(): string {
-    this.done = true;
-    const usage = this.#includeUsage && this.usage ? usageChunk(this.#id, this.#created, this.#model, this.#m, this.usage) : "";
-    return usage + SSE_DONE;
-  }
+  end(u: Usage, cost: number): string { return (this.#includeUsage ? usageChunk(this.#id, this.#created, this.#model, u, cost) : "") + SSE_DONE; }
+  fail(err: TwError): string { return sseData(err.body()); }
 }
 
-const anthropicAdapter: Adapter = {
-  build(req, m, defaultMax) {
-    const headers: Record<string, string> = { "content-type": "application/json", "anthropic-version": "2023-06-01", [HOP]: "1" };
-    if (m.provider.apiKey) headers["x-api-key"] = m.provider.apiKey;
-    return { url: `${m.provider.baseUrl}/v1/messages`, headers, body: JSON.stringify(anthropicBody(req, m, defaultMax)) };
+const chatEntry: Entry = {
+  format: "chat",
+  parse(body, text) {
+    const hub = validateChatRequest(body);
+    return { hub, body: hub, text, stream: hub.stream === true, forward: {} };
   },
-  parse(body, _m, now) {
-    if (!isObj(body) || !Array.isArray(body.content)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a message in its body.");
-    return fromAnthropicMessage(body, now);
+  native: (p) => p.kind === "openai",
+  relaysErrors: false,
+  nativeRequest(job, m) {
+    const { body, changed } = openAIRequest(job.p.hub, m, job.p.stream);
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers: openAIHeaders(m), body: changed ? JSON.stringify(body) : job.p.text };
   },
-  error: errorInfoFrom,
-  stream: (m, includeUsage, now) => new AnthropicStream(m, includeUsage, now),
+  nativeJson(text, ctx) {
+    const c = parseJson(text) as Completion | undefined;
+    if (!isObj(c) || !Array.isArray(c.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
+    const content = c.choices[0]?.message?.content;
+    return { usage: usageFromOpenAI(c.usage), outputChars: typeof content === "string" ? content.length : 0, body: (u, cost) => JSON.stringify(withRouting(c, u, cost, ctx)) };
+  },
+  nativeTap: (p) => new ChatTap(p.hub.stream_options?.include_usage === true),
+  encode: (a, ctx, u, cost) => withRouting(completionOf(a), u, cost, ctx),
+  encoder: (p, m, now) => new ChatEncoder(p.hub.stream_options?.include_usage === true, m, now),
+  error: (err) => ({ status: err.status, body: err.body() }),
 };
 
-export const ADAPTERS: Record<Kind, Adapter> = { openai: openaiAdapter, anthropic: anthropicAdapter };
+// ---- Anthropic Messages (Claude Code, the Anthropic SDKs) ----
 
+const ANTHROPIC_ERRORS: Record<number, string> = {
+  400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error", 404: "not_found_error",
+  405: "invalid_request_error", 413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error", 504: "timeout_error", 529: "overloaded_error",
+};
+
+/** TokenWatch's own error in Anthropic's shape; every candidate overloaded (529, 503) is Anthropic's own 529, which its clients retry. */
+export function anthropicError(err: TwError): { status: number; body: unknown } {
+  const overloaded = err.code === "upstream_failed" && Boolean(err.attempts?.length) && err.attempts!.every((a) => a.status === 529 || a.status === 503);
+  const status = overloaded ? 529 : err.status;
+  const type = Object.hasOwn(ANTHROPIC_ERRORS, status) ? ANTHROPIC_ERRORS[status] : status >= 500 ? "api_error" : "invalid_request_error";
+  return { status, body: { type: "error", error: { type, message: err.message } } };
+}
+
+const STOP_OF: Record<Finish, string> = { stop: "end_turn", length: "max_tokens", tool_calls: "tool_use", content_filter: "refusal" };
+
+/** The hub's answer as an Anthropic message: blocks in order, tool ids Anthropic accepts, the four usage counters. */
+export function messageOf(a: Answer, u: Usage): Record<string, unknown> {
+  const content = a.parts.flatMap((p): Block[] => {
+    if (p.type === "text") return p.text ? [{ type: "text", text: p.text }] : [];
+    if (p.type === "thinking") return [{ type: "thinking", thinking: p.text, signature: p.signature }];
+    if (p.type === "redacted_thinking") return [{ type: "redacted_thinking", data: p.data }];
+    const input = parseJson(p.arguments);
+    return [{ type: "tool_use", id: toolId(p.id), name: p.name, input: isObj(input) ? input : {} }];
+  });
+  return { id: a.id.startsWith("msg_") ? a.id : `msg_${toolId(a.id)}`, type: "message", role: "assistant", model: a.model, content, stop_reason: STOP_OF[a.finish], stop_sequence: null, usage: anthropicUsage(u) };
+}
+
+/** Passes an Anthropic stream through byte for byte, reading only the events that carry usage, the end or an error. */
+class MessagesTap implements Tap {
+  usage: Usage | undefined;
+  done = false;
+  error: ErrorInfo | undefined;
+  #last: Buffer | undefined;
+
+  feed(raw: Buffer): Buffer | null {
+    // every Anthropic event names itself first: most are content deltas, which need no parse
+    if (raw.toString("latin1", 0, 20).startsWith("event: content_block") || raw.toString("latin1", 0, 11) === "event: ping") return raw;
+    const ev = parseSseEvent(raw.toString());
+    const data = ev && (parseJson(ev.data) as Record<string, any> | undefined);
+    if (!data || typeof data !== "object") return raw;
+    if (data.type === "message_start") this.usage = usageFromAnthropic(data.message?.usage);
+    else if (data.type === "message_delta") this.usage = usageFromAnthropic(data.usage, this.usage);
+    else if (data.type === "message_stop") { this.done = true; this.#last = raw; return null; }
+    else if (data.type === "error") { this.error = { message: String(data.error?.message ?? "Upstream stream error"), type: String(data.error?.type ?? "api_error"), code: null }; return null; }
+    return raw;
+  }
+
+  end(): Buffer | string { return this.#last ?? ""; }
+  fail(err: TwError): string { return anthropicEvent("error", anthropicError(err).body); }
+}
+
+const anthropicEvent = (name: string, data: unknown) => `event: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+
+/**
+ * Hub events to Anthropic's stream, in the order its SDK enforces: message_start once; blocks indexed
+ * 0, 1, 2… in start order, one open at a time; tool arguments as input_json_delta; the stop reason held
+ * until message_delta, which carries the usage; message_stop.
+ */
+class MessagesEncoder implements Encoder {
+  #m: Model; #open: "text" | "thinking" | "tool" | undefined; #index = -1; #tool = -1; #signature = ""; #stop: Finish = "stop";
+  constructor(m: Model) { this.#m = m; }
+
+  #block(block: Record<string, unknown>): string {
+    const out = this.#close();
+    this.#index++;
+    this.#open = block.type === "tool_use" ? "tool" : block.type === "thinking" ? "thinking" : block.type === "text" ? "text" : undefined;
+    const start = anthropicEvent("content_block_start", { type: "content_block_start", index: this.#index, content_block: block });
+    return out + start + (this.#open ? "" : anthropicEvent("content_block_stop", { type: "content_block_stop", index: this.#index }));
+  }
+
+  #close(): string {
+    if (!this.#open) return "";
+    let out = "";
+    if (this.#open === "thinking") out += anthropicEvent("content_block_delta", { type: "content_block_delta", index: this.#index, delta: { type: "signature_delta", signature: this.#signature || `${OWN_SIGNATURE}${this.#m.provider.id}` } });
+    this.#open = undefined;
+    this.#signature = "";
+    return out + anthropicEvent("content_block_stop", { type: "content_block_stop", index: this.#index });
+  }
+
+  #delta(delta: Record<string, unknown>): string {
+    return anthropicEvent("content_block_delta", { type: "content_block_delta", index: this.#index, delta });
+  }
+
+  event(e: HubEvent): string {
+    switch (e.type) {
+      case "start": return anthropicEvent("message_start", { type: "message_start", message: { id: e.id.startsWith("msg_") ? e.id : `msg_${toolId(e.id)}`, type: "message", role: "assistant", model: e.model, content: [], stop_reason: null, stop_sequence: null, usage: anthropicUsage({ input: 0, cached: 0, cache_write: 0, output: 0 }) } });
+      case "text": return (this.#open === "text" ? "" : this.#block({ type: "text", text: "" })) + this.#delta({ type: "text_delta", text: e.text });
+      case "thinking": return (this.#open === "thinking" ? "" : this.#block({ type: "thinking", thinking: "", signature: "" })) + this.#delta({ type: "thinking_delta", thinking: e.text });
+      case "signature": this.#signature = e.signature; return "";
+      case "redacted": return this.#block({ type: "redacted_thinking", data: e.data });
+      case "tool": this.#tool++; return this.#block({ type: "tool_use", id: toolId(e.id), name: e.name, input: {} });
+      // a fragment of a call that is no longer open (an upstream interleaving calls) cannot be placed: blocks cannot reopen
+      case "args": return this.#open === "tool" && e.tool === this.#tool ? this.#delta({ type: "input_json_delta", partial_json: e.text }) : "";
+      case "finish": this.#stop = e.reason; return this.#close();
+    }
+  }
+
+  end(u: Usage): string {
+    const { cache_creation: _, ...usage } = anthropicUsage(u);
+    return this.#close() + anthropicEvent("message_delta", { type: "message_delta", delta: { stop_reason: STOP_OF[this.#stop], stop_sequence: null }, usage }) + anthropicEvent("message_stop", { type: "message_stop" });
+  }
+
+  fail(err: TwError): string { return this.#close() + anthropicEvent("error", anthropicError(err).body); }
+}
+
+/** Thinking blocks TokenWatch signed (another provider's reasoning) in a Messages body: Anthropic would refuse their signatures. */
+const OWN_THINKING = /"signature"\s*:\s*"tw:/;
+
+/**
+ * Remove the thinking TokenWatch signed from a Messages body for Anthropic. Where that leaves an
+ * assistant tool-use turn without thinking while thinking is on, thinking is turned off for this
+ * request: Anthropic refuses such a turn ("a final assistant message must start with a thinking block").
+ */
+function dropOwnThinking(body: Record<string, any>): void {
+  let bare = false;
+  for (const m of Array.isArray(body.messages) ? body.messages : []) {
+    if (m?.role !== "assistant" || !Array.isArray(m.content)) continue;
+    m.content = m.content.filter((b: Record<string, unknown>) => !(b?.type === "thinking" && typeof b.signature === "string" && b.signature.startsWith(OWN_SIGNATURE)));
+    if (m.content.some((b: Block) => b?.type === "tool_use") && !["thinking", "redacted_thinking"].includes(m.content[0]?.type)) bare = true;
+  }
+  if (bare && isObj(body.thinking) && body.thinking.type !== "disabled") delete body.thinking;
+}
+
+const messagesEntry: Entry = {
+  format: "messages",
+  parse: (body, text, headers) => parseMessages(body, text, headers),
+  native: (p) => p.kind === "anthropic",
+  relaysErrors: true,
+  nativeRequest(job, m) {
+    const { body, text, forward } = job.p;
+    const mark = m.provider.promptCache && !text.includes('"cache_control"');
+    let out: string;
+    if (mark || "complexity" in body || OWN_THINKING.test(text)) {
+      const b = JSON.parse(text) as Record<string, any>; // a fresh copy: a failover may send the original elsewhere
+      delete b.complexity;
+      dropOwnThinking(b);
+      if (mark) markCacheBreakpoints(b as AnthropicPrompt);
+      out = JSON.stringify({ ...b, model: m.id });
+    } else out = body.model === m.id ? text : withModel(text, m.id);
+    return { url: `${m.provider.baseUrl}/v1/messages`, headers: anthropicHeaders(m, forward), body: out };
+  },
+  nativeJson(text) {
+    const json = parseJson(text) as Record<string, any> | undefined;
+    if (!isObj(json) || !Array.isArray(json.content)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a message in its body.");
+    const chars = json.content.reduce((n: number, b: Record<string, any>) => n + (typeof b?.text === "string" ? b.text.length : 0), 0);
+    return { usage: usageFromAnthropic(json.usage), outputChars: chars, body: () => text };
+  },
+  nativeTap: () => new MessagesTap(),
+  encode: (a, _ctx, u) => messageOf(a, u),
+  encoder: (_p, m) => new MessagesEncoder(m),
+  error: anthropicError,
+};
+
+// ---- reading a Messages request: checked like Anthropic checks it, then into the hub's shape ----
+
+const bada = (message: string, param: string | null = null) => bad(message, param);
+
+function checkMessagesBody(b: Record<string, any>, counting: boolean): void {
+  if (typeof b.model !== "string" || !MODEL_NAME.test(b.model)) throw bada(`model: give a model name (at most 256 visible ASCII characters), such as "claude-sonnet-5" or "auto"; got ${shown(b.model)}.`, "model");
+  if (!counting && !(Number.isInteger(b.max_tokens) && b.max_tokens >= 0 && b.max_tokens <= 10_000_000)) throw bada(`max_tokens: Field required, a whole number: the most tokens the answer may take, such as 4096; got ${shown(b.max_tokens)}.`, "max_tokens");
+  if (!Array.isArray(b.messages) || b.messages.length === 0) throw bada("messages: give a non-empty list of {\"role\", \"content\"} turns.", "messages");
+  if (b.messages.length > 100_000) throw bada("messages: more than 100,000 turns.", "messages");
+  b.messages.forEach((m: unknown, i: number) => {
+    if (!isObj(m) || !["user", "assistant", "system"].includes(String(m.role))) throw bada(`messages.${i}.role: must be "user" or "assistant"; got ${shown(isObj(m) ? m.role : m)}.`, "messages");
+    if (typeof m.content !== "string" && !(Array.isArray(m.content) && m.content.every((x) => isObj(x) && typeof x.type === "string")))
+      throw bada(`messages.${i}.content: give a string or a list of content blocks, each with a "type".`, "messages");
+  });
+  if (b.system !== undefined && typeof b.system !== "string" && !(Array.isArray(b.system) && b.system.every((x: unknown) => isObj(x) && x.type === "text" && typeof x.text === "string")))
+    throw bada("system: give a string or a list of {\"type\": \"text\", \"text\"} blocks.", "system");
+  if (b.tools !== undefined && !(Array.isArray(b.tools) && b.tools.every((t: unknown) => isObj(t) && typeof t.name === "string")))
+    throw bada("tools: give a list of tools, each with a \"name\" (and an \"input_schema\", or the \"type\" of a server tool).", "tools");
+  if (b.stream !== undefined && typeof b.stream !== "boolean") throw bada("stream: must be true or false.", "stream");
+  if (b.complexity !== undefined && b.complexity !== "simple" && b.complexity !== "complex") throw bada(`complexity: must be "simple" or "complex"; got ${shown(b.complexity)}.`, "complexity");
+  for (const k of ["temperature", "top_p"]) if (b[k] !== undefined && !(typeof b[k] === "number" && b[k] >= 0 && b[k] <= 1)) throw bada(`${k}: must be a number from 0 to 1; got ${shown(b[k])}.`, k);
+  if (b.stop_sequences !== undefined && !(Array.isArray(b.stop_sequences) && b.stop_sequences.every((s: unknown) => typeof s === "string"))) throw bada("stop_sequences: give a list of strings.", "stop_sequences");
+  if (b.tool_choice !== undefined && !(isObj(b.tool_choice) && ["auto", "any", "tool", "none"].includes(String(b.tool_choice.type)))) throw bada("tool_choice: give {\"type\": \"auto\" | \"any\" | \"tool\" | \"none\"}.", "tool_choice");
+}
+
+/** A server tool (web search, code execution…) runs at Anthropic: only an Anthropic upstream can serve the request. */
+const isServerTool = (t: Record<string, unknown>) => typeof t.type === "string" && t.type !== "custom";
+
+/** A tool_result's content as text, and the images it holds (Chat tool messages take text only: images follow as a user message). */
+function toolResultOf(b: Record<string, any>): { text: string; images: ContentPart[] } {
+  const blocks: Record<string, any>[] = typeof b.content === "string" ? [{ type: "text", text: b.content }] : Array.isArray(b.content) ? b.content : [];
+  const text = blocks.filter((x) => x?.type === "text").map((x) => String(x.text)).join("\n");
+  const images = blocks.filter((x) => x?.type === "image").map((x) => imagePart(x)).filter((x): x is ContentPart => x !== undefined);
+  return { text: (b.is_error ? "Error: " : "") + text, images };
+}
+
+/** An Anthropic image or document block as a hub part (a data URL, or the URL itself). */
+function imagePart(b: Record<string, any>): ContentPart | undefined {
+  const s = isObj(b.source) ? b.source as Record<string, any> : {};
+  const url = s.type === "base64" ? `data:${s.media_type};base64,${s.data}` : s.type === "url" ? String(s.url) : undefined;
+  if (!url) return undefined;
+  if (b.type === "document") return { type: "file", file: { filename: String(b.title ?? "document.pdf"), file_data: url } };
+  return { type: "image_url", image_url: { url } };
+}
+
+/** One Anthropic turn to hub messages: tool results become tool messages (first), the rest one user or assistant message. */
+function hubTurn(m: Record<string, any>): ChatMessage[] {
+  if (typeof m.content === "string") return [{ role: m.role, content: m.content }];
+  const blocks = m.content as Record<string, any>[];
+  const out: ChatMessage[] = [], parts: ContentPart[] = [], calls: ToolCall[] = [], after: ContentPart[] = [];
+  for (const b of blocks) {
+    if (b.type === "text" && typeof b.text === "string") parts.push({ type: "text", text: b.text });
+    else if (b.type === "image" || b.type === "document") { const p = imagePart(b); if (p) parts.push(p); }
+    else if (b.type === "thinking") parts.push({ type: "thinking", thinking: String(b.thinking ?? ""), signature: String(b.signature ?? "") });
+    else if (b.type === "tool_use") calls.push({ id: String(b.id), type: "function", function: { name: String(b.name), arguments: JSON.stringify(b.input ?? {}) } });
+    else if (b.type === "tool_result") {
+      const r = toolResultOf(b);
+      out.push({ role: "tool", tool_call_id: String(b.tool_use_id), content: r.text });
+      after.push(...r.images);
+    }
+    // redacted thinking, server tool calls and their results only mean something to Anthropic, which gets the body as it came
+  }
+  if (m.role === "assistant") {
+    if (parts.length || calls.length) out.push({ role: "assistant", content: parts.length ? parts : null, ...(calls.length ? { tool_calls: calls } : {}) });
+  } else if (parts.length || after.length) out.push({ role: m.role === "system" ? "system" : "user", content: [...after, ...parts] });
+  return out;
+}
+
+/** An Anthropic tool as a hub function tool (its schema as it is: OpenAI takes JSON Schema too). */
+const hubTool = (t: Record<string, any>) => ({ type: "function", function: { name: t.name, ...(t.description ? { description: t.description } : {}), parameters: t.input_schema ?? { type: "object", properties: {} } } });
+
+function hubToolChoice(tc: Record<string, any> | undefined): ChatRequest["tool_choice"] {
+  if (!tc) return undefined;
+  return tc.type === "any" ? "required" : tc.type === "none" ? "none" : tc.type === "tool" ? { type: "function", function: { name: String(tc.name) } } : "auto";
+}
+
+/** A Messages request in the hub's shape: what an OpenAI-compatible upstream is built from. */
+export function messagesToHub(b: Record<string, any>): ChatRequest {
+  const system = typeof b.system === "string" ? b.system : Array.isArray(b.system) ? b.system.map((x: { text: string }) => x.text).join("\n\n") : "";
+  const messages: ChatMessage[] = system ? [{ role: "system", content: system }] : [];
+  for (const m of b.messages) messages.push(...hubTurn(m));
+  const tools = (b.tools ?? []).filter((t: Record<string, unknown>) => !isServerTool(t)).map(hubTool);
+  const hub: ChatRequest = { model: b.model, messages, max_completion_tokens: b.max_tokens, stream: b.stream === true };
+  if (tools.length) {
+    hub.tools = tools;
+    const choice = hubToolChoice(b.tool_choice);
+    if (choice) hub.tool_choice = choice;
+    if (b.tool_choice?.disable_parallel_tool_use === true) hub.parallel_tool_calls = false;
+  }
+  for (const k of ["temperature", "top_p"] as const) if (typeof b[k] === "number") hub[k] = b[k];
+  if (b.stop_sequences?.length) hub.stop = b.stop_sequences.slice(0, 4);
+  if (isObj(b.output_config?.format) && b.output_config.format.type === "json_schema") hub.response_format = { type: "json_schema", json_schema: { name: "answer", schema: b.output_config.format.schema } };
+  if (b.complexity) hub.complexity = b.complexity;
+  return hub;
+}
+
+function parseMessages(body: unknown, text: string, headers: IncomingMessage["headers"]): Parsed {
+  if (!isObj(body)) throw bada("The request body must be a JSON object with \"model\", \"max_tokens\" and \"messages\".");
+  checkMessagesBody(body, false);
+  const server = (body.tools as Record<string, unknown>[] | undefined)?.filter(isServerTool).map((t) => String(t.name)) ?? [];
+  const forward: Record<string, string> = {};
+  for (const h of ["anthropic-version", "anthropic-beta"]) { const v = headers[h]; if (typeof v === "string" && v) forward[h === "anthropic-version" ? "version" : "beta"] = v; }
+  return {
+    hub: messagesToHub(body), body, text, stream: body.stream === true, forward,
+    ...(server.length ? { nativeOnly: `it uses server tools only Anthropic can run (${server.join(", ")})` } : {}),
+  };
+}
+
+export const ENTRIES: Partial<Record<Format, Entry>> = { chat: chatEntry, messages: messagesEntry };
 // ============================================================================================
-// 7. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
+// 8. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
 //    transaction per tick, so no request waits on the disk; a failed write keeps its rows and retries.
 // ============================================================================================
 
 function rollupTable(name: string, bucket: "minute" | "hour"): string {
   return `CREATE TABLE IF NOT EXISTS ${name} (
-  ${bucket} INTEGER NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL, complexity TEXT NOT NULL,
+  ${bucket} INTEGER NOT NULL, provider TEXT NOT NULL, model TEXT NOT NULL, complexity TEXT NOT NULL, entry TEXT NOT NULL,
   requests INTEGER NOT NULL, errors INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
   cached_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, failovers INTEGER NOT NULL,
-  PRIMARY KEY (${bucket}, provider, model, complexity)
+  PRIMARY KEY (${bucket}, provider, model, complexity, entry)
 ) WITHOUT ROWID;`;
 }
+
+/** The schema's version (PRAGMA user_version): 1 added the client format (`entry`) to the log and the roll-ups. */
+const SCHEMA_VERSION = 1;
 
 const SCHEMA = `
 PRAGMA journal_mode = WAL;
@@ -1368,7 +2080,8 @@ CREATE TABLE IF NOT EXISTS requests (
   cost_usd REAL NOT NULL DEFAULT 0,
   latency_ms INTEGER, ttft_ms INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
   failover TEXT,                      -- why earlier candidates were passed over
-  error TEXT, error_kind TEXT
+  error TEXT, error_kind TEXT,
+  entry TEXT NOT NULL DEFAULT 'chat'  -- the client's format: chat, messages or responses
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
 -- covering indexes: latency percentiles, error groups and failover reasons never read the rows themselves
@@ -1382,10 +2095,10 @@ ${rollupTable("rollup_hour", "hour")}
 `;
 
 const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
-  cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind)
-  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
-const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour") => `INSERT INTO ${table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-  ON CONFLICT (${bucket}, provider, model, complexity) DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors,
+  cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind, entry)
+  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
+const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour") => `INSERT INTO ${table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+  ON CONFLICT (${bucket}, provider, model, complexity, entry) DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors,
   input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
   cached_tokens = cached_tokens + excluded.cached_tokens, cost_usd = cost_usd + excluded.cost_usd, failovers = failovers + excluded.failovers`;
 
@@ -1398,9 +2111,9 @@ const TOTALS_SQL = `COALESCE(SUM(requests), 0) AS requests, COALESCE(SUM(errors)
 
 // The roll-up rows since :minute, each counted once: minutes up to the first whole hour (:hour), whole hours from there.
 // `minute` is the start of each row's bucket, so per-hour (or coarser) series can read this too.
-const ROLLUP_SINCE = `(SELECT minute, provider, model, complexity, requests, errors, input_tokens, output_tokens, cached_tokens, cost_usd, failovers
+const ROLLUP_SINCE = `(SELECT minute, provider, model, complexity, entry, requests, errors, input_tokens, output_tokens, cached_tokens, cost_usd, failovers
   FROM rollup WHERE minute >= :minute AND minute < :hour * 60
-  UNION ALL SELECT hour * 60, provider, model, complexity, requests, errors, input_tokens, output_tokens, cached_tokens, cost_usd, failovers
+  UNION ALL SELECT hour * 60, provider, model, complexity, entry, requests, errors, input_tokens, output_tokens, cached_tokens, cost_usd, failovers
   FROM rollup_hour WHERE hour >= :hour)`;
 
 /** ROLLUP_SINCE's parameters; `minutesOnly` (for buckets finer than an hour) puts the first whole hour out of reach. */
@@ -1409,10 +2122,10 @@ function rollupSince(sinceMs: number, minutesOnly = false): { minute: number; ho
   return { minute, hour: minutesOnly ? Number.MAX_SAFE_INTEGER : Math.ceil(minute / 60) };
 }
 
-type RollupSums = { minute: number; provider: string; model: string; complexity: string; requests: number; errors: number; input: number; output: number; cached: number; cost: number; failovers: number };
+type RollupSums = { minute: number; provider: string; model: string; complexity: string; entry: string; requests: number; errors: number; input: number; output: number; cached: number; cost: number; failovers: number };
 
 /** The longest text a log row keeps of each field: names are checked on the way in, older databases may hold more. */
-const ROW_TEXT = { provider: 64, model: 256, requested_model: 256, complexity: 16, failover: 500, error: 1000, error_kind: 32 } as const;
+const ROW_TEXT = { provider: 64, model: 256, requested_model: 256, complexity: 16, failover: 500, error: 1000, error_kind: 32 } as const satisfies Partial<Record<keyof Row, number>>;
 
 const clip = (s: string | null, n: number) => (s !== null && s.length > n ? s.slice(0, n) : s);
 const finite = (x: number, max: number) => (Number.isFinite(x) && x > 0 ? Math.min(x, max) : 0);
@@ -1428,7 +2141,7 @@ function cleanRow(r: Row): Row {
 }
 
 /** The columns a read returns, text cut to its bound even when an older version stored more. */
-const ROW_SELECT = `id, ts, provider, substr(model, 1, 256) AS model, substr(requested_model, 1, 256) AS requested_model, complexity, status, stream,
+const ROW_SELECT = `id, ts, entry, provider, substr(model, 1, 256) AS model, substr(requested_model, 1, 256) AS requested_model, complexity, status, stream,
   input_tokens, output_tokens, cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, substr(failover, 1, 500) AS failover,
   substr(error, 1, 1000) AS error, error_kind`;
 
@@ -1476,11 +2189,29 @@ export class Store {
   #open(): void {
     this.#db = new DatabaseSync(this.path);
     this.#db.exec(SCHEMA);
+    this.#migrate();
     this.#insert = this.#db.prepare(INSERT_ROW);
     this.#rollup = this.#db.prepare(upsertRollup("rollup", "minute"));
     this.#rollupHour = this.#db.prepare(upsertRollup("rollup_hour", "hour"));
     this.#statements.clear();
     this.#file = this.path === ":memory:" ? undefined : fileId(this.path);
+  }
+
+  /** Bring a database written by an older version to this schema, in one transaction. */
+  #migrate(): void {
+    const version = (this.#db.prepare("PRAGMA user_version").get() as { user_version: number }).user_version;
+    if (version >= SCHEMA_VERSION) return;
+    const has = (table: string, column: string) => (this.#db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[]).some((c) => c.name === column);
+    this.#transaction(() => {
+      if (!has("requests", "entry")) this.#db.exec("ALTER TABLE requests ADD COLUMN entry TEXT NOT NULL DEFAULT 'chat'");
+      for (const [table, bucket] of [["rollup", "minute"], ["rollup_hour", "hour"]] as const) {
+        if (has(table, "entry")) continue; // everything logged before formats were told apart came through Chat Completions
+        this.#db.exec(`ALTER TABLE ${table} RENAME TO ${table}_old; ${rollupTable(table, bucket)}
+          INSERT INTO ${table} SELECT ${bucket}, provider, model, complexity, 'chat', requests, errors, input_tokens, output_tokens, cached_tokens, cost_usd, failovers FROM ${table}_old;
+          DROP TABLE ${table}_old;`);
+      }
+      this.#db.exec(`PRAGMA user_version = ${SCHEMA_VERSION}`);
+    });
   }
 
   /** A read statement, prepared on first use and kept: /stats runs the same dozen every 3 seconds. */
@@ -1597,17 +2328,17 @@ export class Store {
 
   #write(r: Row): void {
     this.#insert.run(r.ts, r.provider, r.model, r.requested_model, r.complexity, r.status, r.stream ? 1 : 0, r.input_tokens, r.output_tokens,
-      r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind);
+      r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind, r.entry ?? "chat");
   }
 
   /** One upsert per minute, model and complexity in the batch, not one per row: a busy tick holds hundreds of rows of one model. */
   #writeRollups(rows: Row[]): void {
     const sums = new Map<string, RollupSums>();
     for (const r of rows) {
-      const minute = Math.floor(r.ts / 60_000), provider = r.provider ?? "", model = r.model ?? "", complexity = r.complexity ?? "";
-      const key = `${minute} ${provider} ${complexity} ${model}`; // provider ids and complexities hold no space: the rest is the model
+      const minute = Math.floor(r.ts / 60_000), provider = r.provider ?? "", model = r.model ?? "", complexity = r.complexity ?? "", entry = r.entry ?? "chat";
+      const key = `${minute} ${provider} ${complexity} ${entry} ${model}`; // only the model name may hold a space: it comes last
       let s = sums.get(key);
-      if (!s) sums.set(key, (s = { minute, provider, model, complexity, requests: 0, errors: 0, input: 0, output: 0, cached: 0, cost: 0, failovers: 0 }));
+      if (!s) sums.set(key, (s = { minute, provider, model, complexity, entry, requests: 0, errors: 0, input: 0, output: 0, cached: 0, cost: 0, failovers: 0 }));
       s.requests++;
       s.errors += r.status >= 400 ? 1 : 0;
       s.input += r.input_tokens;
@@ -1617,7 +2348,7 @@ export class Store {
       s.failovers += r.failover ? 1 : 0;
     }
     for (const s of sums.values()) {
-      const values = [s.provider, s.model, s.complexity, s.requests, s.errors, s.input, s.output, s.cached, s.cost, s.failovers];
+      const values = [s.provider, s.model, s.complexity, s.entry, s.requests, s.errors, s.input, s.output, s.cached, s.cost, s.failovers];
       this.#rollup.run(s.minute, ...values);
       this.#rollupHour.run(Math.floor(s.minute / 60), ...values);
     }
@@ -1636,6 +2367,11 @@ export class Store {
   /** Sums per provider, and how many model names each answered under, since a time. */
   byProvider(sinceMs: number): (Totals & { provider: string; models: number })[] {
     return this.#stmt(`SELECT provider, COUNT(DISTINCT model) AS models, ${TOTALS_SQL} FROM ${ROLLUP_SINCE} GROUP BY provider`).all(rollupSince(sinceMs)) as never;
+  }
+
+  /** Requests per client format (chat, messages, responses) since a time. */
+  entries(sinceMs: number): { entry: string; requests: number }[] {
+    return this.#stmt(`SELECT entry, SUM(requests) AS requests FROM ${ROLLUP_SINCE} GROUP BY entry`).all(rollupSince(sinceMs)) as never;
   }
 
   routing(sinceMs: number): { complexity: string; requests: number; failovers: number }[] {
@@ -1686,7 +2422,7 @@ export class Store {
 }
 
 // ============================================================================================
-// 8. Dispatcher: one request's way through its candidates, shared by every route that calls an
+// 9. Dispatcher: one request's way through its candidates, shared by every route that calls an
 //    upstream. Reserve capacity, attempt, fail over, wait for capacity, settle the limiter with the
 //    real usage. It calls upstreams with fetch and writes the answer into the client's response.
 // ============================================================================================
@@ -1703,11 +2439,29 @@ export type Client = { gone: boolean; stop?: () => void };
  * `commit` finishes its log row and resolves once the row is on disk: the dispatcher awaits it before
  * the answer's last byte, so no answered request's row can be lost to a crash.
  */
-export type Job = { cr: ChatRequest; text: string; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void> };
+export type Job = { entry: Entry; p: Parsed; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void> };
 
 export type DispatchDeps = { limiter: Limiter; fetch: typeof fetch; now: () => number };
 
 const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
+
+/** The routes, with what each does: the 404 text and --help are made from this list. */
+export const ROUTE_DOCS: [string, string][] = [
+  ["POST /v1/chat/completions", "OpenAI Chat Completions, streaming included"],
+  ["POST /v1/messages", "Anthropic Messages (Claude Code, the Anthropic SDKs), streaming included"],
+  ["POST /v1/messages/count_tokens", "Anthropic's token count (Anthropic's own when enabled, else an estimate)"],
+  ["GET /v1/models", "the enabled models"],
+  ["GET /", "the live dashboard"],
+  ["GET /stats", "JSON for the dashboard and scripts (?window=1h|24h|7d|all)"],
+  ["GET /health", "{\"status\":\"ok\"}"],
+  ["GET /api/stats", "the same as /stats (the original tool's route)"],
+  ["GET /api/limits", "the live limiter view alone (the original tool's route)"],
+];
+const OPEN_ROUTES = new Set(["GET /health", "GET /"]); // the page itself holds no data; it asks for the key
+
+/** Which client format a path belongs to, for errors raised before any entry read the request. */
+const entryOfPath = (path: string): Entry => (path.startsWith("/v1/messages") ? messagesEntry : chatEntry);
+
 const TIMED_OUT = Symbol("timeout");
 const DRAINED = Symbol("drained");
 const GAVE_UP = Symbol("gave up");   // the attempt failed before its body was read: free the connection
@@ -1773,8 +2527,8 @@ class Watchdog {
   }
 }
 
-/** One candidate's answer being relayed to the client. */
-type Relay = { job: Job; m: Model; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: Watch; started: number };
+/** One candidate's answer being relayed to the client; `native`: on the passthrough lane (the upstream speaks the client's format). */
+type Relay = { job: Job; m: Model; native: boolean; reservation: Reservation; prompt: number; resp: Response; ac: AbortController; timer: Watch; started: number };
 type FailOpts = { spent?: boolean; timedOut?: boolean; code?: string; release?: boolean };
 type Fail = (status: number, message: string, opts?: FailOpts) => Failure;
 
@@ -1845,15 +2599,15 @@ export class Dispatcher {
 
   /** Answer the job from the first candidate that can; throws a TwError when none can. */
   async dispatch(job: Job): Promise<void> {
-    const { cr, route, row, client, attempts } = job;
-    const estimate = estimateTokens(cr, job.text.length, this.#config.default_max_tokens);
+    const { route, row, client, attempts } = job;
+    const estimate = estimateTokens(job.p.hub, job.p.text.length, this.#config.default_max_tokens);
     const deadline = row.ts + this.#config.max_wait_ms;
     const spent = new Set<Model>();
     const failures: Failure[] = [];
     for (let tries = 0; tries < route.candidates.length * 4 + 4; ) {
       if (client.gone) throw CLIENT_GONE;
       const t = this.#now();
-      const open = route.candidates.filter((m) => !spent.has(m) && !this.#resting(m, t));
+      const open = route.candidates.filter((m) => !spent.has(m) && !this.resting(m, t));
       if (!open.length) break;
       const pick = this.#pick(open, estimate, t);
       if ("wait" in pick) {
@@ -1878,7 +2632,7 @@ export class Dispatcher {
   }
 
   /** A provider whose key was refused, or a model refused to the key, is not tried until its rest is over. */
-  #resting(m: Model, t: number): boolean {
+  resting(m: Model, t: number): boolean {
     return (this.authDown.get(m.provider.id) ?? 0) > t || (this.refused.get(m.key) ?? 0) > t;
   }
 
@@ -1920,8 +2674,9 @@ export class Dispatcher {
   async #attempt(job: Job, m: Model, reservation: Reservation): Promise<Outcome> {
     const started = this.#now();
     const fail = this.#failer(m, reservation, started);
+    const native = job.entry.native(m.provider);
     let up: UpstreamRequest;
-    try { up = ADAPTERS[m.provider.kind].build(job.cr, m, this.#config.default_max_tokens, job.text); }
+    try { up = native ? job.entry.nativeRequest(job, m) : ADAPTERS[m.provider.kind].build(job.p.hub, m, this.#config.default_max_tokens); }
     catch (e) { if (e instanceof TwError) return { ...fail(400, e.message), error: e }; throw e; }
 
     const ac = new AbortController();
@@ -1939,7 +2694,8 @@ export class Dispatcher {
       timer.refresh();
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, this.#now(), this.#config.cooldown_ms, m.provider.kind);
       if (cool) this.#limiter.cool(m.pool, cool, this.#now());
-      const out = await this.#answer(job, m, reservation, resp, ac, timer, fail, started);
+      const relay: Relay = { job, m, native, reservation, prompt: reservation.tokens - outputCap(job.p.hub, this.#config.default_max_tokens), resp, ac, timer, started };
+      const out = await this.#answer(relay, fail);
       if (!out.done) ac.abort(GAVE_UP); // whatever is left of the body is not wanted: free the connection
       return out;
     } finally {
@@ -1949,17 +2705,17 @@ export class Dispatcher {
   }
 
   /** What the upstream answered: an error, something that is not an answer, or an answer to relay. */
-  async #answer(job: Job, m: Model, reservation: Reservation, resp: Response, ac: AbortController, timer: Watch, fail: Fail, started: number): Promise<Outcome> {
+  async #answer(r: Relay, fail: Fail): Promise<Outcome> {
+    const { resp, m } = r;
     if (resp.status >= 300 && resp.status < 400) {
       const to = resp.headers.get("location") ?? "";
       return fail(resp.status, `${m.provider.name} answered ${resp.status}, a redirect${to ? ` to ${shown(to)}` : ""}: TokenWatch does not follow redirects, which could carry the key elsewhere; set its base_url to the address that answers`);
     }
-    if (!resp.ok) return await this.#upstreamError(resp, m, fail);
+    if (!resp.ok) return await this.#upstreamError(r, fail);
     const type = resp.headers.get("content-type");
-    if (job.cr.stream && type && !/^text\/event-stream\b/i.test(type))
+    if (r.job.p.stream && type && !/^text\/event-stream\b/i.test(type))
       return fail(502, `${m.provider.name} answered a stream request with ${shown(type)} instead of an event stream`);
-    const relay: Relay = { job, m, reservation, prompt: reservation.tokens - outputCap(job.cr, this.#config.default_max_tokens), resp, ac, timer, started };
-    return job.cr.stream ? await this.#relayStream(relay, fail) : await this.#relayJson(relay, fail);
+    return r.job.p.stream ? await this.#relayStream(r, fail) : await this.#relayJson(r, fail);
   }
 
   /**
@@ -1967,7 +2723,8 @@ export class Dispatcher {
    * model (refused to this key), 408/5xx move on, other 4xx go back to the client. The body is read
    * within timeout_ms in all and at most 64 KB of it kept; every string in it is scrubbed first.
    */
-  async #upstreamError(resp: Response, m: Model, fail: Fail): Promise<Failure> {
+  async #upstreamError(r: Relay, fail: Fail): Promise<Failure> {
+    const { resp, m } = r;
     const text = this.#scrub(await readText(resp, 65_536).catch(() => ""));
     const info = scrubInfo(ADAPTERS[m.provider.kind].error(resp.status, text), this.#config.keys);
     const s = resp.status, t = this.#now();
@@ -1975,7 +2732,9 @@ export class Dispatcher {
     if (s === 401) { this.authDown.set(m.provider.id, t + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused the key: ${info.message}`); }
     if (s === 403) { this.refused.set(m.key, t + this.#config.auth_cooldown_ms); return fail(s, `${m.provider.name} refused ${m.id} to this key: ${info.message}`); }
     if (s === 408 || s >= 500) return fail(s, info.message);
-    return { ...fail(s, info.message), final: true, error: new TwError(s, clip(info.code, 100) ?? "upstream_error", clip(info.message, ROW_TEXT.error)!, { type: clip(info.type, 100)! }) };
+    const error = new TwError(s, clip(info.code, 100) ?? "upstream_error", clip(info.message, ROW_TEXT.error)!, { type: clip(info.type, 100)! });
+    if (r.native && r.job.entry.relaysErrors) error.raw = text; // its own client reads the upstream's own words (Claude Code's recovery does)
+    return { ...fail(s, info.message), final: true, error };
   }
 
   /** Settle the limiter with the real usage (or the estimate when the upstream gave none) and put it on the row. */
@@ -1983,7 +2742,7 @@ export class Dispatcher {
     const u = usage ?? fallback;
     this.#limiter.settle(r.reservation, windowTokens(r.m.provider.kind, u), this.#now());
     const cost = r.m.priced ? costUsd(r.m, u) : 0;
-    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + u.cache_write, output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: u.cache_write, cost_usd: cost });
+    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + writes(u), output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: writes(u), cost_usd: cost });
     return { usage: u, cost };
   }
 
@@ -1994,22 +2753,24 @@ export class Dispatcher {
     return fail(502, e instanceof TwError ? e.message : `The answer broke off: ${(e as Error).message}`);
   }
 
+  /** The answer in one piece: the passthrough lane reads it for its usage, a translation decodes and encodes it. */
   async #relayJson(r: Relay, fail: Fail): Promise<Outcome> {
-    let parsed: { completion: Completion; usage: Usage | undefined };
+    const { job, m } = r;
+    const ctx: AnswerCtx = { job, m, attempts: [...job.attempts, { provider: m.provider.id, model: m.id, status: 200, ms: this.#now() - r.started }] };
+    let read: { usage: Usage | undefined; outputChars: number; body(u: Usage, cost: number): string };
     try {
       const text = await readCapped(r.resp, this.#config.max_answer_bytes);
-      parsed = ADAPTERS[r.m.provider.kind].parse(parseJson(text), r.m, this.#now());
+      if (r.native) read = job.entry.nativeJson(text, ctx);
+      else {
+        const a = ADAPTERS[m.provider.kind].parse(parseJson(text), m, this.#now());
+        read = { usage: a.usage, outputChars: answerText(a).length, body: (u, cost) => JSON.stringify(job.entry.encode(a, ctx, u, cost)) };
+      }
     } catch (e) { return this.#readFailure(r, fail, e); }
-    const { completion } = parsed;
-    const content = completion.choices?.[0]?.message?.content;
-    const { usage, cost } = this.#account(r, parsed.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil((typeof content === "string" ? content.length : 0) / 4) });
-    const attempts = [...r.job.attempts, { provider: r.m.provider.id, model: r.m.id, status: 200, ms: this.#now() - r.started }];
-    const ours = openAIUsage(usage, cost); // the upstream's other usage details (audio, reasoning tokens) stay
-    completion.usage = { ...completion.usage, ...ours, prompt_tokens_details: { ...completion.usage?.prompt_tokens_details, ...ours.prompt_tokens_details } };
-    completion.routing = { provider: r.m.provider.id, model: r.m.id, complexity: r.job.route.complexity, reason: r.job.route.reason, attempts, ...(r.m.priced ? {} : { unpriced: true }) };
-    r.job.row.status = 200;
-    await r.job.commit();
-    sendJson(r.job.res, 200, completion, routingHeaders(r.m, r.job.route));
+    const { usage, cost } = this.#account(r, read.usage, { input: r.prompt, cached: 0, cache_write: 0, output: Math.ceil(read.outputChars / 4) });
+    const body = read.body(usage, cost);
+    job.row.status = 200;
+    await job.commit();
+    sendText(job.res, 200, body, routingHeaders(m, job.route));
     return { done: true };
   }
 
@@ -2019,8 +2780,8 @@ export class Dispatcher {
    * and the last event is held back until the request's row is committed.
    */
   async #relayStream(r: Relay, fail: Fail): Promise<Outcome> {
-    const { job } = r;
-    const tr = ADAPTERS[r.m.provider.kind].stream(r.m, job.cr.stream_options?.include_usage === true, this.#now());
+    const { job, m } = r;
+    const tr: Tap = r.native ? job.entry.nativeTap(job.p, m) : new Translation(ADAPTERS[m.provider.kind].decoder(m, this.#now()), job.entry.encoder(job.p, m, this.#now()));
     const split = new SseSplitter(this.#config.max_answer_bytes);
     let opened = false, sentChars = 0, last: Buffer | string | null = null;
     const open = () => {
@@ -2058,13 +2819,13 @@ export class Dispatcher {
       return fail(info ? 502 : 0, why, { timedOut });
     }
     open();
-    this.#account(r, tr.usage, fallback);
+    const { usage, cost } = this.#account(r, tr.usage, fallback);
     const err = why ? new TwError(timedOut ? 504 : 502, clip(info?.code ?? null, 100) ?? "upstream_stream_error", clip(this.#scrub(why), ROW_TEXT.error)!, { type: clip(info?.type ?? null, 100) ?? undefined }) : undefined;
     Object.assign(job.row, err ? { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" } : { status: 200 });
     await job.commit();
-    if (err) { job.res.write(sseData(err.body())); r.ac.abort(GAVE_UP); } // the upstream may still be sending: stop it
-    else if (last) job.res.write(last);
-    job.res.end();
+    if (err) { job.res.write(tr.fail(err)); r.ac.abort(GAVE_UP); } // the upstream may still be sending: stop it
+    else job.res.end(last ? Buffer.concat([toBuffer(last), toBuffer(tr.end(usage, cost))]) : tr.end(usage, cost));
+    if (!job.res.writableEnded) job.res.end();
     if (tr.done && !broke) void drainRest(body, r.ac);
     return { done: true };
   }
@@ -2124,7 +2885,7 @@ async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): 
 }
 
 // ============================================================================================
-// 9. HTTP edge: `createRouter(config, deps)` with the routes as a table: auth, the Host check, reading
+// 10. HTTP edge: `createRouter(config, deps)` with the routes as a table: auth, the Host check, reading
 //    bodies, one thin handler per route, and `record(row)`, the one step that finishes a log row.
 // ============================================================================================
 
@@ -2141,11 +2902,17 @@ type Ctx = { req: IncomingMessage; res: ServerResponse; url: URL };
 type Handler = (ctx: Ctx) => Promise<void> | void;
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  sendText(res, status, JSON.stringify(body), headers);
+}
+
+/** A JSON answer already encoded (an upstream's own text goes out as it came). */
+function sendText(res: ServerResponse, status: number, text: string, headers: Record<string, string> = {}): void {
   if (res.headersSent || res.destroyed) return;
-  const text = JSON.stringify(body);
   res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), ...headers });
   res.end(text);
 }
+
+const toBuffer = (x: string | Buffer) => (typeof x === "string" ? Buffer.from(x) : x);
 
 const header = (req: IncomingMessage, name: string) => {
   const v = req.headers[name];
@@ -2210,9 +2977,9 @@ function readBody(req: IncomingMessage, limit: number, budget: BodyBudget, held:
  * upload is read and dropped meanwhile. Closing while the client still sends makes it see a reset
  * instead of the answer. A client that sends nothing more is cut after 10 s; it has its answer by then.
  */
-function refuseUpload(req: IncomingMessage, res: ServerResponse, err: TwError): void {
-  const text = JSON.stringify(err.body());
-  res.writeHead(err.status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), connection: "close", ...err.headers });
+function refuseUpload(req: IncomingMessage, res: ServerResponse, status: number, body: unknown, headers: Record<string, string>): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { "content-type": "application/json; charset=utf-8", "content-length": String(Buffer.byteLength(text)), connection: "close", ...headers });
   res.write(text);
   const finish = () => { clearTimeout(fuse); res.end(); };
   const fuse = setTimeout(finish, 10_000).unref();
@@ -2248,7 +3015,7 @@ function errorKind(status: number): string {
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
 
-const newRow = (ts: number): Row => ({ ts, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
+const newRow = (ts: number, entry: Format): Row => ({ ts, entry, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
 
 export function createRouter(config: Config, deps: Deps) {
   const now = deps.now ?? Date.now;
@@ -2271,10 +3038,16 @@ export function createRouter(config: Config, deps: Deps) {
     return store.add(row);
   }
 
-  /** The answer to a failed request: the error in its client's shape, or nothing when the client left. */
-  function refuse(req: IncomingMessage, res: ServerResponse, err: TwError): void {
-    if (err.status === 413 || err.code === "busy") refuseUpload(req, res, err);
-    else if (err !== CLIENT_GONE) sendJson(res, err.status, err.body(), err.headers);
+  /**
+   * The answer to a failed request: the error in its client's shape (an upstream's own error body, when
+   * the client speaks the upstream's format), or nothing when the client left.
+   */
+  function refuse(req: IncomingMessage, res: ServerResponse, err: TwError, entry: Entry): void {
+    if (err === CLIENT_GONE) return;
+    if (err.raw !== undefined) return sendText(res, err.status, err.raw, err.headers);
+    const { status, body } = entry.error(err);
+    if (err.status === 413 || err.code === "busy") refuseUpload(req, res, status, body, err.headers);
+    else sendJson(res, status, body, err.headers);
   }
 
   const asTwError = (e: unknown): TwError => {
@@ -2285,33 +3058,87 @@ export function createRouter(config: Config, deps: Deps) {
 
   // ---- routes ----
 
-  async function chat({ req, res }: Ctx): Promise<void> {
-    const row = newRow(now());
-    const client: Client = { gone: false };
-    res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
-    let recorded: Promise<void> | undefined;
-    const commit = () => (recorded ??= record(row));
+  /** What every route that may call an upstream checks first: no loop back into TokenWatch, a JSON body. */
+  function checkUpstreamRoute(req: IncomingMessage): void {
+    if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
+    const type = header(req, "content-type") ?? "";
+    if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${shown(type || "none")}).`);
+  }
+
+  /**
+   * The one handler of every client format: read and check the body, route, dispatch. Errors go back in
+   * the client's own shape, after the request's row is committed.
+   */
+  function serve(entry: Entry): Handler {
+    return async ({ req, res }) => {
+      const row = newRow(now(), entry.format);
+      const client: Client = { gone: false };
+      res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
+      let recorded: Promise<void> | undefined;
+      const commit = () => (recorded ??= record(row));
+      const held = { bytes: 0 };
+      try {
+        checkUpstreamRoute(req);
+        const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
+        const p = entry.parse(parseBody(text), text, req.headers);
+        row.requested_model = p.hub.model ?? "auto";
+        row.stream = p.stream;
+        const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
+        const r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), only);
+        row.complexity = r.complexity;
+        await dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
+      } catch (e) {
+        const err = asTwError(e);
+        recorded ??= record(row, err);
+        if (err !== CLIENT_GONE) await recorded; // the row is on disk before the client hears of the failure
+        refuse(req, res, err, entry);
+      } finally {
+        void commit();
+        budget.give(held.bytes);
+      }
+    };
+  }
+
+  /**
+   * POST /v1/messages/count_tokens: Anthropic's own count when Anthropic is enabled (it is free there),
+   * else a local estimate over every block; the `x-tokenwatch-count` header says which. It spends no
+   * rate-limit window and writes no log row.
+   */
+  async function countTokens({ req, res }: Ctx): Promise<void> {
     const held = { bytes: 0 };
     try {
-      if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
-      const type = header(req, "content-type") ?? "";
-      if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${shown(type || "none")}).`);
+      checkUpstreamRoute(req);
       const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
-      const cr = validateChatRequest(parseBody(text));
-      row.requested_model = cr.model ?? "auto";
-      row.stream = cr.stream === true;
-      const r = route(cr, config, header(req, "x-tokenwatch-complexity"));
-      row.complexity = r.complexity;
-      await dispatcher.dispatch({ cr, text, route: r, row, res, client, attempts: [], commit });
+      const body = parseBody(text);
+      if (!isObj(body)) throw bad("The request body must be a JSON object with \"model\" and \"messages\".");
+      checkMessagesBody(body, true);
+      const counted = await countAtAnthropic(body, req);
+      if (counted) return sendText(res, counted.status, counted.text, { "x-tokenwatch-count": "anthropic" });
+      sendJson(res, 200, { input_tokens: estimateMessagesTokens(body) }, { "x-tokenwatch-count": "estimate" });
     } catch (e) {
-      const err = asTwError(e);
-      recorded ??= record(row, err);
-      if (err !== CLIENT_GONE) await recorded; // the row is on disk before the client hears of the failure
-      refuse(req, res, err);
+      refuse(req, res, asTwError(e), messagesEntry);
     } finally {
-      void commit();
       budget.give(held.bytes);
     }
+  }
+
+  /** Anthropic's count, or undefined when no Anthropic model is enabled or it did not answer with a count (then: the estimate). */
+  async function countAtAnthropic(body: Record<string, unknown>, req: IncomingMessage): Promise<{ status: number; text: string } | undefined> {
+    const t = now();
+    const m = config.models.find((x) => x.provider.kind === "anthropic" && x.provider.enabled && !dispatcher.resting(x, t));
+    if (!m) return undefined;
+    const model = typeof body.model === "string" && body.model.startsWith("claude-") ? body.model : m.id;
+    const { complexity: _, ...rest } = body;
+    const forward = { version: header(req, "anthropic-version"), beta: header(req, "anthropic-beta") };
+    try {
+      const resp = await (deps.fetch ?? fetch)(`${m.provider.baseUrl}/v1/messages/count_tokens`, {
+        method: "POST", headers: anthropicHeaders(m, forward), body: JSON.stringify({ ...rest, model }), redirect: "manual", signal: AbortSignal.timeout(config.timeout_ms),
+      });
+      const text = scrubText(await readCapped(resp, 65_536));
+      // a count, or the client's own mistake in Anthropic's words; anything else (no such route, overloaded): the estimate
+      if (resp.ok || (resp.status >= 400 && resp.status < 500 && resp.status !== 404 && resp.status !== 429)) return { status: resp.status, text };
+    } catch { /* unreachable, too slow or too large: the estimate */ }
+    return undefined;
   }
 
   function models({ res }: Ctx): void {
@@ -2337,8 +3164,10 @@ export function createRouter(config: Config, deps: Deps) {
     sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t) })) });
   }
 
-  const ROUTES: Record<string, Handler> = {
-    "POST /v1/chat/completions": chat,
+  const HANDLERS: Record<string, Handler> = {
+    "POST /v1/chat/completions": serve(chatEntry),
+    "POST /v1/messages": serve(messagesEntry),
+    "POST /v1/messages/count_tokens": countTokens,
     "GET /v1/models": models,
     "GET /stats": stats,
     "GET /api/stats": stats,
@@ -2346,29 +3175,30 @@ export function createRouter(config: Config, deps: Deps) {
     "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
     "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
   };
-  const OPEN = new Set(["GET /health", "GET /"]); // the page itself holds no data; it asks for the key
+  const ROUTES = new Map(ROUTE_DOCS.map(([key]) => [key, HANDLERS[key]]));
 
-  /** The node:http request listener. */
+  /** The node:http request listener. The path alone picks the route (Claude Code adds ?beta=true). */
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     let url: URL;
     try { url = new URL(req.url ?? "/", "http://localhost"); } catch { return sendJson(res, 400, bad("The request URL cannot be parsed.").body()); }
     const key = `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`;
-    const fn = ROUTES[key];
+    const fn = ROUTES.get(key);
     try {
       if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
         throw new TwError(403, "host_not_allowed", `Host ${shown(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
       if (!fn) {
-        const allowed = Object.keys(ROUTES).filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
+        const allowed = [...ROUTES.keys()].filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
         if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname.slice(0, 200)}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
-        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: POST /v1/chat/completions, GET /v1/models, GET /stats, GET /health, GET /.`);
+        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: ${[...ROUTES.keys()].join(", ")}.`);
       }
-      if (deps.apiKey && !OPEN.has(key) && !keyMatches(req, deps.apiKey))
+      if (deps.apiKey && !OPEN_ROUTES.has(key) && !keyMatches(req, deps.apiKey))
         throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
       active++;
       try { await fn({ req, res, url }); } finally { active--; }
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}`);
-      sendJson(res, err.status, err.body(), err.headers);
+      const { status, body } = entryOfPath(url.pathname).error(err); // a Messages client reads errors in Anthropic's shape, a 404 too
+      sendJson(res, status, body, err.headers);
     }
   }
 
@@ -2383,7 +3213,7 @@ export function createRouter(config: Config, deps: Deps) {
 }
 
 // ============================================================================================
-// 10. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
+// 11. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
 //     external assets) that refreshes itself from /stats.
 // ============================================================================================
 
@@ -2445,7 +3275,7 @@ function seriesOf(store: Store, t: number, minutes: number, bucket: number) {
   });
 }
 
-const rowOut = (r: Row) => ({ ts: r.ts, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
+const rowOut = (r: Row) => ({ ts: r.ts, entry: r.entry, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
 
 /** The whole /stats answer for a window ("1h", "24h", "7d", "all"): totals over all history, the rest over the window. */
 export function statsView(src: StatsSource, w: string, t: number) {
@@ -2458,7 +3288,7 @@ export function statsView(src: StatsSource, w: string, t: number) {
   const all = fix(store.totals(0));
   const byProv = new Map(store.byProvider(since).map((p) => [p.provider, { requests: p.requests, errors: p.errors, cost_usd: round12(p.cost_usd), models_used: p.models }]));
   const models = modelStats(src, t, since);
-  const routing = store.routing(since);
+  const routing = store.routing(since), entries = store.entries(since);
   const count = (c: string) => routing.find((r) => r.complexity === c)?.requests ?? 0;
   return {
     uptime_s: Math.floor((t - src.started) / 1000), version: VERSION, window: w, now: t, threshold: config.threshold,
@@ -2467,6 +3297,7 @@ export function statsView(src: StatsSource, w: string, t: number) {
     models,
     providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0, models_used: 0 }), disabled_for_s: Math.max(0, Math.ceil(((src.authDown.get(p.id) ?? 0) - t) / 1000)) })),
     routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
+    entries: Object.fromEntries((["chat", "messages", "responses"] as const).map((f) => [f, entries.find((e) => e.entry === f)?.requests ?? 0])),
     series: { minute: seriesOf(store, t, 60, 1), hour: seriesOf(store, t, 24 * 60, 60) },
     recent: store.recent(50).map(rowOut),
     errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
@@ -3111,7 +3942,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 </html>`;
 
 // ============================================================================================
-// 11. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
+// 12. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
 //     importing this file (the tests do) starts nothing.
 // ============================================================================================
 
@@ -3139,13 +3970,7 @@ Environment:
   TOKENWATCH_ALLOWED_HOSTS extra Host names to answer besides the listen address (comma-separated)
 
 Routes:
-  POST /v1/chat/completions   OpenAI Chat Completions, streaming included
-  GET  /v1/models             the enabled models
-  GET  /                      the live dashboard
-  GET  /stats                 JSON for the dashboard and scripts (?window=1h|24h|7d|all)
-  GET  /health                {"status":"ok"}
-  GET  /api/stats             the same as /stats (the original tool's route)
-  GET  /api/limits            the live limiter view alone (the original tool's route)
+${ROUTE_DOCS.map(([route, doc]) => `  ${route.replace(/^GET /, "GET  ").padEnd(32)} ${doc}`).join("\n")}
 
 Signals:
   Ctrl-C or SIGTERM   finish the requests in flight (up to 10 s), write every row, exit 0
@@ -3184,14 +4009,14 @@ export function parseOptions(argv: string[], env: Record<string, string | undefi
 }
 
 /** Read and validate the config file; every problem becomes one line naming the file and the key. */
-export function loadConfig(path: string | undefined, env: Record<string, string | undefined>): Config {
+export function loadConfig(path: string | undefined, env: Record<string, string | undefined>, listen?: Listen): Config {
   let file: unknown = {};
   if (path) {
     let text: string;
     try { text = readFileSync(path, "utf8"); } catch (e) { throw new ConfigError(`Cannot read config ${JSON.stringify(path)}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`); }
     try { file = JSON.parse(text); } catch (e) { throw new ConfigError(`Cannot read config ${JSON.stringify(path)}: not valid JSON (${(e as Error).message})`); }
   }
-  try { return buildConfig({ file, env }); } catch (e) {
+  try { return buildConfig({ file, env, listen }); } catch (e) {
     if (e instanceof ConfigError) throw new ConfigError(`Invalid config${path ? ` ${JSON.stringify(path)}` : ""}: ${e.message}`);
     throw e;
   }
@@ -3264,6 +4089,7 @@ function banner(r: Running, opts: Options, env: Record<string, string | undefine
     `  enabled    ${on.map((p) => (p.apiKey ? p.id : `${p.id} (${p.why})`)).join(", ") || "none: set a provider key (see --help) or every request fails"}`,
   ];
   if (off.length) lines.push(`  disabled   ${off.map((p) => `${p.id}: ${p.why}`).join("; ")}`);
+  for (const p of r.config.providers) if (p.note) lines.push(`  note       ${p.note}`);
   for (const m of r.config.models) if (m.eol && Date.parse(m.eol) <= Date.now()) lines.push(`  warning    ${m.key} reached its end of life on ${m.eol}: requests to it will fail; remove it or alias it to a current model`);
   if (!LOOPBACK.test(opts.host) && !env.TOKENWATCH_API_KEY) lines.push(`  warning    listening on ${opts.host} without TOKENWATCH_API_KEY: anyone who can reach this port can spend your tokens`);
   return lines.join("\n");
@@ -3299,7 +4125,7 @@ async function main(argv: string[]): Promise<void> {
     opts = parseOptions(argv, env);
     if (opts.help) { process.stdout.write(HELP); return; }
     if (opts.version) { process.stdout.write(`${VERSION}\n`); return; }
-    config = loadConfig(opts.configPath, env);
+    config = loadConfig(opts.configPath, env, opts.port ? { host: opts.host, port: opts.port } : undefined);
   } catch (e) {
     process.stderr.write(`tokenwatch: ${(e as Error).message}\n`);
     process.exit(e instanceof UsageError ? 2 : 1);

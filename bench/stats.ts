@@ -46,7 +46,7 @@ function makeRow(r: () => number, ts: number): Row {
   const input = 200 + Math.floor(r() * 6000), cached = r() < 0.3 ? Math.floor(input * 0.6) : 0, output = failed ? 0 : 20 + Math.floor(r() * 900);
   const latency = 300 + Math.floor(r() * 4000);
   return {
-    ts, provider, model, requested_model: r() < 0.5 ? "auto" : model, complexity: price.tier, status: err?.[0] ?? 200, stream,
+    ts, entry: r() < 0.5 ? "chat" : r() < 0.6 ? "responses" : "messages", provider, model, requested_model: r() < 0.5 ? "auto" : model, complexity: price.tier, status: err?.[0] ?? 200, stream,
     input_tokens: input, output_tokens: output, cached_tokens: cached, cache_write_tokens: 0,
     cost_usd: failed ? 0 : costUsd(price, { input: input - cached, cached, cache_write: 0, output }),
     latency_ms: latency, ttft_ms: stream && !failed ? 150 + Math.floor(r() * 900) : null,
