@@ -12,7 +12,8 @@
 //   Claude Code's `POST /v1/messages?beta=true` works.
 // - GET /v1/models (and /v1/models/{id}) answers after auth and never consumes a script.
 // - Anthropic: body fields that travel with a beta need its `anthropic-beta` value (context_management,
-//   output_config.effort, tool defer_loading), else 400 "<field>: Extra inputs are not permitted". `reply.thinking` answers
+//   output_config.effort, tool defer_loading; system messages inside `messages`, for the models that take them), else 400
+//   "<field>: Extra inputs are not permitted". `reply.thinking` answers
 //   with a thinking block signed by this mock (see `mock.sign`); thinking blocks sent back must carry a signature this mock
 //   issued for exactly that text. With thinking on, the last assistant turn that holds tool_use must start with thinking.
 //   POST /v1/messages/count_tokens answers {"input_tokens": anthropicTokenCount(body)} and takes its scripts from its own
@@ -240,6 +241,19 @@ const OPENAI_ROLES = ["system", "developer", "user", "assistant", "tool", "funct
 const MESSAGE_KEYS = new Set(["role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"]);
 const thinksByDefault = (model: string) => /^kimi-k2\.[5-9]|^kimi-k[3-9]/.test(model);
 
+/** OpenAI's check of a numeric field (type, then range), in its real words; shared by Chat Completions and Responses. */
+function openAIRange(body: Json, bad: (message: string, param: string, code: string) => Fail, wrongType: (p: string, want: string, v: unknown) => Fail) {
+  return (name: string, lo: number, hi: number, integer = false): Fail | null => {
+    if (!has(body, name) || body[name] === null) return null;
+    const v = body[name];
+    if (integer ? !isInt(v) : !isNum(v)) return wrongType(name, integer ? "an integer" : "a decimal", v);
+    const kind = integer ? "integer" : "decimal";
+    if ((v as number) < lo) return bad(`Invalid '${name}': ${kind} below minimum value. Expected a value >= ${lo}, but got ${String(v)} instead.`, name, `${kind}_below_min_value`);
+    if ((v as number) > hi) return bad(`Invalid '${name}': ${kind} above maximum value. Expected a value <= ${hi}, but got ${String(v)} instead.`, name, `${kind}_above_max_value`);
+    return null;
+  };
+}
+
 function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
   const kimi = flavor === "kimi";
   // Kimi errors carry no param/code; its messages are prefixed "Invalid request: ".
@@ -418,15 +432,7 @@ function validateOpenAI(flavor: "openai" | "kimi", body: unknown): Fail | null {
   }
 
   // numeric ranges
-  const range = (name: string, lo: number, hi: number, integer = false): Fail | null => {
-    if (!has(body, name) || body[name] === null) return null;
-    const v = body[name];
-    if (integer ? !isInt(v) : !isNum(v)) return wrongType(name, integer ? "an integer" : "a decimal", v);
-    const kind = integer ? "integer" : "decimal";
-    if ((v as number) < lo) return bad(`Invalid '${name}': ${kind} below minimum value. Expected a value >= ${lo}, but got ${String(v)} instead.`, name, `${kind}_below_min_value`);
-    if ((v as number) > hi) return bad(`Invalid '${name}': ${kind} above maximum value. Expected a value <= ${hi}, but got ${String(v)} instead.`, name, `${kind}_above_max_value`);
-    return null;
-  };
+  const range = openAIRange(body, bad, wrongType);
   if (kimi && has(body, "temperature") && body.temperature !== null) {
     const t = body.temperature;
     if (!isNum(t) || t < 0 || t > 1) return { type: "invalid_request_error", message: "Invalid request: temperature must be in [0, 1]" };
@@ -502,6 +508,10 @@ const ANTHROPIC_BLOCK_TYPES = [
 const IMAGE_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp"];
 const TOOL_ID = /^[a-zA-Z0-9_-]+$/;
 
+const BETA_MID_CONVERSATION_SYSTEM = "mid-conversation-system-2026-04-07";
+// models that take system messages inside `messages` (Opus 4.8 and 5, Fable, Mythos; not Sonnet 5): test/fixtures/README.md
+const MID_SYSTEM_MODELS = /^claude-(opus-(4-8|5)|fable|mythos)/;
+
 function validateAnthropic(body: unknown, check: AnthropicCheck = {}): Fail | null {
   const bad = (message: string): Fail => ({ message });
   const betas = check.betas ?? new Set<string>();
@@ -532,7 +542,13 @@ function validateAnthropic(body: unknown, check: AnthropicCheck = {}): Fail | nu
     for (const k of Object.keys(m)) if (k !== "role" && k !== "content") return bad(`${p}.${k}: Extra inputs are not permitted`);
     if (!has(m, "role")) return bad(`${p}.role: Field required`);
     if (m.role === "system") {
-      return bad('messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.');
+      // mid-conversation system messages (what Claude Code 2.1.154+ sends) need their beta and a model that takes them
+      if (!betas.has(BETA_MID_CONVERSATION_SYSTEM) || !MID_SYSTEM_MODELS.test(String(body.model)))
+        return bad('messages: Unexpected role "system". The Messages API accepts a top-level `system` parameter, not "system" as an input message role.');
+      const text = typeof m.content === "string" ? m.content : Array.isArray(m.content) && m.content.every((b) => isObj(b) && b.type === "text" && typeof b.text === "string") ? "ok" : "";
+      if (!text) return bad(`${p}.content: a system message holds text only`);
+      if (i === 0 || (msgs[i - 1] as Json)?.role !== "user") return bad(`${p}: a system message must follow a user message`);
+      continue;
     }
     if (m.role !== "user" && m.role !== "assistant") return bad(`${p}.role: Input should be 'user' or 'assistant'`);
     const role = m.role;
@@ -1031,15 +1047,7 @@ function validateResponses(body: unknown): Fail | null {
   }
 
   // numbers
-  const range = (name: string, lo: number, hi: number, integer = false): Fail | null => {
-    if (!has(body, name) || body[name] === null) return null;
-    const v = body[name];
-    if (integer ? !isInt(v) : !isNum(v)) return wrongType(name, integer ? "an integer" : "a decimal", v);
-    const kind = integer ? "integer" : "decimal";
-    if ((v as number) < lo) return bad(`Invalid '${name}': ${kind} below minimum value. Expected a value >= ${lo}, but got ${String(v)} instead.`, name, `${kind}_below_min_value`);
-    if ((v as number) > hi) return bad(`Invalid '${name}': ${kind} above maximum value. Expected a value <= ${hi}, but got ${String(v)} instead.`, name, `${kind}_above_max_value`);
-    return null;
-  };
+  const range = openAIRange(body, bad, wrongType);
   const numeric = range("temperature", 0, 2) ?? range("top_p", 0, 1) ?? range("top_logprobs", 0, 20, true) ??
     range("max_output_tokens", 16, Number.MAX_SAFE_INTEGER, true) ?? range("max_tool_calls", 1, Number.MAX_SAFE_INTEGER, true);
   if (numeric) return numeric;
