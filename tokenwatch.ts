@@ -3482,6 +3482,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
       <section class="card" id="routing"><div class="hd"><h2>Routing</h2><span class="cap" id="route-total"></span></div>
         <div class="sect"><h3>Complexity</h3><div class="split" id="route-split"></div><div class="lg" id="route-legend"></div></div>
         <div class="sect"><h3>Failovers</h3><div><span class="big" id="failovers">0</span> <span class="cap" id="failover-share"></span></div><div class="bl" id="failover-reasons" style="margin-top:10px"></div></div>
+        <div class="sect"><h3>Client formats</h3><div class="bl" id="entries"></div></div>
       </section>
     </div>
     <section class="card" style="margin-top:16px"><div class="hd"><h2>Errors</h2><span class="cap">Latest, grouped by provider and kind</span></div>
@@ -3701,6 +3702,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     renderModels(d.models || []);
     renderBreakdown(d);
     renderRouting(d.routing || {});
+    renderEntries(d.entries || {});
     renderErrors(d.error_groups || []);
     renderRecent(d.recent || []);
   }
@@ -3879,6 +3881,10 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     barList($("cost-providers"), (d.providers || []).map(function (p) { return { label: str(p.name || p.provider), v: num(p.cost_usd) }; }), fmtCost, "No spend in this window.");
     barList($("cost-models"), (d.models || []).map(function (m) { return { label: str(m.model), title: str(m.provider) + "/" + str(m.model), v: num(m.cost_usd) }; }), fmtCost, "No spend in this window.");
   }
+  var ENTRY_NAMES = { chat: "Chat Completions", messages: "Anthropic Messages", responses: "OpenAI Responses" };
+  function renderEntries(e) {
+    barList($("entries"), Object.keys(ENTRY_NAMES).map(function (k) { return { label: ENTRY_NAMES[k], title: k, v: num(e[k]) }; }).filter(function (x) { return x.v > 0; }), fmtInt, "No requests in this window.");
+  }
   function renderRouting(r) {
     var si = num(r.simple), co = num(r.complex), tot = si + co, fo = num(r.failovers);
     $("route-total").textContent = fmtInt(tot) + " routed requests";
@@ -3916,7 +3922,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     if (!list.length) { noneRow(tb, 8, "No requests yet."); return; }
     tb.replaceChildren.apply(tb, list.map(function (q) {
       var code = num(q.status), ok = code >= 200 && code < 300 && !q.error;
-      var route = add(el("span", "tags"), q.complexity ? tag(str(q.complexity)) : null, q.stream ? tag("stream") : null,
+      var route = add(el("span", "tags"), q.entry ? tag(str(q.entry)) : null, q.complexity ? tag(str(q.complexity)) : null, q.stream ? tag("stream") : null,
         num(q.attempts) > 1 ? tag(fmtInt(q.attempts) + " attempts", "amber") : null);
       var stat = add(el("span"), tag(str(q.status), ok ? "green" : code === 429 ? "amber" : "red"), q.error ? el("span", "err small", " " + str(q.error)) : null);
       var model = modelCell(q.provider, q.model);

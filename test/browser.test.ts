@@ -133,6 +133,16 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
     await page.locator('#total-requests[data-value="8"]').waitFor(WAIT);
     assert.match(await page.locator("#sum-minute").textContent() ?? "", /^8 req/);
     assert.match(await page.locator("#sum-hour").textContent() ?? "", /^8 req/);
+
+    // a Claude Code-style request: the page tells the client formats apart
+    const messages = await fetch(`${live.url}/v1/messages`, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ model: "claude-haiku-4-5", max_tokens: 50, messages: [{ role: "user", content: "hi" }] }) });
+    assert.equal(messages.status, 200);
+    await messages.text();
+    while (live.router.inflight > 0) await new Promise(setImmediate);
+    await page.clock.runFor(3000);
+    await page.locator('#total-requests[data-value="9"]').waitFor(WAIT);
+    assert.match(await page.locator("#entries").textContent() ?? "", /Chat Completions.*8.*Anthropic Messages.*1|Anthropic Messages.*1.*Chat Completions.*8/s);
+    assert.equal(await page.locator("#recent tr").first().locator(".tag", { hasText: "messages" }).count(), 1);
   });
 
   it("keeps markup in a model name and an upstream error message as text", async () => {
@@ -157,7 +167,7 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
   it("renders in dark mode, with dark colours and the same numbers", async () => {
     const dark = await open(live.url, { colorScheme: "dark" });
     await dark.page.goto(`${live.url}/`);
-    await dark.page.locator('#total-requests[data-value="8"]').waitFor(WAIT);
+    await dark.page.locator('#total-requests[data-value="9"]').waitFor(WAIT);
     const bg = await dark.page.evaluate(() => getComputedStyle(document.body).backgroundColor);
     const [r, g, b] = (bg.match(/\d+/g) ?? []).map(Number);
     assert.ok(r + g + b < 3 * 60, `dark background, got ${bg}`);
@@ -167,7 +177,7 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
   it("reads on a phone: one column, nothing wider than the screen", async () => {
     const phone = await open(live.url, { viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 });
     await phone.page.goto(`${live.url}/`);
-    await phone.page.locator('#total-requests[data-value="8"]').waitFor(WAIT);
+    await phone.page.locator('#total-requests[data-value="9"]').waitFor(WAIT);
     await phone.page.locator("#chart-hour svg").waitFor(WAIT);
     const width = await phone.page.evaluate(() => document.documentElement.scrollWidth);
     assert.ok(width <= 390, `page is ${width}px wide on a 390px screen`);
