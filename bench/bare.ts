@@ -1,8 +1,10 @@
 // The bare reference proxy: the least a fetch-based Node proxy can do and still be a logging LLM
 // proxy. node:http in, JSON.parse of the request, fetch upstream (undici, keep-alive), the answer
-// passed through as it comes, usage read from the JSON or from the stream's usage event, and one
-// row per request written to node:sqlite in batches. No routing, limits, validation or failover:
-// the gap between it and TokenWatch is what TokenWatch's features cost.
+// passed through as it comes, usage read from the JSON or from the stream's usage events, and one
+// row per request written to node:sqlite in batches. It passes Chat Completions to the upstream's
+// /v1/chat/completions and Anthropic Messages to its /v1/messages, each as it came. No routing,
+// limits, validation, translation or failover: the gap between it and TokenWatch is what
+// TokenWatch's features cost.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -32,7 +34,7 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
   };
   const log = (r: BareRow) => { queue.push(r); timer ??= setTimeout(flush, 50); };
 
-  async function relayStream(resp: Response, res: ServerResponse): Promise<{ prompt_tokens?: number; completion_tokens?: number }> {
+  async function relayStream(resp: Response, res: ServerResponse): Promise<Record<string, number>> {
     res.writeHead(resp.status, { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache" });
     const dec = new TextDecoder();
     let text = "", usage = {};
@@ -42,7 +44,8 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
       for (let end = text.indexOf("\n\n"); end >= 0; end = text.indexOf("\n\n")) {
         const ev = text.slice(0, end);
         text = text.slice(end + 2);
-        if (ev.includes("\"usage\"") && ev.startsWith("data: {")) usage = JSON.parse(ev.slice(6)).usage ?? usage;
+        const data = ev.indexOf("data: {");
+        if (ev.includes("\"usage\"") && data >= 0) { const j = JSON.parse(ev.slice(data + 6)); usage = { ...usage, ...j.usage, ...j.message?.usage }; }
       }
     }
     res.end();
@@ -55,8 +58,9 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
     for await (const c of req) chunks.push(c as Buffer);
     const text = Buffer.concat(chunks).toString();
     const body = JSON.parse(text) as { model: string; stream?: boolean };
-    const resp = await fetch(`${opts.upstream}/chat/completions`, { method: "POST", headers: { "content-type": "application/json" }, body: text });
-    let usage: { prompt_tokens?: number; completion_tokens?: number };
+    const path = req.url?.startsWith("/v1/messages") ? "/messages" : "/chat/completions";
+    const resp = await fetch(`${opts.upstream}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: text });
+    let usage: { prompt_tokens?: number; completion_tokens?: number; input_tokens?: number; output_tokens?: number };
     if (body.stream) usage = await relayStream(resp, res);
     else {
       const answer = await resp.text();
@@ -64,7 +68,7 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
       res.writeHead(resp.status, { "content-type": "application/json", "content-length": Buffer.byteLength(answer) });
       res.end(answer);
     }
-    log([ts, body.model, resp.status, body.stream ? 1 : 0, usage.prompt_tokens ?? 0, usage.completion_tokens ?? 0, Date.now() - ts]);
+    log([ts, body.model, resp.status, body.stream ? 1 : 0, usage.prompt_tokens ?? usage.input_tokens ?? 0, usage.completion_tokens ?? usage.output_tokens ?? 0, Date.now() - ts]);
   }
 
   const server = http.createServer({ keepAliveTimeout: 65_000, requestTimeout: 0 }, (req, res) => {

@@ -32,7 +32,6 @@ const PLAN = QUICK
 const CONNECTIONS = 50;
 const OPEN_STREAMS = 1000;
 const RAMP_MS = 150;      // each throughput slice starts with this much load that is not counted
-const PATH = "/v1/chat/completions";
 
 // ---- the request an agent sends: a system prompt, a tool call and its result, two tools (about 4 KB) ----
 
@@ -54,25 +53,46 @@ function body(model: string, stream: boolean): string {
     ...(stream ? { stream: true, stream_options: { include_usage: true } } : {}),
   });
 }
+/** The same conversation as Claude Code sends it (Anthropic Messages): system on top, tool_use and tool_result blocks, a cache mark. */
+function messagesBody(model: string, stream: boolean): string {
+  return JSON.stringify({
+    model, max_tokens: 1024, system: [{ type: "text", text: SYSTEM, cache_control: { type: "ephemeral" } }],
+    tools: TOOLS.map((t) => ({ name: t.function.name, description: t.function.description, input_schema: t.function.parameters })),
+    messages: [
+      { role: "user", content: "The tests in src/limiter.test.ts fail since the last change; find out why and fix it." },
+      { role: "assistant", content: [{ type: "tool_use", id: "toolu_1", name: "read_file", input: { path: "src/limiter.ts" } }] },
+      { role: "user", content: [{ type: "tool_result", tool_use_id: "toolu_1", content: "export class Limiter {\n  // sliding window of 60 one-second buckets\n}\n".repeat(12) }, { type: "text", text: "Go on." }] },
+    ],
+    ...(stream ? { stream: true } : {}),
+  });
+}
+
+/** What a client sends, and where: Chat Completions, or Messages passed through to Anthropic ("msg-" models) or translated for OpenAI. */
+type Scenario = { label: string; path: string; model: string; body(model: string, stream: boolean): string };
+const CHAT: Scenario = { label: "Chat Completions → OpenAI kind (passthrough)", path: "/v1/chat/completions", model: "fast", body };
+const MESSAGES_NATIVE: Scenario = { label: "Messages → Anthropic kind (passthrough)", path: "/v1/messages", model: "msg-fast", body: messagesBody };
+const MESSAGES_TRANSLATED: Scenario = { label: "Messages → OpenAI kind (translated)", path: "/v1/messages", model: "fast", body: messagesBody };
+
 const BODIES = new Map<string, string>();
-const bodyFor = (model: string, stream: boolean) => {
-  const k = `${model}:${stream}`;
-  if (!BODIES.has(k)) BODIES.set(k, body(model, stream));
+const bodyFor = (s: Scenario, model: string, stream: boolean) => {
+  const k = `${s.path}:${model}:${stream}`;
+  if (!BODIES.has(k)) BODIES.set(k, s.body(model, stream));
   return BODIES.get(k)!;
 };
 
 // ---- the load generator: node:http with keep-alive agents ----
 
-type Name = "direct" | "bare" | "tokenwatch";
+type Name = "direct" | "bare" | "tokenwatch" | "ackfirst";
 type Target = { name: Name; url: URL; child?: Proc };
 type Timing = { ttfb: number; total: number; status: number };
 
-function once(target: Target, agent: http.Agent, model: string, stream: boolean): Promise<Timing> {
-  const payload = bodyFor(model, stream);
+function once(target: Target, agent: http.Agent, model: string, stream: boolean, s: Scenario = CHAT): Promise<Timing> {
+  const payload = bodyFor(s, model, stream);
+  const path = s.path;
   return new Promise((done, fail) => {
     const t0 = performance.now();
     let ttfb = -1;
-    const req = http.request({ host: target.url.hostname, port: target.url.port, path: PATH, method: "POST", agent,
+    const req = http.request({ host: target.url.hostname, port: target.url.port, path, method: "POST", agent,
       headers: { "content-type": "application/json", "content-length": Buffer.byteLength(payload) } }, (res) => {
       res.on("data", () => { if (ttfb < 0) ttfb = performance.now() - t0; });
       res.on("end", () => done({ ttfb, total: performance.now() - t0, status: res.statusCode ?? 0 }));
@@ -86,12 +106,12 @@ function once(target: Target, agent: http.Agent, model: string, stream: boolean)
 const agentFor = (n: number) => new http.Agent({ keepAlive: true, maxSockets: n, keepAliveMsecs: 60_000 });
 
 /** One client, one request after the other: the latency an agent sees. */
-async function latency(target: Target, model: string, stream: boolean, n: number): Promise<{ total: number[]; ttfb: number[] }> {
+async function latency(target: Target, model: string, stream: boolean, n: number, s: Scenario = CHAT): Promise<{ total: number[]; ttfb: number[] }> {
   const agent = agentFor(1);
-  for (let i = 0; i < (model === "slow" ? 5 : 200); i++) await once(target, agent, model, stream); // warm the path and the JIT
+  for (let i = 0; i < (model === "slow" ? 5 : 200); i++) await once(target, agent, model, stream, s); // warm the path and the JIT
   const total: number[] = [], ttfb: number[] = [];
   for (let i = 0; i < n; i++) {
-    const t = await once(target, agent, model, stream);
+    const t = await once(target, agent, model, stream, s);
     if (t.status !== 200) throw new Error(`${target.name} answered ${t.status}`);
     total.push(t.total);
     ttfb.push(t.ttfb);
@@ -129,7 +149,7 @@ async function slice(target: Target, agent: http.Agent, stream: boolean, ms: num
 
 /** Throughput of each target: direct alone, then bare and TokenWatch in alternating slices (ABBA), so a passing slowdown hits both. */
 async function throughput(targets: Target[], stream: boolean): Promise<Record<Name, Slice[]>> {
-  const out: Record<Name, Slice[]> = { direct: [], bare: [], tokenwatch: [] };
+  const out: Record<Name, Slice[]> = { direct: [], bare: [], tokenwatch: [], ackfirst: [] };
   const agents = new Map(targets.map((t) => [t.name, agentFor(CONNECTIONS)]));
   for (const t of targets) await slice(t, agents.get(t.name)!, stream, 1000); // warm: connections, JIT, the heap's size
   for (let i = 0; i < 2; i++) out.direct.push(await slice(targets[0], agents.get("direct")!, stream, PLAN.sliceMs));
@@ -147,28 +167,28 @@ async function throughput(targets: Target[], stream: boolean): Promise<Record<Na
  * efficiency, measured in the same instants. On a noisy VM this is the steadiest figure: a slowdown of
  * the host hits both alike, where alternating slices only take turns with it.
  */
-async function sideBySide(targets: Target[], stream: boolean): Promise<{ ratios: number[]; cpu: Record<"bare" | "tokenwatch", number[]> }> {
+async function sideBySide(targets: Target[], stream: boolean, s: Scenario = CHAT, windows = PLAN.windows): Promise<{ ratios: number[]; cpu: Record<"bare" | "tokenwatch", number[]> }> {
   const pair = [targets[1], targets[2]];
   const counts = new Map(pair.map((t) => [t.name, 0]));
   let stop = false, errors = 0;
   const agents = pair.map(() => agentFor(CONNECTIONS));
   const workers = pair.flatMap((t, k) => Array.from({ length: CONNECTIONS }, async () => {
     while (!stop) {
-      const r = await once(t, agents[k], "fast", stream);
+      const r = await once(t, agents[k], s.model, stream, s);
       if (r.status !== 200) errors++;
       counts.set(t.name, counts.get(t.name)! + 1);
     }
   }));
   await sleep(1000);
   const ratios: number[] = [], cpu = { bare: [] as number[], tokenwatch: [] as number[] };
-  for (let w = 0; w < PLAN.windows; w++) {
+  for (let w = 0; w < windows; w++) {
     const before = await Promise.all(pair.map((t) => sampleOf(t)));
     const n0 = pair.map((t) => counts.get(t.name)!);
     await sleep(PLAN.windowMs);
     const after = await Promise.all(pair.map((t) => sampleOf(t)));
     const n = pair.map((t, k) => counts.get(t.name)! - n0[k]);
     ratios.push(n[1] / n[0]);
-    pair.forEach((t, k) => cpu[t.name as "bare" | "tokenwatch"].push((after[k]!.cpuUs - before[k]!.cpuUs) / n[k]));
+    pair.forEach((t, k) => cpu[k ? "tokenwatch" : "bare"].push((after[k]!.cpuUs - before[k]!.cpuUs) / n[k]));
   }
   stop = true;
   await Promise.all(workers);
@@ -182,8 +202,8 @@ async function openStreams(target: Target, mock: BenchMock): Promise<number> {
   const agent = agentFor(OPEN_STREAMS);
   let firstBytes = 0;
   const all = Array.from({ length: OPEN_STREAMS }, () => new Promise<void>((done, fail) => {
-    const payload = bodyFor("hold", true);
-    const req = http.request({ host: target.url.hostname, port: target.url.port, path: PATH, method: "POST", agent,
+    const payload = bodyFor(CHAT, "hold", true);
+    const req = http.request({ host: target.url.hostname, port: target.url.port, path: CHAT.path, method: "POST", agent,
       headers: { "content-type": "application/json", "content-length": Buffer.byteLength(payload) } }, (res) => {
       let seen = false;
       res.on("data", () => { if (!seen) { seen = true; firstBytes++; } });
@@ -222,7 +242,7 @@ function placement(mode: "split" | "float", procs: Proc[]): void {
   for (const p of procs) pin(p.child.pid!, mode === "split" ? "1" : ALL_CORES);
 }
 
-async function spawnProxy(role: "tokenwatch" | "bare", upstream: string, db: string): Promise<Proc> {
+async function spawnProxy(role: "tokenwatch" | "bare" | "ackfirst", upstream: string, db: string): Promise<Proc> {
   const child = fork(new URL("./child.ts", import.meta.url), [role, upstream, db], { execArgv: ["--expose-gc", "--no-warnings"], stdio: ["ignore", "inherit", "inherit", "ipc"] });
   const proc: Proc = { child, url: "", samples: [] };
   await new Promise<void>((done, fail) => {
@@ -265,7 +285,7 @@ const log = (s: string) => process.stderr.write(`${s}\n`);
 const ms = (x: number) => x.toFixed(2);
 
 type Fig = Record<Name, number[]>;
-const fig = (): Fig => ({ direct: [], bare: [], tokenwatch: [] });
+const fig = (): Fig => ({ direct: [], bare: [], tokenwatch: [], ackfirst: [] });
 
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "tokenwatch-bench-"));
@@ -315,15 +335,97 @@ async function main(): Promise<void> {
   log(`side by side on one core: TokenWatch/bare ${median(shared.json.ratios).toFixed(2)} (JSON), ${median(shared.stream.ratios).toFixed(2)} (stream), ${elapsed()}`);
   for (const t of proxies) f.heap[t.name].push((await sampleOf(t, true))!.heapUsed);
 
+  const formats = await formatsPhase(targets, [bare, tw], elapsed);
+  const commit = await groupCommitPhase(targets, mock.url, join(dir, "ackfirst.db"), [bare, tw], elapsed);
+
   const end = { bare: (await sampleOf(proxies[0], true))!, tokenwatch: (await sampleOf(proxies[1], true))! };
   const here = (f: string) => new URL(f, import.meta.url).pathname;
   const strip = { bare: stripperMB([here("./child.ts"), here("./bare.ts")]), tokenwatch: stripperMB([here("./child.ts"), here("../tokenwatch.ts")]) };
   log(`done in ${elapsed()}; rows written: bare ${end.bare.written}, TokenWatch ${end.tokenwatch.written}; TokenWatch in flight ${end.tokenwatch.inflight}, rows pending ${end.tokenwatch.pending}`);
   process.stdout.write(`\n${table(f, json, stream, shared, { bare: end.bare.maxRss, tokenwatch: end.tokenwatch.maxRss }, { bare: open.bare, tokenwatch: open.tokenwatch }, end.tokenwatch, strip)}\n`);
+  process.stdout.write(`\n${formatsTable(formats, shared)}\n\n${commitTable(commit)}\n`);
   for (const p of [bare, tw]) p.child.send({ type: "close" });
   await Promise.all([bare, tw].map((p) => new Promise((r) => p.child.once("exit", r))));
   await mock.close();
   rmSync(dir, { recursive: true, force: true });
+}
+
+// ---- client formats, and what group commit costs ----
+
+type FormatFigures = { s: Scenario; p50: Fig; sp50: Fig; json: Shared; stream: Shared };
+
+/**
+ * The Messages entry against the bare proxy passing Messages through: the passthrough lane (an
+ * Anthropic-kind upstream) and the translation (an OpenAI-kind one). Latency in rounds that alternate
+ * the order, throughput side by side on one core, as for Chat Completions (half the windows).
+ */
+async function formatsPhase(targets: Target[], procs: Proc[], elapsed: () => string): Promise<FormatFigures[]> {
+  const out: FormatFigures[] = [];
+  for (const s of [MESSAGES_NATIVE, MESSAGES_TRANSLATED]) {
+    placement("float", procs);
+    const p50 = fig(), sp50 = fig();
+    for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
+      for (const t of round % 2 ? [targets[0], targets[2], targets[1]] : targets) {
+        p50[t.name].push(pct((await latency(t, s.model, false, PLAN.latencyN / 2, s)).total, 50));
+        sp50[t.name].push(pct((await latency(t, s.model, true, PLAN.latencyN / 2, s)).total, 50));
+      }
+    }
+    placement("split", procs);
+    const windows = Math.max(2, PLAN.windows / 2);
+    const figures = { s, p50, sp50, json: await sideBySide(targets, false, s, windows), stream: await sideBySide(targets, true, s, windows) };
+    log(`${s.label}: TokenWatch/bare ${median(figures.json.ratios).toFixed(2)} (JSON), ${median(figures.stream.ratios).toFixed(2)} (stream), ${elapsed()}`);
+    out.push(figures);
+  }
+  return out;
+}
+
+type CommitFigures = { p50: Fig; sp50: Fig; json: Shared; stream: Shared };
+
+/**
+ * What committing each row before the answer's last byte costs: TokenWatch as it is, side by side with
+ * the same build started with `durable: false` (rows written every 50 ms, answers not waiting for them).
+ */
+async function groupCommitPhase(targets: Target[], upstream: string, db: string, procs: Proc[], elapsed: () => string): Promise<CommitFigures> {
+  const ack = await spawnProxy("ackfirst", upstream, db);
+  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(ack.url), child: ack }, targets[2]];
+  placement("float", [...procs, ack]);
+  const p50 = fig(), sp50 = fig();
+  for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
+    for (const t of round % 2 ? [pair[0], pair[2], pair[1]] : pair) {
+      p50[t.name].push(pct((await latency(t, "fast", false, PLAN.latencyN / 2)).total, 50));
+      sp50[t.name].push(pct((await latency(t, "fast", true, PLAN.latencyN / 2)).total, 50));
+    }
+  }
+  placement("split", [...procs, ack]);
+  const windows = Math.max(2, PLAN.windows / 2);
+  const out = { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows) };
+  log(`group commit: TokenWatch/answer-first ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream), ${elapsed()}`);
+  ack.child.send({ type: "close" });
+  await new Promise((r) => ack.child.once("exit", r));
+  return out;
+}
+
+function formatsTable(formats: FormatFigures[], chat: { json: Shared; stream: Shared }): string {
+  const head = ["client format → upstream", "latency p50 added, JSON (ms)", "latency p50 added, stream (ms)", "throughput vs bare, JSON", "throughput vs bare, stream", "target", "verdict"];
+  const r = (x: Shared) => median(x.ratios);
+  const rows = [["Chat Completions → OpenAI kind (passthrough)", "see above", "see above", r(chat.json).toFixed(2), r(chat.stream).toFixed(2), "≥ 0.85 × bare", r(chat.json) >= 0.85 && r(chat.stream) >= 0.85 ? "**PASS**" : "**FAIL**"]];
+  for (const f of formats) {
+    const ok = r(f.json) >= 0.85 && r(f.stream) >= 0.85;
+    rows.push([f.s.label, `+${ms(added(f.p50, "tokenwatch"))} (bare +${ms(added(f.p50, "bare"))})`, `+${ms(added(f.sp50, "tokenwatch"))} (bare +${ms(added(f.sp50, "bare"))})`,
+      `${r(f.json).toFixed(2)} (${Math.min(...f.json.ratios).toFixed(2)}–${Math.max(...f.json.ratios).toFixed(2)})`, `${r(f.stream).toFixed(2)} (${Math.min(...f.stream.ratios).toFixed(2)}–${Math.max(...f.stream.ratios).toFixed(2)})`, "≥ 0.85 × bare", ok ? "**PASS**" : "**FAIL**"]);
+  }
+  return [head, head.map(() => "---"), ...rows].map((x) => `| ${x.join(" | ")} |`).join("\n");
+}
+
+function commitTable(c: CommitFigures): string {
+  const head = ["group commit (each row committed before the answer's last byte)", "JSON", "stream"];
+  const lat = (x: Fig) => `+${ms(median(x.tokenwatch.map((v, i) => v - x.ackfirst[i])))} ms (${ms(median(x.tokenwatch))} vs ${ms(median(x.ackfirst))})`;
+  const rows = [
+    ["latency p50, 1 client, vs the same build answering first", lat(c.p50), lat(c.sp50)],
+    ["throughput side by side, vs the same build answering first", `${median(c.json.ratios).toFixed(2)} ×`, `${median(c.stream.ratios).toFixed(2)} ×`],
+    ["CPU time per request (µs), durable vs answering first", `${Math.round(median(c.json.cpu.tokenwatch))} vs ${Math.round(median(c.json.cpu.bare))}`, `${Math.round(median(c.stream.cpu.tokenwatch))} vs ${Math.round(median(c.stream.cpu.bare))}`],
+  ];
+  return [head, head.map(() => "---"), ...rows].map((x) => `| ${x.join(" | ")} |`).join("\n");
 }
 
 /** Added over direct, per round, then the median: each round's pair shares the machine's mood. */

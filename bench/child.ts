@@ -1,5 +1,6 @@
 // One proxy under test, in its own process so that its CPU time and memory are its own:
-//   node bench/child.ts tokenwatch|bare <upstream base URL> <db file>
+//   node bench/child.ts tokenwatch|ackfirst|bare <upstream base URL> <db file>
+// ("ackfirst": TokenWatch with `durable: false`, answering before its row is written, for the group-commit figures)
 // It says {type: "ready", url} over IPC, answers {type: "sample"} with its CPU time and memory
 // (after a forced GC when run with --expose-gc), and exits on {type: "close"}.
 
@@ -13,19 +14,23 @@ export type Sample = {
 
 const BENCH_MODELS = ["fast", "slow", "hold"];
 
-/** A config with one local OpenAI-compatible provider whose limits never get in the way. */
+/** A config with two local providers whose limits never get in the way: OpenAI-compatible ("fast"…) and Anthropic-kind ("msg-fast"…). */
 export async function benchConfig(upstream: string): Promise<Config> {
   const { buildConfig } = await import("../tokenwatch.ts"); // imported only where used: the bare proxy's memory is its own
   const model = { input: 0.15, output: 0.6, limit: 1e12, rpm: 1e9, tier: "simple" };
-  return buildConfig({ env: {}, file: { providers: { bench: { kind: "openai", base_url: `${upstream}/v1`, models: Object.fromEntries(BENCH_MODELS.map((m) => [m, model])) } } } });
+  const models = (prefix: string) => Object.fromEntries(BENCH_MODELS.map((m) => [`${prefix}${m}`, model]));
+  return buildConfig({ env: {}, file: { providers: {
+    bench: { kind: "openai", base_url: `${upstream}/v1`, models: models("") },
+    benchmsg: { kind: "anthropic", base_url: upstream, priority: 20, models: models("msg-") },
+  } } });
 }
 
 async function main(): Promise<void> {
   const [role, upstream, db] = process.argv.slice(2);
   let url: string, sample: () => Omit<Sample, "type" | "cpuUs" | "rss" | "maxRss" | "heapUsed">, close: () => Promise<void>;
-  if (role === "tokenwatch") {
+  if (role === "tokenwatch" || role === "ackfirst") {
     const { start } = await import("../tokenwatch.ts");
-    const tw = await start({ config: await benchConfig(upstream), db });
+    const tw = await start({ config: await benchConfig(upstream), db, durable: role === "tokenwatch" });
     url = tw.url;
     sample = () => { tw.store.flush(); return { written: tw.store.written, pending: tw.store.pending, inflight: tw.router.inflight }; };
     close = () => tw.close(1000);

@@ -1,9 +1,11 @@
-// The benchmark's upstream: the cheapest OpenAI-compatible server node:http allows, so that the
-// router, not the mock, is what the benchmark measures. The model name picks the behaviour:
+// The benchmark's upstream: the cheapest server node:http allows, so that the router, not the mock, is
+// what the benchmark measures. It speaks OpenAI Chat Completions on /v1/chat/completions and Anthropic
+// Messages on /v1/messages. The model name picks the behaviour (a "msg-" prefix is ignored):
 //   "fast"  answers at once        "slow"  answers after a fixed 50 ms
 //   "hold"  streams one chunk, then holds the stream open until release() (the open-streams test)
-// Every stream is 20 content chunks, a usage chunk (choices: []) and [DONE], each chunk written in
-// its own turn of the event loop so that they leave as separate writes, the way providers send them.
+// Every stream is 20 content events and the format's closing events (Chat: finish, usage chunk and
+// [DONE]; Messages: block stop, message_delta with usage, message_stop), each written in its own turn of
+// the event loop so that they leave as separate writes, the way providers send them.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -35,12 +37,36 @@ function streamEvents(model: string): string[] {
   return out;
 }
 
-const JSON_BODIES = new Map(["fast", "slow", "hold"].map((m) => [m, completion(m)]));
-const STREAMS = new Map(["fast", "slow", "hold"].map((m) => [m, streamEvents(m)]));
+/** The same answer as an Anthropic message. */
+function message(model: string): string {
+  return JSON.stringify({
+    id: "msg_bench", type: "message", role: "assistant", model, content: [{ type: "text", text: "The answer is forty-two, and here is a short reason why it holds." }],
+    stop_reason: "end_turn", stop_sequence: null, usage: { input_tokens: 1200, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, output_tokens: 40 },
+  });
+}
+
+/** The same stream as Anthropic's events. */
+function messageEvents(model: string): string[] {
+  const ev = (name: string, data: unknown) => `event: ${name}\ndata: ${JSON.stringify(data)}\n\n`;
+  const out = [
+    ev("message_start", { type: "message_start", message: { id: "msg_bench", type: "message", role: "assistant", model, content: [], stop_reason: null, stop_sequence: null, usage: { input_tokens: 1200, cache_creation_input_tokens: 0, cache_read_input_tokens: 0, output_tokens: 1 } } })
+      + ev("content_block_start", { type: "content_block_start", index: 0, content_block: { type: "text", text: "" } }),
+  ];
+  for (let i = 0; i < CHUNKS; i++) out.push(ev("content_block_delta", { type: "content_block_delta", index: 0, delta: { type: "text_delta", text: i ? ` word${i}` : "word0" } }));
+  out.push(ev("content_block_stop", { type: "content_block_stop", index: 0 }));
+  out.push(ev("message_delta", { type: "message_delta", delta: { stop_reason: "end_turn", stop_sequence: null }, usage: { output_tokens: 40 } }));
+  out.push(ev("message_stop", { type: "message_stop" }));
+  return out;
+}
+
+type Format = "chat" | "messages";
+const MODELS = ["fast", "slow", "hold"];
+const JSON_BODIES: Record<Format, Map<string, string>> = { chat: new Map(MODELS.map((m) => [m, completion(m)])), messages: new Map(MODELS.map((m) => [m, message(m)])) };
+const STREAMS: Record<Format, Map<string, string[]>> = { chat: new Map(MODELS.map((m) => [m, streamEvents(m)])), messages: new Map(MODELS.map((m) => [m, messageEvents(m)])) };
 
 /** Pull `"model"` and `"stream"` out of the body without a full parse: the mock must stay cheap. */
 function peek(body: string): { model: string; stream: boolean } {
-  const m = /"model"\s*:\s*"([^"]*)"/.exec(body);
+  const m = /"model"\s*:\s*"(?:msg-)?([^"]*)"/.exec(body);
   return { model: m?.[1] ?? "fast", stream: /"stream"\s*:\s*true/.test(body) };
 }
 
@@ -58,14 +84,14 @@ export async function startBenchMock(): Promise<BenchMock> {
     next();
   }
 
-  function answer(res: ServerResponse, model: string, stream: boolean): void {
+  function answer(res: ServerResponse, format: Format, model: string, stream: boolean): void {
     if (!stream) {
-      const body = JSON_BODIES.get(model) ?? JSON_BODIES.get("fast")!;
+      const body = JSON_BODIES[format].get(model) ?? JSON_BODIES[format].get("fast")!;
       res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
       res.end(body);
       return;
     }
-    const events = STREAMS.get(model) ?? STREAMS.get("fast")!;
+    const events = STREAMS[format].get(model) ?? STREAMS[format].get("fast")!;
     res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
     if (model !== "hold") return writeStream(res, events, 0);
     res.write(events[0]);
@@ -79,8 +105,9 @@ export async function startBenchMock(): Promise<BenchMock> {
     req.on("data", (c: Buffer) => chunks.push(c));
     req.on("end", () => {
       const { model, stream } = peek(Buffer.concat(chunks).toString());
-      if (model === "slow") setTimeout(() => answer(res, model, stream), DELAY_MS);
-      else answer(res, model, stream);
+      const format: Format = req.url?.startsWith("/v1/messages") ? "messages" : "chat";
+      if (model === "slow") setTimeout(() => answer(res, format, model, stream), DELAY_MS);
+      else answer(res, format, model, stream);
     });
   });
   let connections = 0;
