@@ -23,13 +23,14 @@
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import type { Duplex } from "node:stream";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { mkdirSync, readFileSync, realpathSync, renameSync, statSync } from "node:fs";
 import { homedir } from "node:os";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { timingSafeEqual, createHash } from "node:crypto";
+import { timingSafeEqual, createHash, randomUUID } from "node:crypto";
 import process from "node:process";
 
 export const VERSION = "1.0.0";
@@ -79,6 +80,7 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     base_url: "https://api.openai.com/v1",
     api_key_env: "OPENAI_API_KEY",
     max_tokens_field: "max_completion_tokens", // max_tokens is deprecated and refused by newer models
+    responses: true,                    // serves the Responses API itself: Codex's requests go up untouched
     models: {
       "gpt-4o":      { input: 2.5, output: 10, cached_input: 1.25, limit: 30_000, rpm: 500, tier: "complex" },
       "gpt-4o-mini": { input: 0.15, output: 0.6, cached_input: 0.075, limit: 200_000, rpm: 500, tier: "simple" },
@@ -107,10 +109,12 @@ export const DEFAULTS = {
   min_cooldown_ms: 1_000,    // the shortest rest after a 429, whatever its retry-after says (no retry storms)
   max_cooldown_ms: 300_000,  // the longest rest a provider's header can impose (a bad header cannot park a model for years)
   auth_cooldown_ms: 300_000, // rest for a provider whose key was refused (401), or a model refused to the key (403)
+  response_ttl_ms: 86_400_000, // how long a Responses answer is kept for previous_response_id / item_reference (0: never kept)
+  max_kept_responses: 10_000,  // the most Responses answers kept at once; the oldest go first
 };
 
 /** The top-level settings a config file may change (the rest of DEFAULTS are fixed). */
-const SETTINGS = ["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms"] as const;
+const SETTINGS = ["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms", "response_ttl_ms", "max_kept_responses"] as const;
 
 // ============================================================================================
 // 2. Types: the OpenAI-shaped hub every adapter translates to and from, the resolved config,
@@ -130,7 +134,7 @@ export type ProviderConfig = {
   name: string; kind: Kind; priority: number; base_url: string;
   api_key_env?: string | string[]; api_key?: string;
   max_tokens_field?: "max_tokens" | "max_completion_tokens"; max_temperature?: number; reasoning_content?: boolean;
-  prompt_cache?: boolean;
+  prompt_cache?: boolean; responses?: boolean;
   models: Record<string, ModelConfig>;
 };
 
@@ -144,6 +148,7 @@ export type Provider = {
   apiKey: string | undefined; enabled: boolean; why: string;
   maxTokensField?: "max_tokens" | "max_completion_tokens"; maxTemperature?: number; reasoningContent?: boolean;
   promptCache: boolean;
+  responses?: boolean; // it serves the OpenAI Responses API itself (the passthrough lane for Responses clients)
   note?: string;   // what the start banner should say about it (a base URL that pointed at TokenWatch itself)
 };
 
@@ -605,7 +610,7 @@ function closingQuote(text: string, open: number): number {
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
 const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases"]);
-const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "models"]);
+const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
 export class ConfigError extends Error {}
@@ -645,6 +650,7 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   need(p.max_temperature === undefined || isNum(p.max_temperature), `${where}.max_temperature`, "must be a number >= 0");
   need(p.reasoning_content === undefined || typeof p.reasoning_content === "boolean", `${where}.reasoning_content`, "must be true or false");
   need(p.prompt_cache === undefined || typeof p.prompt_cache === "boolean", `${where}.prompt_cache`, "must be true or false");
+  need(p.responses === undefined || (typeof p.responses === "boolean" && p.kind === "openai"), `${where}.responses`, "must be true or false, on a provider of kind \"openai\"");
   need(isObj(p.models), `${where}.models`, "must be an object of models");
   for (const [name, m] of Object.entries(p.models as object)) {
     need(MODEL_NAME.test(name), `${where}.models.${name}`, "must be named with at most 256 visible ASCII characters (no spaces)");
@@ -718,7 +724,7 @@ function resolveProvider(id: string, p: ProviderConfig, env: Record<string, stri
   const local = LOCAL_URL.test(baseUrl);
   const enabled = Boolean(apiKey) || local;
   const why = enabled ? (apiKey ? "key set" : "local server, no key needed") : `no key (set ${vars.join(" or ") || "api_key"})`;
-  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content, promptCache: p.prompt_cache !== false, ...(note ? { note } : {}) };
+  return { id, name: p.name, kind: p.kind, priority: p.priority, baseUrl, apiKey: apiKey || undefined, enabled, why, maxTokensField: p.max_tokens_field, maxTemperature: p.max_temperature, reasoningContent: p.reasoning_content, promptCache: p.prompt_cache !== false, responses: p.responses === true, ...(note ? { note } : {}) };
 }
 
 const priceSum = (m: Model) => m.input + m.output;
@@ -1302,8 +1308,12 @@ class OpenAIDecoder implements Decoder {
 }
 
 const openaiAdapter: Adapter = {
+  /** A translated request (from Messages or Responses): custom tools as functions; reasoning effort only where a hint is known to be taken (not here). */
   build(hub, m) {
-    return { url: `${m.provider.baseUrl}/chat/completions`, headers: openAIHeaders(m), body: JSON.stringify(openAIBody({ ...hub, tools: functionTools(hub.tools) }, m, hub.stream === true)) };
+    const tc = hub.tool_choice;
+    const choice = isObj(tc) && tc.type === "custom" && tc.custom ? { type: "function", function: { name: tc.custom.name } } : tc;
+    const body = openAIBody({ ...hub, tools: functionTools(hub.tools), tool_choice: choice, reasoning_effort: undefined }, m, hub.stream === true);
+    return { url: `${m.provider.baseUrl}/chat/completions`, headers: openAIHeaders(m), body: JSON.stringify(body) };
   },
   parse(body, m, now) {
     if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
@@ -1574,6 +1584,9 @@ export type Parsed = {
   stream: boolean;
   nativeOnly?: string;           // why only an upstream of the client's own format can serve it (its server tools, …)
   forward: Record<string, string>; // client headers the passthrough lane sends on as they came (anthropic-version, anthropic-beta)
+  expanded?: Record<string, any>[];  // Responses: the input with its references resolved (what OpenAI gets when it cannot resolve them itself)
+  keep?: { previous: string | null; input: Record<string, any>[] }; // Responses: what the response store keeps of this request
+  final?: Record<string, any>;       // Responses: the answer as sent, once complete (its id and output are kept)
 };
 
 /** What an entry needs to answer: the job, the model that answered, the attempts before it. */
@@ -1587,6 +1600,8 @@ export interface Tap {
   usage: Usage | undefined;
   done: boolean;
   error: ErrorInfo | undefined;
+  /** The whole answer as the client received it, once `end` has run (Responses: what the response store keeps). */
+  final?: Record<string, any>;
 }
 
 /** Hub events in, the client's events out: what an entry gives a translated stream. */
@@ -1594,6 +1609,7 @@ export interface Encoder {
   event(e: HubEvent): string;
   end(u: Usage, cost: number): string;
   fail(err: TwError): string;
+  final?: Record<string, any>;
 }
 
 export type Entry = {
@@ -1626,6 +1642,7 @@ export class Translation implements Tap {
   }
   end(u: Usage, cost: number): string { return this.#enc.end(u, cost); }
   fail(err: TwError): string { return this.#enc.fail(err); }
+  get final() { return this.#enc.final; }
 }
 
 /**
@@ -2044,7 +2061,440 @@ function parseMessages(body: unknown, text: string, headers: IncomingMessage["he
   };
 }
 
-export const ENTRIES: Partial<Record<Format, Entry>> = { chat: chatEntry, messages: messagesEntry };
+// ---- OpenAI Responses (Codex, the OpenAI Agents SDK, the Vercel AI SDK) ----
+
+/** A response TokenWatch keeps so that a later request may point at it (previous_response_id, item_reference). */
+export type KeptResponse = { id: string; previous: string | null; input: Item[]; output: Item[]; native: boolean };
+type Item = Record<string, any>;
+
+/** What the Responses entry reads from the response store; the HTTP edge gives it the store. */
+export type ResponseLookup = { response(id: string): KeptResponse | undefined; item(id: string): Item | undefined };
+
+/** Built-in tools only OpenAI runs; Codex declares web_search (and tool_search) on every request, so those two are dropped elsewhere. */
+const DROPPABLE_TOOLS = new Set(["web_search", "web_search_preview", "tool_search"]);
+
+/** Ids TokenWatch gives the items it makes (a translated answer): OpenAI does not know them. */
+const OWN_ID = "tw";
+const ownId = (prefix: string) => `${prefix}_${OWN_ID}${randomUUID().replaceAll("-", "")}`;
+const isOwn = (id: unknown) => typeof id === "string" && id.includes(`_${OWN_ID}`);
+
+/**
+ * Reasoning a client should send back, as a Responses reasoning item carries it: an Anthropic thinking
+ * signature goes in `encrypted_content` behind "twa:" (Anthropic checks it); another provider's reasoning
+ * gets TokenWatch's own mark.
+ */
+const encryptedOf = (signature: string) => (signature.startsWith(OWN_SIGNATURE) ? signature : `twa:${signature}`);
+const signatureOf = (encrypted: unknown): string | undefined =>
+  typeof encrypted !== "string" ? undefined : encrypted.startsWith("twa:") ? encrypted.slice(4) : encrypted.startsWith(OWN_SIGNATURE) ? encrypted : undefined;
+
+function checkResponsesBody(b: Record<string, any>): void {
+  if (typeof b.model !== "string" || !MODEL_NAME.test(b.model)) throw bad(`"model" must be "auto", a model name, or "provider/model" (at most 256 visible ASCII characters); got ${shown(b.model)}.`, "model");
+  if (typeof b.input !== "string" && !(Array.isArray(b.input) && b.input.every((x: unknown) => isObj(x))))
+    throw bad("\"input\" must be a string or a list of input items (messages, function_call, function_call_output, …).", "input");
+  if (Array.isArray(b.input) && b.input.length > 100_000) throw bad("\"input\" has more than 100,000 items.", "input");
+  if (b.instructions !== undefined && b.instructions !== null && typeof b.instructions !== "string") throw bad("\"instructions\" must be a string.", "instructions");
+  if (b.tools !== undefined && !(Array.isArray(b.tools) && b.tools.every((t: unknown) => isObj(t) && typeof t.type === "string")))
+    throw bad("\"tools\" must be a list of tools, each with a \"type\" (function, custom, or a built-in tool).", "tools");
+  (b.tools ?? []).forEach((t: Item, i: number) => {
+    if ((t.type === "function" || t.type === "custom") && typeof t.name !== "string") throw bad(`tools[${i}].name is missing: Responses tools are flat, {"type": "${t.type}", "name", …}, not nested as in Chat Completions.`, `tools[${i}].name`);
+  });
+  if (b.stream !== undefined && typeof b.stream !== "boolean") throw bad("\"stream\" must be true or false.", "stream");
+  if (b.max_output_tokens !== undefined && b.max_output_tokens !== null && !(Number.isInteger(b.max_output_tokens) && b.max_output_tokens > 0 && b.max_output_tokens <= 10_000_000))
+    throw bad(`"max_output_tokens" must be a whole number from 1; got ${shown(b.max_output_tokens)}.`, "max_output_tokens");
+  if (b.previous_response_id !== undefined && b.previous_response_id !== null && typeof b.previous_response_id !== "string") throw bad("\"previous_response_id\" must be a response id string.", "previous_response_id");
+  if (b.complexity !== undefined && b.complexity !== "simple" && b.complexity !== "complex") throw bad(`"complexity" must be "simple" or "complex"; got ${shown(b.complexity)}.`, "complexity");
+  for (const k of ["temperature", "top_p"]) if (b[k] !== undefined && b[k] !== null && !(typeof b[k] === "number" && b[k] >= 0 && b[k] <= (k === "top_p" ? 1 : 2))) throw bad(`"${k}" is out of range; got ${shown(b[k])}.`, k);
+}
+
+const notFound = (what: string, id: string, param: string) => new TwError(400, "previous_response_not_found",
+  `${what} with id '${id}' not found: TokenWatch keeps responses for a while only when the request did not say "store": false. Send the whole conversation in "input" instead (or set "store": false in the client, so that it sends it every turn).`, { param });
+
+/** A response's whole conversation: the chain of earlier responses (their input, then their output), oldest first. */
+function chainOf(lookup: ResponseLookup, id: string, param: string): Item[] {
+  const parts: Item[][] = [];
+  for (let cur: string | null = id, hops = 0; cur && hops < 10_000; hops++) {
+    const r = lookup.response(cur);
+    if (!r) throw notFound(cur === id ? "Previous response" : "A response earlier in the chain", cur, param);
+    parts.unshift([...r.input, ...r.output]);
+    cur = r.previous;
+  }
+  return parts.flat();
+}
+
+/**
+ * The request's input with its state resolved: a string as one user message, item references replaced by
+ * the items they name, and the earlier conversation first when it names a previous response. Throws a
+ * clear 400 for what TokenWatch does not know, unless an OpenAI passthrough may still know it (`lenient`).
+ */
+function resolveInput(b: Record<string, any>, lookup: ResponseLookup, lenient: boolean): { items: Item[]; unknown: boolean } {
+  let unknown = false;
+  const items: Item[] = typeof b.input === "string" ? [{ type: "message", role: "user", content: b.input }] : b.input.map((x: Item, i: number) => {
+    if (x.type !== "item_reference") return x;
+    const found = typeof x.id === "string" ? lookup.item(x.id) : undefined;
+    if (found) return found;
+    if (lenient) { unknown = true; return x; }
+    throw notFound("Item", String(x.id), `input[${i}]`);
+  });
+  if (typeof b.previous_response_id !== "string") return { items, unknown };
+  try { return { items: [...chainOf(lookup, b.previous_response_id, "previous_response_id"), ...items], unknown }; } catch (e) {
+    if (lenient) return { items, unknown: true };
+    throw e;
+  }
+}
+
+/** Text of a Responses content (a string, or parts of input_text / output_text / refusal). */
+const itemText = (c: unknown): string => (typeof c === "string" ? c : Array.isArray(c) ? c.map((p: Item) => (typeof p?.text === "string" ? p.text : typeof p?.refusal === "string" ? p.refusal : "")).join("") : "");
+
+/** A Responses content part as a hub part (image and file parts keep their data). */
+function responsesPart(p: Item): ContentPart | undefined {
+  if (p.type === "input_text" || p.type === "output_text") return { type: "text", text: String(p.text ?? "") };
+  if (p.type === "input_image" && typeof p.image_url === "string") return { type: "image_url", image_url: { url: p.image_url, ...(p.detail ? { detail: p.detail } : {}) } };
+  if (p.type === "input_file" && typeof p.file_data === "string") return { type: "file", file: { file_data: p.file_data, filename: String(p.filename ?? "file.pdf") } };
+  return undefined;
+}
+
+/** Builds hub messages from Responses items: consecutive calls (and the text before them) merge into one assistant turn, reasoning goes with the turn it precedes. */
+class HubMessages {
+  out: ChatMessage[] = [];
+  #assistant: ChatMessage | undefined;
+  #thinking: ContentPart[] = [];
+
+  #turn(): ChatMessage {
+    if (!this.#assistant) {
+      this.#assistant = { role: "assistant", content: [...this.#thinking] };
+      this.#thinking = [];
+      this.out.push(this.#assistant);
+    }
+    return this.#assistant;
+  }
+
+  #call(id: string, name: string, args: string): void {
+    const t = this.#turn();
+    (t.tool_calls ??= []).push({ id, type: "function", function: { name, arguments: args } });
+  }
+
+  add(x: Item): void {
+    const type = x.type ?? "message";
+    if (type === "reasoning") {
+      const signature = signatureOf(x.encrypted_content);
+      const text = (Array.isArray(x.summary) ? x.summary : []).map((s: Item) => String(s?.text ?? "")).join("\n");
+      if (signature && text) this.#thinking.push({ type: "thinking", thinking: text, signature });
+      return; // OpenAI's own encrypted reasoning means nothing elsewhere
+    }
+    if (type === "message" && x.role === "assistant") { (this.#turn().content as ContentPart[]).push({ type: "text", text: itemText(x.content) }); return; }
+    if (type === "function_call") return this.#call(String(x.call_id), String(x.name), String(x.arguments ?? ""));
+    if (type === "custom_tool_call") return this.#call(String(x.call_id), String(x.name), JSON.stringify({ input: String(x.input ?? "") }));
+    this.#assistant = undefined;
+    if (type === "function_call_output" || type === "custom_tool_call_output") this.out.push({ role: "tool", tool_call_id: String(x.call_id), content: itemText(x.output) });
+    else if (type === "message") {
+      const parts = typeof x.content === "string" ? [{ type: "text", text: x.content }] : (Array.isArray(x.content) ? x.content : []).map(responsesPart).filter((p: ContentPart | undefined): p is ContentPart => p !== undefined);
+      this.out.push({ role: x.role === "developer" || x.role === "system" ? "system" : "user", content: parts });
+    } // built-in tool calls and their results only mean something to OpenAI, which gets the body as it came
+  }
+
+  /** The messages, with empty assistant content made null (a turn of calls only) as OpenAI wants it. */
+  done(): ChatMessage[] {
+    for (const m of this.out) if (m.role === "assistant" && Array.isArray(m.content) && m.content.length === 0) m.content = null;
+    return this.out;
+  }
+}
+
+/** A Responses tool as a hub tool: functions flat → nested, custom tools as they are, built-ins dropped (or kept off by `nativeOnly`). */
+function hubToolOf(t: Item): Tool | undefined {
+  if (t.type === "function") return { type: "function", function: { name: t.name, ...(t.description ? { description: t.description } : {}), parameters: t.parameters ?? { type: "object", properties: {} } } };
+  if (t.type === "custom") return { type: "custom", custom: { name: t.name, ...(t.description ? { description: t.description } : {}), ...(t.format ? { format: t.format } : {}) } };
+  return undefined;
+}
+
+function hubChoiceOf(tc: unknown): ChatRequest["tool_choice"] {
+  if (tc === "auto" || tc === "none" || tc === "required") return tc;
+  if (isObj(tc) && tc.type === "function" && typeof tc.name === "string") return { type: "function", function: { name: tc.name } };
+  if (isObj(tc) && tc.type === "custom" && typeof tc.name === "string") return { type: "custom", custom: { name: tc.name } };
+  return undefined;
+}
+
+/** A Responses request (its input resolved) in the hub's shape: what Anthropic and Kimi requests are built from. */
+export function responsesToHub(b: Record<string, any>, items: Item[]): ChatRequest {
+  const msgs = new HubMessages();
+  if (typeof b.instructions === "string" && b.instructions) msgs.out.push({ role: "system", content: b.instructions });
+  for (const x of items) msgs.add(x);
+  const hub: ChatRequest = { model: b.model, messages: msgs.done(), stream: b.stream === true };
+  const tools = (b.tools ?? []).map(hubToolOf).filter((t: Tool | undefined): t is Tool => t !== undefined);
+  if (tools.length) {
+    hub.tools = tools;
+    const choice = hubChoiceOf(b.tool_choice);
+    if (choice) hub.tool_choice = choice;
+    if (typeof b.parallel_tool_calls === "boolean") hub.parallel_tool_calls = b.parallel_tool_calls;
+  }
+  if (typeof b.max_output_tokens === "number") hub.max_completion_tokens = b.max_output_tokens;
+  for (const k of ["temperature", "top_p", "prompt_cache_key"] as const) if (b[k] !== undefined && b[k] !== null) hub[k] = b[k];
+  const format = b.text?.format;
+  if (isObj(format) && format.type === "json_schema") hub.response_format = { type: "json_schema", json_schema: { name: String(format.name ?? "answer"), schema: format.schema, ...(format.strict !== undefined ? { strict: format.strict } : {}) } };
+  else if (isObj(format) && format.type === "json_object") hub.response_format = { type: "json_object" };
+  if (typeof b.reasoning?.effort === "string") hub.reasoning_effort = b.reasoning.effort;
+  if (b.complexity) hub.complexity = b.complexity;
+  return hub;
+}
+
+/** Usage as the Responses API reports it: input counts its cached part, output its reasoning. */
+export function responsesUsage(u: Usage): Record<string, unknown> {
+  const input = u.input + u.cached + writes(u);
+  return {
+    input_tokens: input, input_tokens_details: { cached_tokens: u.cached, ...(writes(u) ? { cache_write_tokens: writes(u) } : {}) },
+    output_tokens: u.output, output_tokens_details: { reasoning_tokens: 0 }, total_tokens: input + u.output,
+  };
+}
+
+export function usageFromResponses(raw: unknown): Usage | undefined {
+  if (!isObj(raw)) return undefined;
+  const cached = tokenCount((raw.input_tokens_details as Item | undefined)?.cached_tokens), write = tokenCount((raw.input_tokens_details as Item | undefined)?.cache_write_tokens);
+  return { input: Math.max(0, tokenCount(raw.input_tokens) - cached - write), cached, cache_write: write, output: tokenCount(raw.output_tokens) };
+}
+
+/** The fields a Response object echoes back from its request. */
+function echoOf(b: Record<string, any>): Record<string, unknown> {
+  return {
+    instructions: b.instructions ?? null, max_output_tokens: b.max_output_tokens ?? null, metadata: b.metadata ?? {}, parallel_tool_calls: b.parallel_tool_calls ?? true,
+    previous_response_id: b.previous_response_id ?? null, reasoning: b.reasoning ?? null, store: b.store ?? true, temperature: b.temperature ?? 1,
+    text: b.text ?? { format: { type: "text" } }, tool_choice: b.tool_choice ?? "auto", tools: b.tools ?? [], top_p: b.top_p ?? 1, truncation: b.truncation ?? "disabled",
+  };
+}
+
+/** A Response object: the skeleton every event repeats, its status, output and usage when known. */
+function responseObject(id: string, created: number, model: string, body: Record<string, any>, status: string, output: Item[], usage: unknown, extra: Record<string, unknown> = {}): Item {
+  return { id, object: "response", created_at: created, status, error: null, incomplete_details: null, model, output, usage, ...echoOf(body), ...extra };
+}
+
+const INCOMPLETE: Partial<Record<Finish, string>> = { length: "max_output_tokens", content_filter: "content_filter" };
+
+/** How a translated answer ended, in the terms of a Response (status and why it is incomplete). */
+const endOf = (finish: Finish) => (INCOMPLETE[finish] ? { status: "incomplete", incomplete_details: { reason: INCOMPLETE[finish] } } : { status: "completed" });
+
+/** The names of a request's custom tools: their calls come back as custom_tool_call, their raw input out of {"input": …}. */
+const customNames = (b: Record<string, any>) => new Set<string>((b.tools ?? []).filter((t: Item) => t.type === "custom").map((t: Item) => String(t.name)));
+
+/** A tool call as a Responses item: a function call, or a custom tool's call with its raw text input. */
+function callItem(id: string, callId: string, name: string, args: string, custom: boolean, status = "completed"): Item {
+  if (!custom) return { id, type: "function_call", status, arguments: args, call_id: callId, name };
+  const parsed = parseJson(args);
+  return { id, type: "custom_tool_call", status, call_id: callId, name, input: isObj(parsed) && typeof parsed.input === "string" ? parsed.input : args };
+}
+
+/** The hub's answer as a Response object (items in order; a reasoning item carries the signature when the client asked for it). */
+export function responseOf(a: Answer, body: Record<string, any>, u: Usage): Item {
+  const custom = customNames(body), encrypted = Array.isArray(body.include) && body.include.includes("reasoning.encrypted_content");
+  const output: Item[] = [];
+  let message: Item | undefined;
+  for (const p of a.parts) {
+    if (p.type === "thinking") output.push({ id: ownId("rs"), type: "reasoning", summary: [{ type: "summary_text", text: p.text }], ...(encrypted ? { encrypted_content: encryptedOf(p.signature) } : {}) });
+    else if (p.type === "text" && p.text) {
+      if (!message) output.push((message = { id: ownId("msg"), type: "message", status: "completed", role: "assistant", content: [] }));
+      message.content.push({ type: "output_text", text: p.text, annotations: [], logprobs: [] });
+    } else if (p.type === "tool_call") output.push(callItem(ownId(custom.has(p.name) ? "ctc" : "fc"), p.id, p.name, p.arguments, custom.has(p.name)));
+  }
+  return responseObject(ownId("resp"), a.created, a.model, body, "completed", output, responsesUsage(u), endOf(a.finish));
+}
+
+/**
+ * Hub events to the Responses stream, in the order the clients enforce: response.created and
+ * in_progress; per item output_item.added, then its content or argument deltas, their .done events
+ * and output_item.done; one terminal event with the whole output and the usage; sequence_number 0, 1, 2…
+ */
+class ResponsesEncoder implements Encoder {
+  #body: Record<string, any>; #custom: Set<string>; #encrypted: boolean; #m: Model;
+  #seq = 0; #id = ownId("resp"); #created: number; #model: string;
+  #output: Item[] = []; #open: Item | undefined; #text = ""; #signature = ""; #finish: Finish = "stop";
+  /** The final Response once the stream ended: the response store keeps it. */
+  final: Item | undefined;
+
+  constructor(body: Record<string, any>, m: Model, now: number) {
+    this.#body = body; this.#m = m; this.#model = m.id; this.#created = Math.floor(now / 1000);
+    this.#custom = customNames(body);
+    this.#encrypted = Array.isArray(body.include) && body.include.includes("reasoning.encrypted_content");
+  }
+
+  #ev(type: string, data: Record<string, unknown>): string {
+    return `event: ${type}\ndata: ${JSON.stringify({ type, ...data, sequence_number: this.#seq++ })}\n\n`;
+  }
+
+  #response(status: string, extra: Record<string, unknown> = {}, usage: unknown = null): Item {
+    return responseObject(this.#id, this.#created, this.#model, this.#body, status, this.#output, usage, extra);
+  }
+
+  #begin(item: Item): string {
+    const out = this.#close();
+    this.#open = item;
+    this.#text = "";
+    this.#output.push(item);
+    const added = this.#ev("response.output_item.added", { output_index: this.#output.length - 1, item: { ...item, ...(item.type === "message" ? { content: [] } : {}), status: "in_progress" } });
+    const at = { item_id: item.id, output_index: this.#output.length - 1 };
+    if (item.type === "message") return out + added + this.#ev("response.content_part.added", { ...at, content_index: 0, part: { type: "output_text", text: "", annotations: [] } });
+    if (item.type === "reasoning") return out + added + this.#ev("response.reasoning_summary_part.added", { ...at, summary_index: 0, part: { type: "summary_text", text: "" } });
+    return out + added;
+  }
+
+  /** Close the open item: its .done events with the whole text, then output_item.done with the whole item. */
+  #close(): string {
+    const item = this.#open;
+    if (!item) return "";
+    this.#open = undefined;
+    const at = { item_id: item.id, output_index: this.#output.indexOf(item) };
+    let out = "";
+    if (item.type === "message") {
+      const part = { type: "output_text", text: this.#text, annotations: [], logprobs: [] };
+      item.content = [part];
+      out += this.#ev("response.output_text.done", { ...at, content_index: 0, text: this.#text, logprobs: [] }) + this.#ev("response.content_part.done", { ...at, content_index: 0, part });
+    } else if (item.type === "reasoning") {
+      item.summary = [{ type: "summary_text", text: this.#text }];
+      if (this.#encrypted) item.encrypted_content = encryptedOf(this.#signature || `${OWN_SIGNATURE}${this.#m.provider.id}`);
+      out += this.#ev("response.reasoning_summary_text.done", { ...at, summary_index: 0, text: this.#text }) + this.#ev("response.reasoning_summary_part.done", { ...at, summary_index: 0, part: item.summary[0] });
+    } else {
+      Object.assign(item, callItem(item.id, item.call_id, item.name, this.#text, item.type === "custom_tool_call"));
+      out += item.type === "custom_tool_call"
+        ? this.#ev("response.custom_tool_call_input.delta", { ...at, delta: item.input }) + this.#ev("response.custom_tool_call_input.done", { ...at, input: item.input })
+        : this.#ev("response.function_call_arguments.done", { ...at, name: item.name, arguments: item.arguments });
+    }
+    item.status = "completed";
+    return out + this.#ev("response.output_item.done", { output_index: at.output_index, item });
+  }
+
+  event(e: HubEvent): string {
+    switch (e.type) {
+      case "start": this.#model = e.model; return this.#ev("response.created", { response: this.#response("in_progress") }) + this.#ev("response.in_progress", { response: this.#response("in_progress") });
+      case "thinking": return (this.#open?.type === "reasoning" ? "" : this.#begin({ id: ownId("rs"), type: "reasoning", summary: [] })) + this.#delta("response.reasoning_summary_text.delta", e.text, { summary_index: 0 });
+      case "signature": this.#signature = e.signature; return "";
+      case "text": return (this.#open?.type === "message" ? "" : this.#begin({ id: ownId("msg"), type: "message", status: "in_progress", role: "assistant", content: [] })) + this.#delta("response.output_text.delta", e.text, { content_index: 0, logprobs: [] });
+      case "tool": {
+        const custom = this.#custom.has(e.name);
+        return this.#begin(custom ? { id: ownId("ctc"), type: "custom_tool_call", call_id: e.id, name: e.name, input: "" } : { id: ownId("fc"), type: "function_call", call_id: e.id, name: e.name, arguments: "" });
+      }
+      case "args":
+        if (!this.#open || (this.#open.type !== "function_call" && this.#open.type !== "custom_tool_call")) return "";
+        this.#text += e.text;
+        // a custom tool's raw input is only known whole (the upstream streams it as JSON): it goes out when the call closes
+        return this.#open.type === "function_call" ? this.#ev("response.function_call_arguments.delta", { item_id: this.#open.id, output_index: this.#output.length - 1, delta: e.text }) : "";
+      case "finish": this.#finish = e.reason; return "";
+      default: return ""; // redacted thinking has no place in this format
+    }
+  }
+
+  #delta(type: string, text: string, extra: Record<string, unknown>): string {
+    this.#text += text;
+    return this.#ev(type, { item_id: this.#open!.id, output_index: this.#output.length - 1, ...extra, delta: text });
+  }
+
+  end(u: Usage): string {
+    const close = this.#close();
+    const end = endOf(this.#finish);
+    this.final = this.#response(end.status, end.status === "incomplete" ? { incomplete_details: end.incomplete_details } : {}, responsesUsage(u));
+    return close + this.#ev(end.status === "incomplete" ? "response.incomplete" : "response.completed", { response: this.final });
+  }
+
+  fail(err: TwError): string {
+    const close = this.#close();
+    return close + this.#ev("response.failed", { response: this.#response("failed", { error: { code: responsesCode(err), message: err.message } }) });
+  }
+}
+
+/** The error code a Responses client acts on: a prompt too long for the model keeps context_length_exceeded (Codex reads it). */
+function responsesCode(err: TwError): string {
+  return /context.length|prompt is too long|input token length|token limit|maximum context/i.test(err.message) ? "context_length_exceeded" : err.code;
+}
+
+/** Passes an OpenAI Responses stream through byte for byte; reads the terminal event for usage and the output the store keeps. */
+class ResponsesTap implements Tap {
+  usage: Usage | undefined;
+  done = false;
+  error: ErrorInfo | undefined;
+  final: Item | undefined;
+  #last: Buffer | undefined; #seq = 0; #skeleton: Item | undefined;
+
+  feed(raw: Buffer): Buffer | null {
+    this.#seq++;
+    const head = raw.toString("latin1", 0, 40);
+    if (!/^event: (response\.(created|completed|incomplete|failed)|error)\b/.test(head)) return raw; // deltas and item events: no parse
+    const ev = parseSseEvent(raw.toString());
+    const data = ev && (parseJson(ev.data) as Item | undefined);
+    if (!data || typeof data !== "object") return raw;
+    if (data.type === "response.created") { this.#skeleton = data.response; return raw; }
+    if (data.type === "error" || data.type === "response.failed") {
+      const e = data.type === "error" ? data : data.response?.error ?? {};
+      this.error = { message: String(e.message ?? "The upstream's response failed"), type: "upstream_error", code: typeof e.code === "string" ? e.code : null };
+      return null;
+    }
+    this.done = true;
+    this.#last = raw;
+    this.final = data.response;
+    this.usage = usageFromResponses(data.response?.usage);
+    return null;
+  }
+
+  end(): Buffer | string { return this.#last ?? ""; }
+
+  fail(err: TwError): string {
+    const response = { ...(this.#skeleton ?? {}), status: "failed", error: { code: responsesCode(err), message: err.message } };
+    return `event: response.failed\ndata: ${JSON.stringify({ type: "response.failed", response, sequence_number: this.#seq })}\n\n`;
+  }
+}
+
+/** The Responses body for OpenAI itself: TokenWatch's own items and references it resolved replaced by what OpenAI can read. */
+function responsesForOpenAI(p: Parsed, m: Model): string {
+  const b = p.body;
+  const own = p.text.includes(`_${OWN_ID}`) || p.text.includes('"twa:') || p.text.includes(`"${OWN_SIGNATURE}`);
+  if (!own && !p.expanded && !("complexity" in b)) return b.model === m.id ? p.text : withModel(p.text, m.id);
+  const { complexity: _, previous_response_id: previous, ...rest } = b;
+  const input = (p.expanded ?? (typeof b.input === "string" ? [{ type: "message", role: "user", content: b.input }] : b.input)) as Item[];
+  const clean = input.flatMap((x): Item[] => {
+    if (x.type === "reasoning" && (isOwn(x.id) || signatureOf(x.encrypted_content))) return []; // another provider's reasoning: OpenAI cannot read it
+    return isOwn(x.id) ? [(({ id: _id, ...item }) => item)(x)] : [x];
+  });
+  return JSON.stringify({ ...rest, ...(p.expanded || previous === undefined ? {} : { previous_response_id: previous }), model: m.id, input: clean });
+}
+
+function parseResponses(body: unknown, text: string, lookup: ResponseLookup, canPassthrough: boolean): Parsed {
+  if (!isObj(body)) throw bad("The request body must be a JSON object with \"model\" and \"input\".");
+  const b: Record<string, any> = body;
+  checkResponsesBody(b);
+  const { items, unknown } = resolveInput(b, lookup, canPassthrough);
+  const builtIn = (b.tools ?? []).filter((t: Item) => t.type !== "function" && t.type !== "custom").map((t: Item) => String(t.type));
+  const needsOpenAI = builtIn.filter((t: string) => !DROPPABLE_TOOLS.has(t));
+  const why = needsOpenAI.length ? `it uses built-in tools only OpenAI runs (${needsOpenAI.join(", ")})` : unknown ? "it refers to responses or items TokenWatch does not keep, which OpenAI may" : undefined;
+  const stateful = typeof b.previous_response_id === "string" || (Array.isArray(b.input) && b.input.some((x: Item) => x.type === "item_reference"));
+  return {
+    hub: responsesToHub(b, items), body: b, text, stream: b.stream === true, forward: {},
+    ...(why ? { nativeOnly: why } : {}),
+    ...(stateful && !unknown ? { expanded: items } : {}),
+    // the store keeps this request's own input (references resolved) and links to the response before it
+    keep: b.store !== false ? { previous: typeof b.previous_response_id === "string" && !unknown ? b.previous_response_id : null, input: typeof b.input === "string" ? items.slice(-1) : items.slice(-b.input.length) } : undefined,
+  };
+}
+
+/** OpenAI providers that answer the Responses API themselves (its passthrough lane). */
+const speaksResponses = (p: Provider) => p.kind === "openai" && p.responses === true;
+
+function responsesEntry(lookup: ResponseLookup, config: Config): Entry {
+  const canPassthrough = config.providers.some((p) => p.enabled && speaksResponses(p));
+  return {
+    format: "responses",
+    parse: (body, text) => parseResponses(body, text, lookup, canPassthrough),
+    native: speaksResponses,
+    relaysErrors: true,
+    nativeRequest: (job, m) => ({ url: `${m.provider.baseUrl}/responses`, headers: openAIHeaders(m), body: responsesForOpenAI(job.p, m) }),
+    nativeJson(text, ctx) {
+      const r = parseJson(text) as Item | undefined;
+      if (!isObj(r) || !Array.isArray(r.output)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a response object in its body.");
+      ctx.job.p.final = r;
+      return { usage: usageFromResponses(r.usage), outputChars: itemText((r.output as Item[]).flatMap((x) => x.content ?? [])).length, body: () => text };
+    },
+    nativeTap: () => new ResponsesTap(),
+    encode(a, ctx, u) { return (ctx.job.p.final = responseOf(a, ctx.job.p.body, u)); },
+    encoder: (p, m, now) => new ResponsesEncoder(p.body, m, now),
+    error: (err) => ({ status: err.status, body: { error: { ...err.body().error, code: responsesCode(err) } } }),
+  };
+}
+
+/** The entries that need nothing but their code; the Responses entry also reads the response store (createRouter makes it). */
+export const ENTRIES = { chat: chatEntry, messages: messagesEntry };
 // ============================================================================================
 // 8. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
 //    transaction per tick, so no request waits on the disk; a failed write keeps its rows and retries.
@@ -2088,6 +2538,12 @@ CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
 CREATE INDEX IF NOT EXISTS requests_model_latency ON requests(provider, model, ts, status, latency_ms, ttft_ms);
 CREATE INDEX IF NOT EXISTS requests_error_kinds ON requests(ts, provider, error_kind) WHERE status >= 400;
 CREATE INDEX IF NOT EXISTS requests_failovers ON requests(ts, failover) WHERE failover IS NOT NULL;
+-- the responses a Responses client may point back at (previous_response_id, item_reference): kept for a
+-- while (DEFAULTS.response_ttl_ms), apart from the log; only requests that did not say "store": false
+CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, previous TEXT, input TEXT NOT NULL, output TEXT NOT NULL, native INTEGER NOT NULL, expires INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS responses_expires ON responses(expires);
+CREATE TABLE IF NOT EXISTS response_items (id TEXT PRIMARY KEY, response TEXT NOT NULL, item TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS response_items_response ON response_items(response);
 -- one row per minute, and one per hour, for each model and complexity: totals and charts read these,
 -- never the whole log (a 7-day window reads 168 hours, not 10,080 minutes)
 ${rollupTable("rollup", "minute")}
@@ -2151,13 +2607,13 @@ function fileId(path: string): { dev: number; ino: number } | undefined {
   return s ? { dev: s.dev, ino: s.ino } : undefined;
 }
 
-/** One write's rows and the promise their requests wait on: every row of one event-loop turn is committed at once. */
-type Batch = { rows: Row[]; done: Promise<void>; resolve: () => void };
+/** One write's rows (and responses to keep) and the promise their requests wait on: every row of one event-loop turn is committed at once. */
+type Batch = { rows: Row[]; responses: KeptResponse[]; done: Promise<void>; resolve: () => void };
 
 function newBatch(): Batch {
   let resolve!: () => void;
   const done = new Promise<void>((r) => { resolve = r; });
-  return { rows: [], done, resolve };
+  return { rows: [], responses: [], done, resolve };
 }
 
 export class Store {
@@ -2186,9 +2642,15 @@ export class Store {
    * `durable: false` (for the benchmark that measures what group commit costs): rows are written every
    * 50 ms and answers do not wait for them, as before group commit; a crash may then lose the last 50 ms.
    */
-  constructor(path: string, opts: { durable?: boolean } = {}) {
+  #responseTtl: number;
+  #maxResponses: number;
+  #sweptAt = 0;
+
+  constructor(path: string, opts: { durable?: boolean; responseTtlMs?: number; maxResponses?: number } = {}) {
     this.path = path;
     this.#durable = opts.durable ?? true;
+    this.#responseTtl = opts.responseTtlMs ?? DEFAULTS.response_ttl_ms;
+    this.#maxResponses = opts.maxResponses ?? DEFAULTS.max_kept_responses;
     if (path !== ":memory:") mkdirSync(dirname(resolve(path)), { recursive: true });
     this.#open();
   }
@@ -2234,8 +2696,9 @@ export class Store {
    * disk before the client has its answer, so a crash of the process loses no answered request. While the
    * database fails (disk full, locked), rows stay queued for the retry and the promise resolves at once.
    */
-  add(row: Row): Promise<void> {
+  add(row: Row, keep?: KeptResponse): Promise<void> {
     this.#batch.rows.push(cleanRow(row));
+    if (keep && this.#responseTtl > 0) this.#batch.responses.push(keep);
     if (!this.#durable) { this.#timer ??= setTimeout(() => this.flush(), 50); return Promise.resolve(); }
     if (this.#timer) return Promise.resolve();
     if (!this.#scheduled) { this.#scheduled = true; setImmediate(() => { this.#scheduled = false; this.flush(); }); }
@@ -2252,9 +2715,10 @@ export class Store {
     if (!batch.rows.length) return true;
     this.checkFile();
     this.#batch = newBatch();
-    const ok = this.#commit(batch.rows);
+    const ok = this.#commit(batch.rows, batch.responses);
     if (!ok) {
       this.#batch.rows = batch.rows.concat(this.#batch.rows);
+      this.#batch.responses = batch.responses.concat(this.#batch.responses);
       this.#timer = setTimeout(() => this.flush(), 1000);
     }
     batch.resolve();
@@ -2262,11 +2726,12 @@ export class Store {
   }
 
   /** One transaction for all the rows; if it fails, each row alone, so that one bad row never holds back the others. */
-  #commit(rows: Row[]): boolean {
+  #commit(rows: Row[], responses: KeptResponse[]): boolean {
     try {
-      this.#transaction(() => { for (const r of rows) this.#write(r); this.#writeRollups(rows); });
+      this.#transaction(() => { for (const r of rows) this.#write(r); this.#writeRollups(rows); this.#keep(responses); });
     } catch (e) {
       const good = this.#writable(rows);
+      if (good) try { this.#transaction(() => this.#keep(responses)); } catch { /* a response too odd to keep: its next request gets a clear 400 */ }
       if (!good) { this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`; return false; }
     }
     this.written += rows.length;
@@ -2332,6 +2797,34 @@ export class Store {
       this.fileEvent = `${this.path} was deleted at ${when} and cannot be rewritten (${(e as Error).message}): rows go to the deleted file until TokenWatch restarts`;
       this.#file = undefined;
     }
+  }
+
+  /** Keep responses for their clients' next turns, and forget the expired ones (at most once a minute) and any past the cap. */
+  #keep(responses: KeptResponse[]): void {
+    if (!responses.length) return;
+    const now = Date.now();
+    const put = this.#stmt("INSERT OR REPLACE INTO responses (id, previous, input, output, native, expires) VALUES (?, ?, ?, ?, ?, ?)");
+    const item = this.#stmt("INSERT OR REPLACE INTO response_items (id, response, item) VALUES (?, ?, ?)");
+    for (const r of responses) {
+      put.run(r.id, r.previous, JSON.stringify(r.input), JSON.stringify(r.output), r.native ? 1 : 0, now + this.#responseTtl);
+      for (const x of [...r.input, ...r.output]) if (typeof x.id === "string") item.run(x.id, r.id, JSON.stringify(x));
+    }
+    if (now - this.#sweptAt < 60_000) return;
+    this.#sweptAt = now;
+    this.#db.prepare(`DELETE FROM responses WHERE expires < ? OR id IN (SELECT id FROM responses ORDER BY expires DESC LIMIT -1 OFFSET ${this.#maxResponses})`).run(now);
+    this.#db.exec("DELETE FROM response_items WHERE response NOT IN (SELECT id FROM responses)");
+  }
+
+  /** A kept response that has not expired, or undefined. */
+  response(id: string): KeptResponse | undefined {
+    const r = this.#stmt("SELECT id, previous, input, output, native FROM responses WHERE id = ? AND expires >= ?").get(id, Date.now()) as { id: string; previous: string | null; input: string; output: string; native: number } | undefined;
+    return r && { id: r.id, previous: r.previous, input: JSON.parse(r.input), output: JSON.parse(r.output), native: r.native === 1 };
+  }
+
+  /** An item of a kept response, by its id (what an item_reference names). */
+  item(id: string): Record<string, any> | undefined {
+    const r = this.#stmt("SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response WHERE i.id = ? AND r.expires >= ?").get(id, Date.now()) as { item: string } | undefined;
+    return r && JSON.parse(r.item);
   }
 
   #write(r: Row): void {
@@ -2458,6 +2951,7 @@ export const ROUTE_DOCS: [string, string][] = [
   ["POST /v1/chat/completions", "OpenAI Chat Completions, streaming included"],
   ["POST /v1/messages", "Anthropic Messages (Claude Code, the Anthropic SDKs), streaming included"],
   ["POST /v1/messages/count_tokens", "Anthropic's token count (Anthropic's own when enabled, else an estimate)"],
+  ["POST /v1/responses", "OpenAI Responses (Codex, the Agents SDK, the AI SDK), streaming included"],
   ["GET /v1/models", "the enabled models"],
   ["GET /", "the live dashboard"],
   ["GET /stats", "JSON for the dashboard and scripts (?window=1h|24h|7d|all)"],
@@ -2830,10 +3324,11 @@ export class Dispatcher {
     const { usage, cost } = this.#account(r, tr.usage, fallback);
     const err = why ? new TwError(timedOut ? 504 : 502, clip(info?.code ?? null, 100) ?? "upstream_stream_error", clip(this.#scrub(why), ROW_TEXT.error)!, { type: clip(info?.type ?? null, 100) ?? undefined }) : undefined;
     Object.assign(job.row, err ? { status: err.status, error: err.message, error_kind: timedOut ? "timeout" : "stream_broken" } : { status: 200 });
+    const tail = err ? tr.fail(err) : tr.end(usage, cost);
+    if (tr.final) job.p.final = tr.final;
     await job.commit();
-    if (err) { job.res.write(tr.fail(err)); r.ac.abort(GAVE_UP); } // the upstream may still be sending: stop it
-    else job.res.end(last ? Buffer.concat([toBuffer(last), toBuffer(tr.end(usage, cost))]) : tr.end(usage, cost));
-    if (!job.res.writableEnded) job.res.end();
+    job.res.end(last ? Buffer.concat([toBuffer(last), toBuffer(tail)]) : tail);
+    if (err) r.ac.abort(GAVE_UP); // the upstream may still be sending: stop it
     if (tr.done && !broke) void drainRest(body, r.ac);
     return { done: true };
   }
@@ -3023,6 +3518,12 @@ function errorKind(status: number): string {
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
 
+/** What the response store keeps of an answered Responses request (nothing for other formats, or with "store": false). */
+function keptOf(p: Parsed | undefined): KeptResponse | undefined {
+  if (!p?.keep || typeof p.final?.id !== "string") return undefined;
+  return { id: p.final.id, previous: p.keep.previous, input: p.keep.input, output: Array.isArray(p.final.output) ? p.final.output : [], native: !isOwn(p.final.id) };
+}
+
 const newRow = (ts: number, entry: Format): Row => ({ ts, entry, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
 
 export function createRouter(config: Config, deps: Deps) {
@@ -3040,10 +3541,10 @@ export function createRouter(config: Config, deps: Deps) {
    * Finish a log row and hand it to the store: the one place a row is completed, failed or not. The
    * promise resolves once the row is committed (with the others of its event-loop turn).
    */
-  function record(row: Row, err?: TwError): Promise<void> {
+  function record(row: Row, err?: TwError, p?: Parsed): Promise<void> {
     if (err) Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
     row.latency_ms = now() - row.ts;
-    return store.add(row);
+    return store.add(row, err ? undefined : keptOf(p));
   }
 
   /**
@@ -3082,13 +3583,13 @@ export function createRouter(config: Config, deps: Deps) {
       const row = newRow(now(), entry.format);
       const client: Client = { gone: false };
       res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
-      let recorded: Promise<void> | undefined;
-      const commit = () => (recorded ??= record(row));
+      let recorded: Promise<void> | undefined, p: Parsed | undefined;
+      const commit = () => (recorded ??= record(row, undefined, p));
       const held = { bytes: 0 };
       try {
         checkUpstreamRoute(req);
         const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
-        const p = entry.parse(parseBody(text), text, req.headers);
+        p = entry.parse(parseBody(text), text, req.headers);
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
         const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
@@ -3175,6 +3676,7 @@ export function createRouter(config: Config, deps: Deps) {
   const HANDLERS: Record<string, Handler> = {
     "POST /v1/chat/completions": serve(chatEntry),
     "POST /v1/messages": serve(messagesEntry),
+    "POST /v1/responses": serve(responsesEntry(store, config)),
     "POST /v1/messages/count_tokens": countTokens,
     "GET /v1/models": models,
     "GET /stats": stats,
@@ -4052,9 +4554,19 @@ export function allowedHosts(host: string, port: number, extra = ""): Set<string
   return new Set(names.flatMap((h) => (/:\d+$/.test(h) ? [h] : [h, `${h}:${port}`])).map((h) => h.toLowerCase()));
 }
 
+/**
+ * A WebSocket upgrade (Codex tries one on /v1/responses first) gets 426 at once, so that the client falls
+ * back to plain HTTP without retrying.
+ */
+function refuseWebSocket(_req: IncomingMessage, socket: Duplex): void {
+  const body = JSON.stringify(new TwError(426, "websocket_not_supported", "TokenWatch serves the Responses API over HTTP, not WebSocket: in Codex's provider config set supports_websockets = false (it falls back to HTTP on its own meanwhile).").body());
+  socket.on("error", () => {});
+  socket.end(`HTTP/1.1 426 Upgrade Required\r\nconnection: close\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\n\r\n${body}`);
+}
+
 /** Open the database, or fail with one line that names the file. */
-function openStore(path: string, durable?: boolean): Store {
-  try { return new Store(path, { durable }); } catch (e) {
+function openStore(path: string, config: Config, durable?: boolean): Store {
+  try { return new Store(path, { durable, responseTtlMs: config.response_ttl_ms, maxResponses: config.max_kept_responses }); } catch (e) {
     throw new Error(`Cannot open database ${JSON.stringify(path)}: ${(e as Error).message} (pick another file with --db)`);
   }
 }
@@ -4069,7 +4581,7 @@ export async function start(opts: {
 }): Promise<Running> {
   const env = opts.env ?? {};
   const host = opts.host ?? "127.0.0.1";
-  const store = openStore(opts.db ?? ":memory:", opts.durable);
+  const store = openStore(opts.db ?? ":memory:", opts.config, opts.durable);
   const deps: Deps = { store, fetch: opts.fetch, now: opts.now, apiKey: env.TOKENWATCH_API_KEY || undefined, log: opts.log };
   const router = createRouter(opts.config, deps);
   // Time limits on *receiving* a request (slow-loris); answers, streams included, may take as long as they need.
@@ -4077,6 +4589,7 @@ export async function start(opts: {
   // default, which let a slow client keep its connection up to 30 s longer than the limit says)
   const limits = { headersTimeout: 20_000, requestTimeout: 120_000, ...opts.receiveTimeouts };
   const server = http.createServer({ keepAliveTimeout: 65_000, ...limits, connectionsCheckingInterval: Math.min(1000, limits.headersTimeout / 4) }, (req, res) => void router.handle(req, res));
+  server.on("upgrade", refuseWebSocket);
   await new Promise<void>((done, fail) => { server.once("error", fail); server.listen(opts.port ?? 0, host, () => { server.off("error", fail); done(); }); })
     .catch((e: unknown) => { store.close(); throw e; });
   const port = (server.address() as { port: number }).port;
