@@ -2459,11 +2459,12 @@ function parseResponses(body: unknown, text: string, lookup: ResponseLookup, can
   const builtIn = (b.tools ?? []).filter((t: Item) => t.type !== "function" && t.type !== "custom").map((t: Item) => String(t.type));
   const needsOpenAI = builtIn.filter((t: string) => !DROPPABLE_TOOLS.has(t));
   const why = needsOpenAI.length ? `it uses built-in tools only OpenAI runs (${needsOpenAI.join(", ")})` : unknown ? "it refers to responses or items TokenWatch does not keep, which OpenAI may" : undefined;
-  const stateful = typeof b.previous_response_id === "string" || (Array.isArray(b.input) && b.input.some((x: Item) => x.type === "item_reference"));
+  // references to TokenWatch's own answers (translated ones) must be resolved for OpenAI too; OpenAI resolves its own
+  const own = isOwn(b.previous_response_id) || (Array.isArray(b.input) && b.input.some((x: Item) => x.type === "item_reference" && isOwn(x.id)));
   return {
     hub: responsesToHub(b, items), body: b, text, stream: b.stream === true, forward: {},
     ...(why ? { nativeOnly: why } : {}),
-    ...(stateful && !unknown ? { expanded: items } : {}),
+    ...(own && !unknown ? { expanded: items } : {}),
     // the store keeps this request's own input (references resolved) and links to the response before it
     keep: b.store !== false ? { previous: typeof b.previous_response_id === "string" && !unknown ? b.previous_response_id : null, input: typeof b.input === "string" ? items.slice(-1) : items.slice(-b.input.length) } : undefined,
   };

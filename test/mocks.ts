@@ -927,6 +927,7 @@ const RESPONSES_ALLOWED = new Set([
   "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "store", "stream", "stream_options", "include", "previous_response_id",
   "conversation", "truncation", "temperature", "top_p", "top_logprobs", "service_tier", "user", "safety_identifier", "background",
   "background_options", "max_tool_calls", "context_management", "prompt", "access_programs", "image", "moderation",
+  "client_metadata", // Codex sends it on every request (openai/codex codex-rs/codex-api/src/common.rs ResponsesApiRequest)
 ]);
 // Keys each input item may carry; others get "Unknown parameter: 'input[i].key'." (a replayed reasoning item with the
 // output-only `status` is refused that way: 1jehuang/jcode #1028). Built-in call items are accepted loosely.
@@ -934,7 +935,7 @@ const ITEM_KEYS: Record<string, string[]> = {
   message: ["type", "role", "content", "id", "status", "phase"],
   function_call: ["type", "id", "call_id", "name", "arguments", "status", "namespace", "caller"],
   function_call_output: ["type", "id", "call_id", "output", "status"],
-  custom_tool_call: ["type", "id", "call_id", "name", "input", "namespace", "caller"],
+  custom_tool_call: ["type", "id", "call_id", "name", "input", "status", "namespace", "caller"], // status: Codex replays it (openai/codex models.rs CustomToolCall)
   custom_tool_call_output: ["type", "id", "call_id", "output"],
   reasoning: ["type", "id", "summary", "content", "encrypted_content"],
   item_reference: ["type", "id"],
@@ -1088,7 +1089,9 @@ function validateInputItem(item: unknown, p: string): Fail | null {
       return str("call_id");
     case "reasoning":
       if (!Array.isArray(item.summary)) return has(item, "summary") ? wrongType(`${p}.summary`, "an array", item.summary) : missing(`${p}.summary`);
-      return str("id");
+      // Codex replays reasoning without its id (serde skip_serializing on ResponseItem::Reasoning.id, openai/codex
+      // codex-rs/protocol/src/models.rs), carried by encrypted_content instead: the API takes that
+      return typeof item.encrypted_content === "string" ? null : str("id");
     default: // item_reference
       return str("id");
   }
