@@ -566,6 +566,20 @@ describe("6. Adapters", () => {
       assert.equal(done, "data: [DONE]");
     });
 
+    it("decodes a text chunk the same on its fast path (OpenAI's field order) as by a full parse: escapes, quotes, unicode", () => {
+      const texts = ["plain", "a \"quoted\" word", "back\\slash\nnew line", "é 😀 \u2028", ""];
+      for (const text of texts) {
+        const fast = ADAPTERS.openai.decoder(gpt, 0), slow = ADAPTERS.openai.decoder(gpt, 0);
+        for (const d of [fast, slow]) d.feed(chunk({ ...base, choices: [{ index: 0, delta: { role: "assistant", content: "" }, finish_reason: null }] }));
+        const a = fast.feed(chunk({ ...base, choices: [{ index: 0, delta: { content: text }, logprobs: null, finish_reason: null }], usage: null }));
+        const b = slow.feed(chunk({ choices: [{ delta: { content: text }, index: 0, finish_reason: null }], ...base })); // another field order: the full parse
+        assert.deepEqual(a, b, JSON.stringify(text));
+        assert.deepEqual(a, text ? [{ type: "text", text }] : []);
+      }
+      const anthropic = (text: string, order: boolean) => ADAPTERS.anthropic.decoder(haiku, 0).feed(Buffer.from(`event: content_block_delta\ndata: ${JSON.stringify(order ? { type: "content_block_delta", index: 0, delta: { type: "text_delta", text } } : { index: 0, type: "content_block_delta", delta: { text, type: "text_delta" } })}\n\n`));
+      for (const text of texts) assert.deepEqual(anthropic(text, true), anthropic(text, false), JSON.stringify(text));
+    });
+
     it("turns a mid-stream error event into an error, not content", () => {
       const tr = tap(gpt, false);
       assert.equal(tr.feed(chunk({ error: { message: "boom", type: "server_error" } })), null);

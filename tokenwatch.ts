@@ -1,10 +1,12 @@
 // TokenWatch: a self-contained LLM router for AI agents, in one file with zero runtime dependencies.
 //
-// Point any OpenAI-compatible client at http://127.0.0.1:8080/v1 and TokenWatch sends each request to
-// Anthropic, Kimi (Moonshot) or OpenAI: by rate-limit headroom (a model is used only while under 80% of
-// its limits in a sliding minute), by the task's complexity ("complexity": "simple" goes cheap,
-// "complex" goes capable, no hint means it decides) and by cost. It fails over when a provider is
+// Point an agent at http://127.0.0.1:8080 in any of three dialects (OpenAI Chat Completions, Anthropic
+// Messages as Claude Code speaks it, OpenAI Responses as Codex speaks it) and TokenWatch sends each
+// request to Anthropic, Kimi (Moonshot) or OpenAI: by rate-limit headroom (a model is used only while
+// under 80% of its limits in a sliding minute), by the task's complexity ("complexity": "simple" goes
+// cheap, "complex" goes capable, no hint means it decides) and by cost. It fails over when a provider is
 // saturated or failing, logs every request with its exact cost to SQLite, and serves a live dashboard.
+// A request whose dialect is its upstream's own passes through untouched but for `model`.
 //
 // Run:      node tokenwatch.ts             (Node >= 22.18)
 //           deno run -A tokenwatch.ts      (Deno 2)
@@ -15,7 +17,8 @@
 //           TOKENWATCH_CONFIG (JSON config file), TOKENWATCH_API_KEY (guards every route but /health)
 //           TOKENWATCH_MAX_WAIT_MS (30000: how long a request may wait for capacity)
 //           TOKENWATCH_ALLOWED_HOSTS (extra Host names to answer, comma-separated)
-// Routes:   POST /v1/chat/completions   GET /v1/models   GET /   GET /stats   GET /health
+// Routes:   POST /v1/chat/completions   POST /v1/messages (+ /count_tokens)   POST /v1/responses
+//           GET /v1/models   GET /   GET /stats   GET /health
 //
 // The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 selector,
 // 6 provider adapters, 7 client entries, 8 store, 9 dispatcher, 10 HTTP edge, 11 stats view and
@@ -1262,6 +1265,9 @@ function answerFromCompletion(body: Record<string, any>, m: Model, now: number):
   return { id: String(body.id ?? ""), model: typeof body.model === "string" ? body.model : m.id, created: typeof body.created === "number" ? body.created : Math.floor(now / 1000), parts, finish, usage: usageFromOpenAI(body.usage) };
 }
 
+/** A chunk that carries nothing but a piece of text, in OpenAI's own field order: the text's JSON string literal. */
+const OPENAI_TEXT = /^data: \{[^{]*"choices":\[\{"index":0,"delta":\{"content":("(?:[^"\\]|\\.)*")\},(?:"logprobs":null,)?"finish_reason":null\}\](?:,"usage":null)?(?:,"obfuscation":"[^"]*")?\}\r?\n/;
+
 /** An OpenAI (or Kimi) chat-completion stream to hub events: content, reasoning, tool calls, finish, usage. */
 class OpenAIDecoder implements Decoder {
   usage: Usage | undefined;
@@ -1271,7 +1277,10 @@ class OpenAIDecoder implements Decoder {
   constructor(m: Model, now: number) { this.#m = m; this.#now = now; }
 
   feed(raw: Buffer): HubEvent[] {
-    const ev = parseSseEvent(raw.toString());
+    const s = raw.toString();
+    const text = this.#started ? OPENAI_TEXT.exec(s) : null; // most chunks are a piece of text: no parse of the whole chunk
+    if (text && !s.includes('"usage":{')) { const t = JSON.parse(text[1]) as string; return t ? [{ type: "text", text: t }] : []; }
+    const ev = parseSseEvent(s);
     if (!ev) return [];
     if (ev.data.trim() === "[DONE]") { this.done = true; return []; }
     const json = parseJson(ev.data) as Record<string, any> | undefined;
@@ -1500,6 +1509,9 @@ export function answerFromMessage(body: Record<string, any>, m: Model, now: numb
   return { id: String(body.id ?? ""), model: typeof body.model === "string" ? body.model : m.id, created: Math.floor(now / 1000), parts, finish: finishReason(body.stop_reason), usage: usageFromAnthropic(body.usage) };
 }
 
+/** A text delta as Anthropic sends it: the text's JSON string literal. */
+const ANTHROPIC_TEXT = /^event: content_block_delta\r?\ndata: \{"type":"content_block_delta","index":\d+,"delta":\{"type":"text_delta","text":("(?:[^"\\]|\\.)*")\}\}\r?\n/;
+
 /** Anthropic's event stream to hub events, event by event; tool calls are numbered in the order they begin. */
 class AnthropicDecoder implements Decoder {
   usage: Usage | undefined;
@@ -1509,7 +1521,10 @@ class AnthropicDecoder implements Decoder {
   constructor(m: Model) { this.#m = m; }
 
   feed(raw: Buffer): HubEvent[] {
-    const ev = parseSseEvent(raw.toString());
+    const s = raw.toString();
+    const text = ANTHROPIC_TEXT.exec(s); // most events are a piece of text: no parse of the whole event
+    if (text) { const t = JSON.parse(text[1]) as string; return t ? [{ type: "text", text: t }] : []; }
+    const ev = parseSseEvent(s);
     const data = ev && (parseJson(ev.data) as Record<string, any> | undefined);
     if (!data || typeof data !== "object") return [];
     switch (data.type) {
@@ -4468,8 +4483,9 @@ const HELP = `TokenWatch ${VERSION}: a self-contained LLM router for AI agents.
 Usage: node tokenwatch.ts [flags]          (Node >= 22.18)
        deno run -A tokenwatch.ts [flags]   (Deno 2)
 
-Point any OpenAI-compatible client at http://127.0.0.1:8080/v1. Requests go to Anthropic, Kimi or
-OpenAI by rate-limit headroom, task complexity and cost; every request is logged with its cost.
+Point an agent at http://127.0.0.1:8080: OpenAI Chat Completions clients at /v1, Claude Code with
+ANTHROPIC_BASE_URL, Codex with a Responses provider. Requests go to Anthropic, Kimi or OpenAI by
+rate-limit headroom, task complexity and cost; every request is logged with its cost.
 
 Flags (override the environment, which overrides the config file); "--port 9000" or "--port=9000":
   --port N         port to listen on, 0 for any free one  (TOKENWATCH_PORT, default 8080)

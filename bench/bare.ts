@@ -2,7 +2,7 @@
 // proxy. node:http in, JSON.parse of the request, fetch upstream (undici, keep-alive), the answer
 // passed through as it comes, usage read from the JSON or from the stream's usage events, and one
 // row per request written to node:sqlite in batches. It passes Chat Completions to the upstream's
-// /v1/chat/completions and Anthropic Messages to its /v1/messages, each as it came. No routing,
+// /v1/chat/completions, Anthropic Messages to its /v1/messages and Responses to its /v1/responses, as they came. No routing,
 // limits, validation, translation or failover: the gap between it and TokenWatch is what
 // TokenWatch's features cost.
 
@@ -45,7 +45,7 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
         const ev = text.slice(0, end);
         text = text.slice(end + 2);
         const data = ev.indexOf("data: {");
-        if (ev.includes("\"usage\"") && data >= 0) { const j = JSON.parse(ev.slice(data + 6)); usage = { ...usage, ...j.usage, ...j.message?.usage }; }
+        if (ev.includes("\"usage\"") && data >= 0) { const j = JSON.parse(ev.slice(data + 6)); usage = { ...usage, ...j.usage, ...j.message?.usage, ...j.response?.usage }; }
       }
     }
     res.end();
@@ -58,7 +58,7 @@ export async function startBare(opts: { upstream: string; db: string }): Promise
     for await (const c of req) chunks.push(c as Buffer);
     const text = Buffer.concat(chunks).toString();
     const body = JSON.parse(text) as { model: string; stream?: boolean };
-    const path = req.url?.startsWith("/v1/messages") ? "/messages" : "/chat/completions";
+    const path = req.url?.startsWith("/v1/messages") ? "/messages" : req.url?.startsWith("/v1/responses") ? "/responses" : "/chat/completions";
     const resp = await fetch(`${opts.upstream}${path}`, { method: "POST", headers: { "content-type": "application/json" }, body: text });
     let usage: { prompt_tokens?: number; completion_tokens?: number; input_tokens?: number; output_tokens?: number };
     if (body.stream) usage = await relayStream(resp, res);

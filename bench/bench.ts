@@ -73,6 +73,23 @@ const CHAT: Scenario = { label: "Chat Completions → OpenAI kind (passthrough)"
 const MESSAGES_NATIVE: Scenario = { label: "Messages → Anthropic kind (passthrough)", path: "/v1/messages", model: "msg-fast", body: messagesBody };
 const MESSAGES_TRANSLATED: Scenario = { label: "Messages → OpenAI kind (translated)", path: "/v1/messages", model: "fast", body: messagesBody };
 
+/** The same conversation as Codex sends it (OpenAI Responses): instructions, items, a function call and its output. */
+function responsesBody(model: string, stream: boolean): string {
+  return JSON.stringify({
+    model, instructions: SYSTEM, max_output_tokens: 1024, store: false,
+    tools: TOOLS.map((t) => ({ type: "function", name: t.function.name, description: t.function.description, parameters: t.function.parameters, strict: false })),
+    input: [
+      { type: "message", role: "user", content: [{ type: "input_text", text: "The tests in src/limiter.test.ts fail since the last change; find out why and fix it." }] },
+      { type: "function_call", call_id: "call_1", name: "read_file", arguments: "{\"path\":\"src/limiter.ts\"}" },
+      { type: "function_call_output", call_id: "call_1", output: "export class Limiter {\n  // sliding window of 60 one-second buckets\n}\n".repeat(12) },
+      { type: "message", role: "user", content: [{ type: "input_text", text: "Go on." }] },
+    ],
+    ...(stream ? { stream: true } : {}),
+  });
+}
+const RESPONSES_NATIVE: Scenario = { label: "Responses → OpenAI with Responses (passthrough)", path: "/v1/responses", model: "fast", body: responsesBody };
+const RESPONSES_TRANSLATED: Scenario = { label: "Responses → Anthropic kind (translated)", path: "/v1/responses", model: "msg-fast", body: responsesBody };
+
 const BODIES = new Map<string, string>();
 const bodyFor = (s: Scenario, model: string, stream: boolean) => {
   const k = `${s.path}:${model}:${stream}`;
@@ -336,7 +353,7 @@ async function main(): Promise<void> {
   for (const t of proxies) f.heap[t.name].push((await sampleOf(t, true))!.heapUsed);
 
   const formats = await formatsPhase(targets, [bare, tw], elapsed);
-  const commit = await groupCommitPhase(targets, mock.url, join(dir, "ackfirst.db"), [bare, tw], elapsed);
+  const commit = await groupCommitPhase(targets, mock.url, dir, [bare, tw], elapsed);
 
   const end = { bare: (await sampleOf(proxies[0], true))!, tokenwatch: (await sampleOf(proxies[1], true))! };
   const here = (f: string) => new URL(f, import.meta.url).pathname;
@@ -355,13 +372,13 @@ async function main(): Promise<void> {
 type FormatFigures = { s: Scenario; p50: Fig; sp50: Fig; json: Shared; stream: Shared };
 
 /**
- * The Messages entry against the bare proxy passing Messages through: the passthrough lane (an
- * Anthropic-kind upstream) and the translation (an OpenAI-kind one). Latency in rounds that alternate
- * the order, throughput side by side on one core, as for Chat Completions (half the windows).
+ * The Messages and Responses entries against the bare proxy passing the same format through: each
+ * one's passthrough lane and its translation for the other kind of upstream. Latency in rounds that
+ * alternate the order, throughput side by side on one core, as for Chat Completions (half the windows).
  */
 async function formatsPhase(targets: Target[], procs: Proc[], elapsed: () => string): Promise<FormatFigures[]> {
   const out: FormatFigures[] = [];
-  for (const s of [MESSAGES_NATIVE, MESSAGES_TRANSLATED]) {
+  for (const s of [MESSAGES_NATIVE, MESSAGES_TRANSLATED, RESPONSES_NATIVE, RESPONSES_TRANSLATED]) {
     placement("float", procs);
     const p50 = fig(), sp50 = fig();
     for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
@@ -383,12 +400,14 @@ type CommitFigures = { p50: Fig; sp50: Fig; json: Shared; stream: Shared };
 
 /**
  * What committing each row before the answer's last byte costs: TokenWatch as it is, side by side with
- * the same build started with `durable: false` (rows written every 50 ms, answers not waiting for them).
+ * the same build started with `durable: false` (rows written every 50 ms, answers not waiting for them),
+ * both in fresh processes with fresh databases, warmed alike.
  */
-async function groupCommitPhase(targets: Target[], upstream: string, db: string, procs: Proc[], elapsed: () => string): Promise<CommitFigures> {
-  const ack = await spawnProxy("ackfirst", upstream, db);
-  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(ack.url), child: ack }, targets[2]];
-  placement("float", [...procs, ack]);
+async function groupCommitPhase(targets: Target[], upstream: string, dir: string, procs: Proc[], elapsed: () => string): Promise<CommitFigures> {
+  const [ack, durable] = [await spawnProxy("ackfirst", upstream, join(dir, "ackfirst.db")), await spawnProxy("tokenwatch", upstream, join(dir, "durable.db"))];
+  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(ack.url), child: ack }, { name: "tokenwatch", url: new URL(durable.url), child: durable }];
+  for (const p of procs) pin(p.child.pid!, "0"); // the main proxies sit this one out on the load generator's core
+  placement("float", [ack, durable]);
   const p50 = fig(), sp50 = fig();
   for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
     for (const t of round % 2 ? [pair[0], pair[2], pair[1]] : pair) {
@@ -396,12 +415,13 @@ async function groupCommitPhase(targets: Target[], upstream: string, db: string,
       sp50[t.name].push(pct((await latency(t, "fast", true, PLAN.latencyN / 2)).total, 50));
     }
   }
-  placement("split", [...procs, ack]);
+  placement("split", [ack, durable]);
   const windows = Math.max(2, PLAN.windows / 2);
   const out = { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows) };
   log(`group commit: TokenWatch/answer-first ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream), ${elapsed()}`);
-  ack.child.send({ type: "close" });
-  await new Promise((r) => ack.child.once("exit", r));
+  for (const p of [ack, durable]) p.child.send({ type: "close" });
+  await Promise.all([ack, durable].map((p) => new Promise((r) => p.child.once("exit", r))));
+  placement("split", procs);
   return out;
 }
 

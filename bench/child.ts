@@ -14,13 +14,13 @@ export type Sample = {
 
 const BENCH_MODELS = ["fast", "slow", "hold"];
 
-/** A config with two local providers whose limits never get in the way: OpenAI-compatible ("fast"…) and Anthropic-kind ("msg-fast"…). */
+/** A config with two local providers whose limits never get in the way: OpenAI-compatible with the Responses API ("fast"…) and Anthropic-kind ("msg-fast"…). */
 export async function benchConfig(upstream: string): Promise<Config> {
   const { buildConfig } = await import("../tokenwatch.ts"); // imported only where used: the bare proxy's memory is its own
   const model = { input: 0.15, output: 0.6, limit: 1e12, rpm: 1e9, tier: "simple" };
   const models = (prefix: string) => Object.fromEntries(BENCH_MODELS.map((m) => [`${prefix}${m}`, model]));
   return buildConfig({ env: {}, file: { providers: {
-    bench: { kind: "openai", base_url: `${upstream}/v1`, models: models("") },
+    bench: { kind: "openai", base_url: `${upstream}/v1`, responses: true, models: models("") },
     benchmsg: { kind: "anthropic", base_url: upstream, priority: 20, models: models("msg-") },
   } } });
 }

@@ -1,6 +1,7 @@
 // The benchmark's upstream: the cheapest server node:http allows, so that the router, not the mock, is
-// what the benchmark measures. It speaks OpenAI Chat Completions on /v1/chat/completions and Anthropic
-// Messages on /v1/messages. The model name picks the behaviour (a "msg-" prefix is ignored):
+// what the benchmark measures. It speaks OpenAI Chat Completions on /v1/chat/completions, Anthropic
+// Messages on /v1/messages and OpenAI Responses on /v1/responses. The model name picks the behaviour
+// (a "msg-" prefix is ignored):
 //   "fast"  answers at once        "slow"  answers after a fixed 50 ms
 //   "hold"  streams one chunk, then holds the stream open until release() (the open-streams test)
 // Every stream is 20 content events and the format's closing events (Chat: finish, usage chunk and
@@ -59,10 +60,36 @@ function messageEvents(model: string): string[] {
   return out;
 }
 
-type Format = "chat" | "messages";
+/** The same answer as a Responses object, and its stream (sequence numbers in order). */
+const RESPONSE_USAGE = { input_tokens: 1200, input_tokens_details: { cached_tokens: 0 }, output_tokens: 40, output_tokens_details: { reasoning_tokens: 0 }, total_tokens: 1240 };
+function responseBody(model: string, text = "The answer is forty-two, and here is a short reason why it holds.", status = "completed"): Record<string, unknown> {
+  return { id: "resp_bench", object: "response", created_at: 1_700_000_000, status, error: null, incomplete_details: null, model,
+    output: status === "completed" ? [{ id: "msg_bench", type: "message", status: "completed", role: "assistant", content: [{ type: "output_text", text, annotations: [] }] }] : [],
+    usage: status === "completed" ? RESPONSE_USAGE : null };
+}
+function responseEvents(model: string): string[] {
+  let seq = 0;
+  const ev = (type: string, data: Record<string, unknown>) => `event: ${type}\ndata: ${JSON.stringify({ type, ...data, sequence_number: seq++ })}\n\n`;
+  const at = { item_id: "msg_bench", output_index: 0 };
+  const out = [ev("response.created", { response: responseBody(model, "", "in_progress") }) + ev("response.in_progress", { response: responseBody(model, "", "in_progress") })
+    + ev("response.output_item.added", { output_index: 0, item: { id: "msg_bench", type: "message", status: "in_progress", role: "assistant", content: [] } })
+    + ev("response.content_part.added", { ...at, content_index: 0, part: { type: "output_text", text: "", annotations: [] } })];
+  let text = "";
+  for (let i = 0; i < CHUNKS; i++) { const d = i ? ` word${i}` : "word0"; text += d; out.push(ev("response.output_text.delta", { ...at, content_index: 0, delta: d, logprobs: [] })); }
+  out.push(ev("response.output_text.done", { ...at, content_index: 0, text, logprobs: [] }) + ev("response.content_part.done", { ...at, content_index: 0, part: { type: "output_text", text, annotations: [] } }));
+  out.push(ev("response.output_item.done", { output_index: 0, item: { id: "msg_bench", type: "message", status: "completed", role: "assistant", content: [{ type: "output_text", text, annotations: [] }] } }));
+  out.push(ev("response.completed", { response: responseBody(model, text) }));
+  return out;
+}
+
+type Format = "chat" | "messages" | "responses";
 const MODELS = ["fast", "slow", "hold"];
-const JSON_BODIES: Record<Format, Map<string, string>> = { chat: new Map(MODELS.map((m) => [m, completion(m)])), messages: new Map(MODELS.map((m) => [m, message(m)])) };
-const STREAMS: Record<Format, Map<string, string[]>> = { chat: new Map(MODELS.map((m) => [m, streamEvents(m)])), messages: new Map(MODELS.map((m) => [m, messageEvents(m)])) };
+const JSON_BODIES: Record<Format, Map<string, string>> = {
+  chat: new Map(MODELS.map((m) => [m, completion(m)])), messages: new Map(MODELS.map((m) => [m, message(m)])), responses: new Map(MODELS.map((m) => [m, JSON.stringify(responseBody(m))])),
+};
+const STREAMS: Record<Format, Map<string, string[]>> = {
+  chat: new Map(MODELS.map((m) => [m, streamEvents(m)])), messages: new Map(MODELS.map((m) => [m, messageEvents(m)])), responses: new Map(MODELS.map((m) => [m, responseEvents(m)])),
+};
 
 /** Pull `"model"` and `"stream"` out of the body without a full parse: the mock must stay cheap. */
 function peek(body: string): { model: string; stream: boolean } {
@@ -105,7 +132,7 @@ export async function startBenchMock(): Promise<BenchMock> {
     req.on("data", (c: Buffer) => chunks.push(c));
     req.on("end", () => {
       const { model, stream } = peek(Buffer.concat(chunks).toString());
-      const format: Format = req.url?.startsWith("/v1/messages") ? "messages" : "chat";
+      const format: Format = req.url?.startsWith("/v1/messages") ? "messages" : req.url?.startsWith("/v1/responses") ? "responses" : "chat";
       if (model === "slow") setTimeout(() => answer(res, format, model, stream), DELAY_MS);
       else answer(res, format, model, stream);
     });
