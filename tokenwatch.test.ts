@@ -12,9 +12,9 @@ import { spawn } from "node:child_process";
 import { once } from "node:events";
 import OpenAI from "openai";
 import {
-  PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, estimateTokens, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
+  PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, promptEstimate, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, windowTokens, mergeConfig, buildConfig,
-  SlidingWindow, Limiter, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
+  SlidingWindow, Limiter, configuredLimit, countedOf, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
   ADAPTERS, ENTRIES, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
 import type { ChatRequest, Config, Model, Parsed, Row, Running, Tap } from "./tokenwatch.ts";
@@ -45,10 +45,10 @@ describe("1. PROVIDERS", () => {
     assert.equal(costUsd(m, { input: 1_000_000, cached: 0, cache_write: 0, output: 1_000_000 }), 0.75);
   });
 
-  it("gives every built-in model a limit, an rpm, a tier and a price, and the table validates", () => {
+  it("gives every built-in model token and request limits, a tier and a price, and the table validates", () => {
     for (const [pid, p] of Object.entries(PROVIDERS))
       for (const [id, m] of Object.entries(p.models)) {
-        assert.ok(m.limit > 0 && (m.rpm ?? 0) > 0 && m.input > 0 && m.output > 0, `${pid}/${id}`);
+        assert.ok((m.tpm ?? m.itpm ?? 0) > 0 && (m.rpm ?? 0) > 0 && m.input > 0 && m.output > 0, `${pid}/${id}`);
         assert.ok(m.tier === "simple" || m.tier === "complex");
       }
     assert.doesNotThrow(() => mergeConfig(PROVIDERS, { providers: structuredClone(PROVIDERS) }));
@@ -93,12 +93,9 @@ describe("3. Pure helpers", () => {
     assert.deepEqual(usageFromAnthropic({ input_tokens: 3, cache_read_input_tokens: 100, cache_creation_input_tokens: 20, output_tokens: 7 }), { input: 3, cached: 100, cache_write: 20, output: 7 });
   });
 
-  it("estimateTokens() counts the prompt at four characters of body a token plus the capped output", () => {
-    const req: ChatRequest = { messages: [{ role: "user", content: "x".repeat(400) }], max_tokens: 50 };
-    assert.equal(estimateTokens(req, JSON.stringify(req).length, 4096), Math.ceil(459 / 4) + 50);
-    assert.equal(estimateTokens(req, 401, 4096), 101 + 50);
-    assert.equal(estimateTokens(user(""), 10, 4096), 3 + 4096, "no max_tokens: the default cap");
-    assert.equal(estimateTokens({ ...user(""), max_completion_tokens: 10_000 }, 10, 4096), 3 + 4096, "the cap is capped");
+  it("promptEstimate() counts a token per four characters of the body", () => {
+    assert.equal(promptEstimate(401), 101);
+    assert.equal(promptEstimate(0), 0);
   });
 
   it("parseSseEvent() reads event names, joins data lines and skips comments", () => {
@@ -203,7 +200,7 @@ describe("3. Pure helpers", () => {
       ["an unknown top-level key", { treshold: 0.8 }, /^treshold is not a known key/],
       ["a threshold above 1", { threshold: 80 }, /^threshold must be a number above 0 and at most 1/],
       ["a model price that is a string", { providers: { openai: { models: { "gpt-4o": { input: "2.5", output: 10, limit: 1, tier: "complex" } } } } }, /^providers\.openai\.models\.gpt-4o\.input must be a number/],
-      ["an unknown model key", { providers: { openai: { models: { "gpt-4o": { input: 1, output: 1, limit: 1, tier: "complex", tpm: 5 } } } } }, /^providers\.openai\.models\.gpt-4o\.tpm is not a known key/],
+      ["an unknown model key", { providers: { openai: { models: { "gpt-4o": { input: 1, output: 1, tpm: 1, tier: "complex", tpn: 5 } } } } }, /^providers\.openai\.models\.gpt-4o\.tpn is not a known key/],
       ["a bad tier", { providers: { openai: { models: { x: { input: 1, output: 1, limit: 1, tier: "cheap" } } } } }, /tier must be "simple" or "complex"/],
       ["a new provider without kind", { providers: { local: { base_url: "http://127.0.0.1:1/v1", models: {} } } }, /^providers\.local\.kind is required for a new provider/],
       ["a bad kind", { providers: { local: { kind: "gemini", base_url: "http://127.0.0.1:1/v1" } } }, /^providers\.local\.kind must be "openai" or "anthropic"/],
@@ -247,91 +244,194 @@ describe("3. Pure helpers", () => {
 
 // ============================================================================================
 describe("4. Limiter", () => {
-  const m = { pool: "p/m", limit: 1000, rpm: 10 };
+  const m = { key: "p/m", pool: "p/m", tpm: 1000, rpm: 10 };
+  const est = (input: number, output = 0) => ({ input, output });
+  const counted = (tokens: number, input = tokens, output = 0) => ({ requests: 0, tokens, input, output });
+  /** Headers as fetch's Headers.get reads them. */
+  const headers = (h: Record<string, string>) => (n: string) => h[n] ?? null;
 
-  it("SlidingWindow forgets usage older than 60 seconds", () => {
+  it("SlidingWindow forgets usage older than its span, and says when a part of it will have left", () => {
     const w = new SlidingWindow();
-    w.add(0, 100, 1);
-    w.add(30_000, 50, 1);
-    assert.deepEqual(w.totals(59_999), { tokens: 150, requests: 2 });
-    assert.deepEqual(w.totals(60_500), { tokens: 50, requests: 1 });
-    assert.deepEqual(w.totals(91_000), { tokens: 0, requests: 0 });
-    assert.equal(w.nextExpiry(59_999), 61_000);
+    w.add(0, { tokens: 100, requests: 1 });
+    w.add(30_000, { tokens: 50, requests: 1, input: 40, output: 10 });
+    assert.deepEqual(w.totals(59_999), { requests: 2, tokens: 150, input: 40, output: 10 });
+    assert.deepEqual(w.totals(60_500), { requests: 1, tokens: 50, input: 40, output: 10 });
+    assert.equal(w.totals(91_000).tokens, 0);
+    assert.equal(w.freeAt(59_999, "tokens", 100), 61_000, "the first 100 tokens leave with their second");
+    assert.equal(w.freeAt(59_999, "tokens", 120), 91_000);
+    assert.equal(w.freeAt(59_999, "tokens", 500), undefined, "the window never held that much");
+    const day = new SlidingWindow(24, 3_600_000);
+    day.add(0, { requests: 1 });
+    assert.equal(day.totals(23 * 3_600_000).requests, 1);
+    assert.equal(day.totals(25 * 3_600_000).requests, 0);
   });
 
-  it("reserve() admits requests while tokens stay under threshold x limit, counting those in flight", () => {
+  it("reserve() admits requests while tokens stay under threshold x tpm, counting those in flight", () => {
     const l = new Limiter(0.8);
-    assert.ok(l.reserve(m, 500, 0).ok);
-    assert.ok(l.reserve(m, 300, 0).ok);             // 800 = 0.8 x 1000: still allowed
-    const v = l.reserve(m, 1, 0);
-    assert.equal(v.ok, false);
-    assert.equal(!v.ok && v.why, "tokens");
+    assert.ok(l.reserve(m, est(500), 0).ok);
+    assert.ok(l.reserve(m, est(300), 0).ok);             // 800 = 0.8 x 1000: still allowed
+    const v = l.reserve(m, est(1), 0);
+    assert.equal(!v.ok && v.why, "tpm");
   });
 
-  it("models of one pool share one window (Kimi counts per account), other models keep their own", () => {
+  it("models of one pool share one window (Kimi counts per account, Anthropic per model class), OpenAI's keep their own", () => {
     const c = cfg();
-    const [k25, k26, gpt] = [model(c, "kimi/kimi-k2.5"), model(c, "kimi/kimi-k2.6"), model(c, "openai/gpt-4o")];
-    assert.deepEqual([k25.pool, k26.pool, gpt.pool], ["kimi/account", "kimi/account", "openai/gpt-4o"]);
+    const [k25, k26, gpt, opus, sonnet] = [model(c, "kimi/kimi-k2.5"), model(c, "kimi/kimi-k2.6"), model(c, "openai/gpt-4o"), model(c, "anthropic/claude-opus-5"), model(c, "anthropic/claude-sonnet-5")];
+    assert.deepEqual([k25.pool, k26.pool, gpt.pool, opus.pool, sonnet.pool], ["kimi/account", "kimi/account", "openai/gpt-4o", "anthropic/opus", "anthropic/sonnet"]);
     const l = new Limiter(0.8);
-    const r = l.reserve(k25, 300_000, 0);
-    assert.ok(r.ok);
-    assert.equal(l.headroom(k26, 0).tokens, 300_000);
-    assert.equal(l.reserve(k26, 150_000, 0).ok, false, "the account's 80% is taken through the other model");
-    assert.ok(l.reserve(gpt, 1000, 0).ok);
+    assert.ok(l.reserve(k25, est(1_000_000), 0).ok);
+    assert.equal(l.headroom(k26, 0).tokens, 1_000_000);
+    assert.equal(l.reserve(k26, est(700_000), 0).ok, false, "the account's 80% is taken through the other model");
+    assert.ok(l.reserve(gpt, est(1000), 0).ok);
     l.cool(k25.pool, 5000, 0);
     assert.equal(l.headroom(k26, 1).coolUntil, 5000, "a 429 on one model of the account cools the account");
-    const own = model(cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, limit: 10, tier: "simple" }, b: { input: 1, output: 1, limit: 10, tier: "simple", pool: "x" } } } } }), "kimi/a");
+    const own = model(cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, tpm: 10, tier: "simple" }, b: { input: 1, output: 1, tpm: 10, tier: "simple", pool: "x" } } } } }), "kimi/a");
     assert.equal(own.pool, "kimi/a");
-    assert.throws(() => cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, limit: 10, tier: "simple", pool: "a b" } } } } }), /providers\.kimi\.models\.a\.pool must be a name/);
+    assert.throws(() => cfg(ALL_KEYS, { providers: { kimi: { models: { a: { input: 1, output: 1, tpm: 10, tier: "simple", pool: "a b" } } } } }), /providers\.kimi\.models\.a\.pool must be a name/);
   });
 
-  it("settle() replaces the estimate with the real usage", () => {
+  it("settle() replaces the estimate with what the provider counted", () => {
     const l = new Limiter(0.8);
-    const r = l.reserve(m, 700, 0);
+    const r = l.reserve(m, est(700), 0);
     assert.ok(r.ok);
-    assert.equal(l.reserve(m, 200, 0).ok, false);
-    l.settle(r.reservation, 100, 10);
+    assert.equal(l.reserve(m, est(200), 0).ok, false);
+    l.settle(r.reservation, counted(100), 10);
     assert.equal(l.headroom(m, 10).tokens, 100);
-    assert.ok(l.reserve(m, 200, 10).ok);
+    assert.ok(l.reserve(m, est(200), 10).ok);
   });
 
-  it("frees capacity when the window slides past old usage (fake clock)", () => {
+  it("frees capacity when the window slides past old usage (fake clock), and says when", () => {
     const l = new Limiter(0.8);
-    const r = l.reserve(m, 800, 0);
+    const r = l.reserve(m, est(800), 0);
     assert.ok(r.ok);
-    l.settle(r.reservation, 800, 0);
-    assert.equal(l.reserve(m, 10, 30_000).ok, false);
-    assert.ok(l.reserve(m, 10, 61_000).ok);
+    l.settle(r.reservation, counted(800), 0);
+    const v = l.reserve(m, est(10), 30_000);
+    assert.deepEqual(!v.ok && [v.why, v.until], ["tpm", 61_000]);
+    assert.ok(l.reserve(m, est(10), 61_000).ok);
   });
 
   it("limits requests per minute at threshold x rpm", () => {
     const l = new Limiter(0.8);
-    for (let i = 0; i < 8; i++) assert.ok(l.reserve(m, 1, i).ok, `request ${i}`);
-    const v = l.reserve(m, 1, 9);
-    assert.equal(!v.ok && v.why, "requests");
-    assert.ok(l.reserve(m, 1, 61_000).ok);
+    for (let i = 0; i < 8; i++) assert.ok(l.reserve(m, est(1), i).ok, `request ${i}`);
+    const v = l.reserve(m, est(1), 9);
+    assert.equal(!v.ok && v.why, "rpm");
+    assert.ok(l.reserve(m, est(1), 61_000).ok);
   });
 
   it("lets an idle model take one request larger than its threshold", () => {
     const l = new Limiter(0.8);
-    assert.ok(l.reserve(m, 5000, 0).ok);
-    assert.equal(l.reserve(m, 1, 0).ok, false);
+    assert.ok(l.reserve(m, est(5000), 0).ok);
+    assert.equal(l.reserve(m, est(1), 0).ok, false);
+  });
+
+  it("checks each dimension apart: Anthropic's output tokens bind for a large max_tokens while its input tokens are free", () => {
+    const sonnet = model(cfg(), "anthropic/claude-sonnet-5"); // 50 rpm, 30,000 itpm, 8,000 otpm
+    const l = new Limiter(0.8);
+    assert.ok(l.reserve(sonnet, est(1000, 4000), 0).ok);
+    const big = l.reserve(sonnet, est(1000, 3000), 0);
+    assert.deepEqual(!big.ok && big.why, "otpm", "4,000 + 3,000 output tokens pass 80% of 8,000");
+    assert.equal(big.dimensions.find((d) => d.dimension === "itpm")!.blocks, false, "the input tokens are free");
+    assert.ok(l.reserve(sonnet, est(1000, 2000), 0).ok, "a smaller max_tokens fits");
+  });
+
+  it("counts what each provider counts: Anthropic's input leaves out cache reads, OpenAI's keeps them", () => {
+    const u = { input: 100, cached: 5000, cache_write: 300, output: 40 };
+    assert.deepEqual(countedOf("anthropic", u), { requests: 0, tokens: 440, input: 400, output: 40 });
+    assert.deepEqual(countedOf("openai", u), { requests: 0, tokens: 5440, input: 5400, output: 40 });
+  });
+
+  it("counts requests in flight against concurrency, and requests and tokens over a sliding day", () => {
+    const l = new Limiter(1);
+    const k = { key: "kimi/x", pool: "kimi/x", concurrency: 2, rpd: 3, tpd: 1000 };
+    const a = l.reserve(k, est(10), 0), b = l.reserve(k, est(10), 0);
+    assert.ok(a.ok && b.ok);
+    const c = l.reserve(k, est(10), 0);
+    assert.deepEqual(!c.ok && [c.why, c.until], ["concurrency", undefined], "only an end frees it");
+    l.settle(a.reservation, counted(10), 1);
+    l.settle(b.reservation, counted(10), 1);
+    assert.ok(l.reserve(k, est(10), 2).ok);
+    const d = l.reserve(k, est(10), 3_000_000);
+    assert.equal(!d.ok && d.why, "rpd", "three requests in the day");
+    assert.ok(l.reserve(k, est(10), 25 * 3_600_000).ok, "a day later");
+  });
+
+  it("learns from OpenAI's headers what other clients of the key used, until the reset (a duration)", () => {
+    const l = new Limiter(0.8);
+    const gpt = { key: "openai/gpt-4o", pool: "openai/gpt-4o", tpm: 30_000, rpm: 500 };
+    l.observe(gpt.pool, "openai", headers({ "x-ratelimit-limit-tokens": "30000", "x-ratelimit-remaining-tokens": "6000", "x-ratelimit-reset-tokens": "1m0s", "x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "499", "x-ratelimit-reset-requests": "120ms" }), 0);
+    const v = l.reserve(gpt, est(100), 0);
+    assert.deepEqual(!v.ok && [v.why, v.until], ["tpm", 60_000], "24,000 used by others: 80% is gone until the reset");
+    assert.equal(l.headroom(gpt, 0).saturated, true);
+    assert.ok(l.reserve(gpt, est(100), 30_000).ok, "half refilled by then");
+  });
+
+  it("learns from Anthropic's headers per dimension, with RFC 3339 resets", () => {
+    const l = new Limiter(0.8);
+    const haiku = model(cfg(), "anthropic/claude-haiku-4-5"); // 50,000 itpm, 10,000 otpm
+    const at = (s: number) => new Date(s * 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+    l.observe(haiku.pool, "anthropic", headers({
+      "anthropic-ratelimit-input-tokens-limit": "50000", "anthropic-ratelimit-input-tokens-remaining": "49000", "anthropic-ratelimit-input-tokens-reset": at(60),
+      "anthropic-ratelimit-output-tokens-limit": "10000", "anthropic-ratelimit-output-tokens-remaining": "1000", "anthropic-ratelimit-output-tokens-reset": at(60),
+    }), 0);
+    const v = l.reserve(haiku, est(1000, 500), 0);
+    assert.deepEqual(!v.ok && [v.why, v.until], ["otpm", 60_000]);
+    assert.ok(l.reserve(haiku, est(1000, 500), 60_000).ok);
+  });
+
+  it("takes the limit a provider reports over the configured one, higher or lower, and shows both", () => {
+    const l = new Limiter(0.8);
+    const gpt = { key: "openai/gpt-4o", pool: "openai/gpt-4o", tpm: 30_000 };
+    l.observe(gpt.pool, "openai", headers({ "x-ratelimit-limit-tokens": "450000", "x-ratelimit-remaining-tokens": "450000", "x-ratelimit-reset-tokens": "0s" }), 0);
+    assert.ok(l.reserve(gpt, est(100_000), 0).ok && l.reserve(gpt, est(100_000), 0).ok, "a higher tier gets its capacity without a config edit");
+    const tpm = l.headroom(gpt, 0).dimensions.find((d) => d.dimension === "tpm")!;
+    assert.deepEqual([tpm.configured, tpm.learned, tpm.limit], [30_000, 450_000, 450_000]);
+    const low = new Limiter(0.8);
+    low.observe(gpt.pool, "openai", headers({ "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "0s" }), 0);
+    assert.ok(low.reserve(gpt, est(500), 0).ok);
+    assert.equal(low.reserve(gpt, est(500), 0).ok, false, "and a lower one is kept to");
+  });
+
+  it("estimates the output as the client's cap, else from the model's recent answers (bounded), not a fixed worst case", () => {
+    const l = new Limiter(0.8);
+    const m = { key: "p/m", pool: "p/m" }; // no limits: only the estimate is looked at
+    assert.equal(l.outputEstimate("p/m", 500, 4096), 500);
+    assert.equal(l.outputEstimate("p/m", undefined, 4096), 1024, "before any answer");
+    for (const out of [300, 700, 100]) {
+      const r = l.reserve(m, est(1), 0);
+      assert.ok(r.ok);
+      l.settle(r.reservation, counted(out, 0, out), 0);
+    }
+    assert.equal(l.outputEstimate("p/m", undefined, 4096), 700, "the largest of the recent answers");
+    assert.equal(l.outputEstimate("p/m", undefined, 500), 500, "never more than the fallback cap");
+  });
+
+  it("headroom() and reserve() agree: saturated exactly when a typical request would be refused", () => {
+    const l = new Limiter(0.8);
+    const typical = est(100, 100);
+    for (let used = 0; used < 1000; used += 50) {
+      const fresh = new Limiter(0.8);
+      if (used) { const r = fresh.reserve(m, est(used), 0); assert.ok(r.ok); fresh.settle(r.reservation, counted(used), 0); }
+      const h = fresh.headroom(m, 1, typical);
+      assert.equal(h.saturated, !fresh.reserve(m, typical, 1).ok, `at ${used} tokens`);
+    }
+    assert.equal(l.headroom(m, 0).saturated, false);
   });
 
   it("cool() blocks a model until the time given", () => {
     const l = new Limiter(0.8);
     l.cool(m.pool, 5000, 0);
-    const v = l.reserve(m, 1, 4999);
+    const v = l.reserve(m, est(1), 4999);
     assert.deepEqual(!v.ok && [v.why, v.until], ["cooling", 5000]);
-    assert.ok(l.reserve(m, 1, 5000).ok);
+    assert.ok(l.reserve(m, est(1), 5000).ok);
     assert.equal(l.headroom(m, 4000).coolUntil, 5000);
   });
 
-  it("headroom() reports use against the full limit and saturation against the threshold", () => {
+  it("headroom() reports use against the full limit, the dimension that binds, and saturation against the threshold", () => {
     const l = new Limiter(0.8);
-    l.reserve(m, 850, 0);
+    l.reserve(m, est(850), 0);
     const h = l.headroom(m, 0);
     assert.equal(h.percent, 85);
+    assert.equal(h.binding, "tpm");
     assert.equal(h.saturated, true);
     assert.equal(h.inflight, 1);
   });
@@ -340,12 +440,19 @@ describe("4. Limiter", () => {
     const l = new Limiter(0.8);
     let fired = 0;
     l.onNextChange(() => fired++);
-    const r = l.reserve(m, 10, 0);
+    const r = l.reserve(m, est(10), 0);
     assert.ok(r.ok);
     l.release(r.reservation, 0);
     l.release(r.reservation, 0); // a second release is a no-op
     assert.equal(fired, 1);
     assert.equal(l.headroom(m, 0).inflight, 0);
+  });
+
+  it("refuses a config that names a dimension its provider does not limit, in one line", () => {
+    assert.throws(() => cfg(ALL_KEYS, { providers: { anthropic: { models: { x: { input: 1, output: 1, rpd: 10, tier: "simple" } } } } }), /providers\.anthropic\.models\.x\.rpd is not a limit Anthropic has \(its dimensions: rpm, itpm, otpm, tpm\)/);
+    assert.throws(() => cfg(ALL_KEYS, { providers: { openai: { models: { x: { input: 1, output: 1, limit: 10, tpm: 10, tier: "simple" } } } } }), /limit is the older name of tpm/);
+    const old = model(cfg(ALL_KEYS, { providers: { openai: { models: { x: { input: 1, output: 1, limit: 10, tier: "simple" } } } } }), "openai/x");
+    assert.equal(configuredLimit(old, "tpm"), 10, "an old config's limit is its tpm");
   });
 });
 
@@ -1155,6 +1262,7 @@ describe("8. HTTP edge: failover, cooldown and saturation", () => {
   it("answers 429 all_providers_saturated with Retry-After when every candidate is over its threshold", async () => {
     const tiny = { max_wait_ms: 200, providers: { openai: { models: { "gpt-4o-mini": { input: 0.15, output: 0.6, limit: 1_000_000, rpm: 2, tier: "simple" } } }, kimi: { models: {} }, anthropic: { models: {} } } };
     const fresh = await setup({ file: tiny });
+    fresh.mocks.openai.rateLimits({ limits: { requests: 2, tokens: 1_000_000 } }); // the account's limits, as its headers say them
     try {
       const ok = await post(fresh, { messages: [{ role: "user", content: "hi" }] });
       assert.equal(ok.status, 200); // 1 request of rpm 2: at 0.8 x 2 = 1.6, the next one would pass it

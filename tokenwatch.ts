@@ -40,8 +40,10 @@ export const VERSION = "1.0.0";
 
 // ============================================================================================
 // 1. PROVIDERS and routing defaults: the table you edit.
-//    Prices are US dollars per 1 MILLION tokens. `limit` is tokens per minute, `rpm` requests per
-//    minute. Defaults are the providers' entry-tier limits, so a new account is never pushed past them.
+//    Prices are US dollars per 1 MILLION tokens. Rate limits are per minute unless named per day:
+//    rpm requests, tpm tokens, itpm/otpm input/output tokens, concurrency requests at once, rpd/tpd
+//    requests/tokens a day. Defaults are the providers' entry-tier limits; a higher tier's limits are
+//    learned from the providers' own rate-limit headers, or set them in a config file.
 // ============================================================================================
 
 export const PROVIDERS: Record<string, ProviderConfig> = {
@@ -52,13 +54,15 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     base_url: "https://api.anthropic.com", // Anthropic's convention: no /v1
     api_key_env: "ANTHROPIC_API_KEY",   // variable(s) the key is read from; or give `api_key` literally
     prompt_cache: true,                 // mark cache breakpoints, so that an agent's next turn reads its prompt from the cache
+    dimensions: ["rpm", "itpm", "otpm", "tpm"], // Anthropic limits input and output tokens apart (cache reads not counted)
     models: {
       // input/output: $ per 1M tokens; cached_input: $ per 1M cache-read tokens; cache_write: $ per 1M
-      // tokens written to the 5-minute cache; limit: tokens/min; rpm: requests/min; tier: simple|complex.
+      // tokens written to the 5-minute cache (1-hour writes: cache_write_1h, else twice the input);
+      // tier: simple|complex; pool: Anthropic counts its limits per model class (all Opus together).
       // fixed_sampling: the model rejects temperature/top_p/top_k, so they are not sent.
-      "claude-sonnet-5":  { input: 2, output: 10, cached_input: 0.2, cache_write: 2.5, limit: 30_000, rpm: 50, tier: "complex", fixed_sampling: true },
-      "claude-opus-5":    { input: 5, output: 25, cached_input: 0.5, cache_write: 6.25, limit: 30_000, rpm: 50, tier: "complex", fixed_sampling: true },
-      "claude-haiku-4-5": { input: 1, output: 5, cached_input: 0.1, cache_write: 1.25, limit: 50_000, rpm: 50, tier: "simple" },
+      "claude-sonnet-5":  { input: 2, output: 10, cached_input: 0.2, cache_write: 2.5, rpm: 50, itpm: 30_000, otpm: 8_000, tier: "complex", pool: "sonnet", fixed_sampling: true },
+      "claude-opus-5":    { input: 5, output: 25, cached_input: 0.5, cache_write: 6.25, rpm: 50, itpm: 30_000, otpm: 8_000, tier: "complex", pool: "opus", fixed_sampling: true },
+      "claude-haiku-4-5": { input: 1, output: 5, cached_input: 0.1, cache_write: 1.25, rpm: 50, itpm: 50_000, otpm: 10_000, tier: "simple", pool: "haiku" },
     },
   },
   kimi: {
@@ -70,10 +74,11 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     max_tokens_field: "max_tokens",     // Kimi wants the output cap as max_tokens
     max_temperature: 1,                 // Kimi's temperature range is [0, 1]
     reasoning_content: true,            // thinking models refuse tool-call turns without reasoning_content
+    dimensions: ["concurrency", "rpm", "tpm", "tpd"], // per account; Tier 1 ($10 recharged) below, Tier 0 is 1 / 3 / 500,000 / 1,500,000
     models: {
       // pool: models of one pool share one rate-limit window (Kimi counts its limits per account)
-      "kimi-k2.5": { input: 0.6, output: 3, cached_input: 0.1, limit: 500_000, rpm: 200, tier: "simple", pool: "account", fixed_sampling: true },
-      "kimi-k2.6": { input: 0.95, output: 4, cached_input: 0.16, limit: 500_000, rpm: 200, tier: "simple", pool: "account", fixed_sampling: true },
+      "kimi-k2.5": { input: 0.6, output: 3, cached_input: 0.1, concurrency: 50, rpm: 200, tpm: 2_000_000, tier: "simple", pool: "account", fixed_sampling: true },
+      "kimi-k2.6": { input: 0.95, output: 4, cached_input: 0.16, concurrency: 50, rpm: 200, tpm: 2_000_000, tier: "simple", pool: "account", fixed_sampling: true },
     },
   },
   openai: {
@@ -84,9 +89,10 @@ export const PROVIDERS: Record<string, ProviderConfig> = {
     api_key_env: "OPENAI_API_KEY",
     max_tokens_field: "max_completion_tokens", // max_tokens is deprecated and refused by newer models
     responses: true,                    // serves the Responses API itself: Codex's requests go up untouched
+    dimensions: ["rpm", "tpm", "rpd", "tpd"], // per model; Tier 1 ($5 paid) below
     models: {
-      "gpt-4o":      { input: 2.5, output: 10, cached_input: 1.25, limit: 30_000, rpm: 500, tier: "complex" },
-      "gpt-4o-mini": { input: 0.15, output: 0.6, cached_input: 0.075, limit: 200_000, rpm: 500, tier: "simple" },
+      "gpt-4o":      { input: 2.5, output: 10, cached_input: 1.25, rpm: 500, tpm: 30_000, tier: "complex" },
+      "gpt-4o-mini": { input: 0.15, output: 0.6, cached_input: 0.075, rpm: 500, tpm: 200_000, rpd: 10_000, tier: "simple" },
     },
   },
 };
@@ -127,14 +133,22 @@ const SETTINGS = ["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "m
 export type Tier = "simple" | "complex";
 export type Kind = "openai" | "anthropic";
 
+/**
+ * A dimension of a rate limit: requests, tokens, input and output tokens per minute, requests at once,
+ * requests and tokens per day. Each provider enforces some of them (its `dimensions`).
+ */
+export type Dimension = "rpm" | "tpm" | "itpm" | "otpm" | "concurrency" | "rpd" | "tpd";
+export const DIMENSIONS: readonly Dimension[] = ["rpm", "tpm", "itpm", "otpm", "concurrency", "rpd", "tpd"];
+
 export type ModelConfig = {
   input: number; output: number; cached_input?: number; cache_write?: number; cache_write_1h?: number;
-  limit: number; rpm?: number; tier: Tier; pool?: string;
-  max_tokens?: number; fixed_sampling?: boolean; eol?: string;
-};
+  tier: Tier; pool?: string; max_tokens?: number; fixed_sampling?: boolean; eol?: string;
+  limit?: number; // the older name of tpm
+} & Partial<Record<Dimension, number>>;
 
 export type ProviderConfig = {
   name: string; kind: Kind; priority: number; base_url: string;
+  dimensions?: Dimension[]; // the limits this provider enforces: a model may set only these
   api_key_env?: string | string[]; api_key?: string;
   max_tokens_field?: "max_tokens" | "max_completion_tokens"; max_temperature?: number; reasoning_content?: boolean;
   prompt_cache?: boolean; responses?: boolean;
@@ -248,16 +262,15 @@ export class TwError extends Error {
 
 const bad = (message: string, param: string | null = null) => new TwError(400, "invalid_request", message, { param });
 
-/** The output a request may ask for, capped at `defaultMax`. */
-export const outputCap = (req: ChatRequest, defaultMax: number) => Math.min(req.max_completion_tokens ?? req.max_tokens ?? defaultMax, defaultMax);
+/** The prompt of a request as the limiter reserves it before the real count is known: a token per four characters of the body (messages, tool schemas and JSON punctuation alike: a slight overestimate, known without walking the conversation). */
+export const promptEstimate = (bodyChars: number) => Math.ceil(bodyChars / 4);
 
-/**
- * What a request reserves in the limiter before the real count is known: its prompt at a token per
- * four characters of the body (messages, tool schemas and JSON punctuation alike: a slight overestimate,
- * known without walking the conversation) plus the output it may ask for, capped.
- */
-export function estimateTokens(req: ChatRequest, bodyChars: number, defaultMax: number): number {
-  return Math.ceil(bodyChars / 4) + outputCap(req, defaultMax);
+/** The output cap a client asked for, if any. */
+export const askedOutput = (req: ChatRequest): number | undefined => req.max_completion_tokens ?? req.max_tokens;
+
+/** What a provider counts of a usage against its limits: all tokens, input (Anthropic counts no cache reads), output. */
+export function countedOf(kind: Kind, u: Usage): { requests: number; tokens: number; input: number; output: number } {
+  return { requests: 0, tokens: windowTokens(kind, u), input: u.input + (kind === "anthropic" ? 0 : u.cached) + writes(u), output: u.output };
 }
 
 /** What an image or a document costs in a prompt, about (Anthropic: a 1,092 × 1,092 image is ~1,600 tokens). */
@@ -449,9 +462,10 @@ export function parseDuration(s: string): number | undefined {
 type HeaderGet = (name: string) => string | null;
 
 /** Each kind's rate-limit headers, named once (every answer is checked): OpenAI's reset is a duration, Anthropic's a timestamp. */
-const RATE_LIMIT_HEADERS: Record<Kind, { remaining: string; reset: string; duration: boolean }[]> = {
-  openai: ["requests", "tokens"].map((what) => ({ remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true })),
-  anthropic: ["requests", "tokens", "input-tokens", "output-tokens"].map((what) => ({ remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false })),
+const RATE_LIMIT_HEADERS: Record<Kind, { dim: Dimension; limit: string; remaining: string; reset: string; duration: boolean }[]> = {
+  openai: ([["requests", "rpm"], ["tokens", "tpm"]] as const).map(([what, dim]) => ({ dim, limit: `x-ratelimit-limit-${what}`, remaining: `x-ratelimit-remaining-${what}`, reset: `x-ratelimit-reset-${what}`, duration: true })),
+  anthropic: ([["requests", "rpm"], ["tokens", "tpm"], ["input-tokens", "itpm"], ["output-tokens", "otpm"]] as const)
+    .map(([what, dim]) => ({ dim, limit: `anthropic-ratelimit-${what}-limit`, remaining: `anthropic-ratelimit-${what}-remaining`, reset: `anthropic-ratelimit-${what}-reset`, duration: false })),
 };
 
 /** `retry-after-ms`, then `retry-after` (seconds or an HTTP date), as the SDKs read them. */
@@ -613,8 +627,8 @@ function closingQuote(text: string, open: number): number {
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
 const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases"]);
-const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
-const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", "rpm", "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
+const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "dimensions", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
+const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", ...DIMENSIONS, "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
 export class ConfigError extends Error {}
 
@@ -628,12 +642,14 @@ function checkKeys(obj: Record<string, unknown>, allowed: Set<string>, where: st
   for (const k of Object.keys(obj)) need(allowed.has(k), `${where}.${k}`.replace(/^\./, ""), `is not a known key (known: ${[...allowed].join(", ")})`);
 }
 
-function checkModel(m: unknown, where: string): void {
-  need(isObj(m), where, "must be an object like {\"input\": 0.15, \"output\": 0.6, \"limit\": 200000, \"tier\": \"simple\"}");
+function checkModel(m: unknown, where: string, dims: readonly Dimension[] | undefined, provider: string): void {
+  need(isObj(m), where, "must be an object like {\"input\": 0.15, \"output\": 0.6, \"tpm\": 200000, \"rpm\": 500, \"tier\": \"simple\"}");
   const o = m as Record<string, unknown>;
   checkKeys(o, MODEL_KEYS, where);
-  for (const k of ["input", "output", "limit"]) need(isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
-  for (const k of ["cached_input", "cache_write", "cache_write_1h", "rpm", "max_tokens"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  for (const k of ["input", "output"]) need(isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  for (const k of ["cached_input", "cache_write", "cache_write_1h", "max_tokens", "limit", ...DIMENSIONS]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number >= 0");
+  need(o.limit === undefined || o.tpm === undefined, `${where}.limit`, "is the older name of tpm: give one of them");
+  for (const d of DIMENSIONS) need(o[d] === undefined || !dims || dims.includes(d), `${where}.${d}`, `is not a limit ${provider} has (its dimensions: ${dims?.join(", ")})`);
   need(o.tier === "simple" || o.tier === "complex", `${where}.tier`, "must be \"simple\" or \"complex\"");
   need(o.pool === undefined || (typeof o.pool === "string" && /^[A-Za-z0-9_.-]+$/.test(o.pool)), `${where}.pool`, "must be a name of letters, digits, '_', '-' or '.'");
   need(o.fixed_sampling === undefined || typeof o.fixed_sampling === "boolean", `${where}.fixed_sampling`, "must be true or false");
@@ -654,10 +670,11 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   need(p.reasoning_content === undefined || typeof p.reasoning_content === "boolean", `${where}.reasoning_content`, "must be true or false");
   need(p.prompt_cache === undefined || typeof p.prompt_cache === "boolean", `${where}.prompt_cache`, "must be true or false");
   need(p.responses === undefined || (typeof p.responses === "boolean" && p.kind === "openai"), `${where}.responses`, "must be true or false, on a provider of kind \"openai\"");
+  need(p.dimensions === undefined || (Array.isArray(p.dimensions) && p.dimensions.every((d) => DIMENSIONS.includes(d))), `${where}.dimensions`, `must list some of ${DIMENSIONS.join(", ")}`);
   need(isObj(p.models), `${where}.models`, "must be an object of models");
   for (const [name, m] of Object.entries(p.models as object)) {
     need(MODEL_NAME.test(name), `${where}.models.${name}`, "must be named with at most 256 visible ASCII characters (no spaces)");
-    checkModel(m, `${where}.models.${name}`);
+    checkModel(m, `${where}.models.${name}`, p.dimensions as Dimension[] | undefined, String(p.name));
   }
 }
 
@@ -762,56 +779,107 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
 }
 
 // ============================================================================================
-// 4. Limiter: a sliding 60-second window of tokens and requests per model (or shared pool), kept as
-//    60 one-second buckets. Checking and reserving happen in one synchronous step, so two requests can
-//    never both take the last capacity; the estimate is replaced by the real usage when it arrives.
+// 4. Limiter: the rate limits providers enforce, per dimension (requests, tokens, input and output
+//    tokens a minute, requests at once, requests and tokens a day), per model or per shared pool. Sliding
+//    windows count what TokenWatch sends; the providers' rate-limit headers, read on every answer, add
+//    what other clients of the same key send and the limits the account really has. One function gives
+//    the verdict for a model and a request, for routing and for /stats alike. Checking and reserving
+//    happen in one synchronous step, so two requests can never both take the last capacity.
 // ============================================================================================
 
-const WINDOW_S = 60;
+/** What a request counts: its input and output tokens (an estimate before the answer, the real usage after). */
+export type Estimate = { input: number; output: number };
 
-/** 60 one-second buckets of tokens and requests: bounded memory, O(60) to sum, no arrays to filter. */
+type Counts = { requests: number; tokens: number; input: number; output: number };
+
+/** A sliding window of `n` buckets of `width` ms, each holding the four counts: bounded memory, O(n) to sum. */
 export class SlidingWindow {
-  #sec = new Float64Array(WINDOW_S);
-  #tokens = new Float64Array(WINDOW_S);
-  #requests = new Float64Array(WINDOW_S);
-
-  add(now: number, tokens: number, requests: number): void {
-    const s = Math.floor(now / 1000), i = s % WINDOW_S;
-    if (this.#sec[i] !== s) { this.#sec[i] = s; this.#tokens[i] = 0; this.#requests[i] = 0; }
-    this.#tokens[i] += tokens;
-    this.#requests[i] += requests;
+  #at: Float64Array; #c: Record<keyof Counts, Float64Array>; #n: number; #width: number;
+  constructor(n = 60, width = 1000) {
+    this.#n = n; this.#width = width;
+    this.#at = new Float64Array(n).fill(-1);
+    this.#c = { requests: new Float64Array(n), tokens: new Float64Array(n), input: new Float64Array(n), output: new Float64Array(n) };
   }
 
-  totals(now: number): { tokens: number; requests: number } {
-    const oldest = Math.floor(now / 1000) - WINDOW_S;
-    let tokens = 0, requests = 0;
-    for (let i = 0; i < WINDOW_S; i++) if (this.#sec[i] > oldest) { tokens += this.#tokens[i]; requests += this.#requests[i]; }
-    return { tokens, requests };
+  add(now: number, c: Partial<Counts>): void {
+    const b = Math.floor(now / this.#width), i = b % this.#n;
+    if (this.#at[i] !== b) { this.#at[i] = b; for (const k of COUNT_KEYS) this.#c[k][i] = 0; }
+    for (const k of COUNT_KEYS) this.#c[k][i] += c[k] ?? 0;
   }
 
-  /** When the oldest second that still holds usage leaves the window (ms), or undefined if empty. */
-  nextExpiry(now: number): number | undefined {
-    const oldest = Math.floor(now / 1000) - WINDOW_S;
-    let min = Infinity;
-    for (let i = 0; i < WINDOW_S; i++) if (this.#sec[i] > oldest && (this.#tokens[i] || this.#requests[i])) min = Math.min(min, this.#sec[i]);
-    return min === Infinity ? undefined : (min + WINDOW_S + 1) * 1000;
+  totals(now: number): Counts {
+    const oldest = Math.floor(now / this.#width) - this.#n, out = { requests: 0, tokens: 0, input: 0, output: 0 };
+    for (let i = 0; i < this.#n; i++) if (this.#at[i] > oldest) for (const k of COUNT_KEYS) out[k] += this.#c[k][i];
+    return out;
+  }
+
+  empty(now: number): boolean {
+    const t = this.totals(now);
+    return t.requests === 0 && t.tokens === 0;
+  }
+
+  /** When enough of `count` will have left the window for its sum to drop by `need`, or undefined if it never holds that much. */
+  freeAt(now: number, count: keyof Counts, need: number): number | undefined {
+    const oldest = Math.floor(now / this.#width) - this.#n;
+    const live = [...this.#at.keys()].filter((i) => this.#at[i] > oldest && this.#c[count][i] > 0).sort((a, b) => this.#at[a] - this.#at[b]);
+    let gone = 0;
+    for (const i of live) {
+      gone += this.#c[count][i];
+      if (gone >= need) return (this.#at[i] + this.#n + 1) * this.#width;
+    }
+    return undefined;
   }
 }
 
+const COUNT_KEYS = ["requests", "tokens", "input", "output"] as const;
+
+/** What each dimension counts, and whether over the sliding day (else the sliding minute). */
+const MEASURES: Record<Dimension, { count: keyof Counts | "inflight"; day: boolean }> = {
+  rpm: { count: "requests", day: false }, tpm: { count: "tokens", day: false }, itpm: { count: "input", day: false }, otpm: { count: "output", day: false },
+  concurrency: { count: "inflight", day: false }, rpd: { count: "requests", day: true }, tpd: { count: "tokens", day: true },
+};
+
+/**
+ * What the provider said of one dimension in its headers: how much was used then (of the limit), and
+ * when it is whole again. `by` and `charged`: the request whose answer carried them, and the output it
+ * was charged up front (its max_tokens), which the provider corrects to the real output when it ends.
+ */
+type Observation = { used: number; at: number; reset: number; by?: Reservation; charged: number };
+
 /** `coolAsked`: the end of the rest the provider asked for, when that was past the ceiling (shown on the dashboard). */
-type Pool = { window: SlidingWindow; inflightTokens: number; inflight: number; coolUntil: number; coolAsked: number };
+type Pool = {
+  minute: SlidingWindow; day: SlidingWindow | undefined; inflight: number; reserved: Estimate;
+  coolUntil: number; coolAsked: number;
+  seen: Partial<Record<Dimension, Observation>>; learned: Partial<Record<Dimension, number>>;
+};
 
 /** A model's share of capacity taken by one request; hand it back with `settle` or `release`. */
-export type Reservation = { pool: string; tokens: number; done: boolean };
+export type Reservation = { pool: string; key: string; estimate: Estimate; done: boolean };
 
-export type Verdict = { ok: true; reservation: Reservation } | { ok: false; why: "cooling" | "tokens" | "requests"; until: number | undefined };
+/** One dimension of a model as routing sees it now: what is used (counted here, or seen by the provider), of which limit. */
+export type DimensionView = {
+  dimension: Dimension; used: number; limit: number; configured: number | null; learned: number | null;
+  percent: number; blocks: boolean; free_at: number | null;
+};
 
-export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number; coolAsked: number };
+export type Verdict =
+  | { ok: true; reservation: Reservation; dimensions: DimensionView[] }
+  | { ok: false; why: "cooling" | Dimension; until: number | undefined; dimensions: DimensionView[] };
 
-type Limits = Pick<Model, "pool" | "limit" | "rpm">;
+export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number; coolAsked: number; binding: Dimension | null; dimensions: DimensionView[] };
+
+type Limits = Pick<Model, "key" | "pool" | DimensionKey | "limit">;
+type DimensionKey = Dimension;
+
+/** A model's configured limit in one dimension (`limit` is the older name of `tpm`). */
+export const configuredLimit = (m: Limits, d: Dimension): number | undefined => (d === "tpm" ? m.tpm ?? m.limit : m[d]);
+
+/** How many recent answers a model's output estimate looks at. */
+const OUTPUTS_KEPT = 32;
 
 export class Limiter {
   #pools = new Map<string, Pool>();
+  #recent = new Map<string, { input: number[]; output: number[] }>(); // per model: its last answers' counted input and output
   #waiters = new Set<() => void>();
   #sweepAt = 64;
   threshold: number;
@@ -826,63 +894,159 @@ export class Limiter {
 
   #pool(name: string): Pool {
     let p = this.#pools.get(name);
-    if (!p) this.#pools.set(name, (p = { window: new SlidingWindow(), inflightTokens: 0, inflight: 0, coolUntil: 0, coolAsked: 0 }));
+    if (!p) this.#pools.set(name, (p = { minute: new SlidingWindow(60, 1000), day: undefined, inflight: 0, reserved: { input: 0, output: 0 }, coolUntil: 0, coolAsked: 0, seen: {}, learned: {} }));
     return p;
   }
 
-  /** How many windows are held: the table's pools, plus "provider/model" names used in the last minute. */
+  /** How many pools are held: the table's, plus the shared pool of each provider's models outside the table. */
   get size(): number { return this.#pools.size; }
 
-  /**
-   * Forget the pools that hold nothing (an empty window, nothing in flight, no cooldown): such a pool
-   * answers exactly as a new one would, and without this every "provider/model" name ever sent would stay.
-   */
+  /** Forget the pools that hold nothing (an empty window, nothing in flight or seen, no cooldown): such a pool answers as a new one would. */
   #sweep(now: number): void {
-    for (const [key, p] of this.#pools) if (p.inflight === 0 && p.inflightTokens === 0 && p.coolUntil <= now && p.window.nextExpiry(now) === undefined) this.#pools.delete(key);
+    for (const [key, p] of this.#pools)
+      if (p.inflight === 0 && p.coolUntil <= now && p.minute.empty(now) && (!p.day || p.day.empty(now)) && Object.keys(p.seen).length === 0) this.#pools.delete(key);
     this.#sweepAt = Math.max(64, 2 * this.#pools.size); // amortized: a sweep per doubling
   }
 
-  /** Tokens and requests in the last minute, in-flight requests counted by their estimate. */
-  headroom(m: Limits, now: number): Headroom {
-    const p = this.#pool(m.pool), w = p.window.totals(now);
-    const tokens = w.tokens + p.inflightTokens;
-    const percent = Math.max(m.limit > 0 ? tokens / m.limit : 0, m.rpm ? w.requests / m.rpm : 0) * 100;
-    const saturated = tokens >= this.threshold * m.limit || (m.rpm !== undefined && w.requests >= this.threshold * m.rpm);
-    const cooling = p.coolUntil > now;
-    return { tokens, requests: w.requests, inflight: p.inflight, percent, saturated, coolUntil: cooling ? p.coolUntil : 0, coolAsked: cooling ? p.coolAsked : 0 };
+  /** What a dimension holds now: the larger of local counting and the provider's own view, plus what is in flight. */
+  #used(p: Pool, d: Dimension, now: number): { used: number; local: number; seen: number } {
+    const { count, day } = MEASURES[d];
+    if (count === "inflight") return { used: p.inflight, local: 0, seen: 0 };
+    const local = day ? p.day?.totals(now)[count] ?? 0 : p.minute.totals(now)[count];
+    const o = p.seen[d], seen = o && o.reset > now ? o.used * Math.min(1, (o.reset - now) / Math.max(1, o.reset - o.at)) : 0; // the provider refills it until its reset
+    const flying = count === "input" ? p.reserved.input : count === "output" ? p.reserved.output : count === "tokens" ? p.reserved.input + p.reserved.output : 0;
+    return { used: Math.max(local, seen) + flying, local, seen };
+  }
+
+  /** How much of a dimension one request takes. */
+  static #takes(d: Dimension, e: Estimate): number {
+    const c = MEASURES[d].count;
+    return c === "requests" || c === "inflight" ? 1 : c === "input" ? e.input : c === "output" ? e.output : e.input + e.output;
   }
 
   /**
-   * Check and reserve in one step: the model is eligible while its tokens (with this request's
-   * estimate) and requests stay under threshold x limit. An idle model always takes one request, so a
-   * prompt larger than the threshold is not refused forever.
+   * When a blocked dimension can take the request: the provider's reset when its view is what binds;
+   * else when enough of the window's usage has left it; undefined when only requests in flight can free
+   * room (their end wakes the waiters).
    */
-  reserve(m: Limits, estimate: number, now: number): Verdict {
-    if (this.#pools.size >= this.#sweepAt && !this.#pools.has(m.pool)) this.#sweep(now);
-    const p = this.#pool(m.pool);
-    if (p.coolUntil > now) return { ok: false, why: "cooling", until: p.coolUntil };
-    const w = p.window.totals(now), used = w.tokens + p.inflightTokens;
-    const idle = used === 0 && p.inflight === 0;
-    if (!idle && used + estimate > this.threshold * m.limit) return { ok: false, why: "tokens", until: p.window.nextExpiry(now) };
-    if (m.rpm !== undefined && w.requests + 1 > this.threshold * m.rpm) return { ok: false, why: "requests", until: p.window.nextExpiry(now) };
-    p.window.add(now, 0, 1);
-    p.inflightTokens += estimate;
-    p.inflight++;
-    return { ok: true, reservation: { pool: m.pool, tokens: estimate, done: false } };
+  #freeAt(p: Pool, d: Dimension, local: number, seen: number, need: number, now: number): number | undefined {
+    const { count, day } = MEASURES[d];
+    if (count === "inflight") return undefined;
+    if (seen > local) return p.seen[d]!.reset;
+    return need <= local ? (day ? p.day : p.minute)?.freeAt(now, count, need) : undefined;
   }
 
-  /** Replace the reservation's estimate with the tokens really used. */
-  settle(r: Reservation, tokens: number, now: number): void {
+  /**
+   * The one verdict: may a request of this size go to this model now, dimension by dimension, and if not,
+   * which dimension binds and until when. A dimension blocks when what it holds plus the request would
+   * pass threshold × its limit (the provider's own limit from its headers, else the configured one). A
+   * pool idle here takes one request whatever its size (else a prompt above the threshold would wait
+   * forever), unless the provider says others fill it.
+   */
+  assess(m: Limits, e: Estimate, now: number): { why: "cooling" | Dimension | undefined; until: number | undefined; dimensions: DimensionView[] } {
+    const p = this.#pool(m.pool);
+    const idle = p.inflight === 0 && p.minute.empty(now);
+    const dimensions: DimensionView[] = [];
+    let why: "cooling" | Dimension | undefined = p.coolUntil > now ? "cooling" : undefined, until = why ? p.coolUntil : undefined;
+    for (const d of DIMENSIONS) {
+      const configured = configuredLimit(m, d), learned = p.learned[d], limit = learned ?? configured;
+      if (!limit || !Number.isFinite(limit)) continue;
+      const { used, local, seen } = this.#used(p, d, now), need = used + Limiter.#takes(d, e) - this.threshold * limit;
+      const blocks = need > 0 && (!idle || seen > 0);
+      const free = blocks ? this.#freeAt(p, d, local, seen, need, now) : undefined;
+      dimensions.push({ dimension: d, used, limit, configured: configured ?? null, learned: learned ?? null, percent: Math.round((used / limit) * 1000) / 10, blocks, free_at: free ?? null });
+      if (blocks && !why) { why = d; until = free; }
+    }
+    return { why, until, dimensions };
+  }
+
+  /** The verdict, and when it is yes, the reservation: one synchronous step. */
+  reserve(m: Limits, e: Estimate, now: number): Verdict {
+    if (this.#pools.size >= this.#sweepAt && !this.#pools.has(m.pool)) this.#sweep(now);
+    const v = this.assess(m, e, now);
+    if (v.why) return { ok: false, why: v.why, until: v.until, dimensions: v.dimensions };
+    const p = this.#pool(m.pool);
+    p.minute.add(now, { requests: 1 });
+    if (p.day || configuredLimit(m, "rpd") || configuredLimit(m, "tpd")) (p.day ??= new SlidingWindow(24, 3_600_000)).add(now, { requests: 1 });
+    p.inflight++;
+    p.reserved.input += e.input;
+    p.reserved.output += e.output;
+    return { ok: true, reservation: { pool: m.pool, key: m.key, estimate: e, done: false }, dimensions: v.dimensions };
+  }
+
+  /** Replace the reservation's estimate with what the provider counted (`counted`), and learn the model's output size. */
+  settle(r: Reservation, counted: Counts | undefined, now: number): void {
     if (r.done) return;
     r.done = true;
     const p = this.#pool(r.pool);
-    p.inflightTokens -= r.tokens;
     p.inflight--;
-    if (tokens > 0) p.window.add(now, tokens, 0);
+    p.reserved.input -= r.estimate.input;
+    p.reserved.output -= r.estimate.output;
+    if (counted) {
+      this.#correct(p, r, counted.output);
+      p.minute.add(now, { ...counted, requests: 0 });
+      p.day?.add(now, { ...counted, requests: 0 });
+      const seen = this.#recent.get(r.key) ?? { input: [], output: [] };
+      if (!this.#recent.has(r.key) && this.#recent.size >= 1024) this.#recent.clear(); // names outside the table come and go
+      this.#recent.set(r.key, { input: [...seen.input.slice(1 - OUTPUTS_KEPT), counted.input], output: [...seen.output.slice(1 - OUTPUTS_KEPT), counted.output] });
+    }
     this.#wake();
   }
 
-  release(r: Reservation, now: number): void { this.settle(r, 0, now); }
+  release(r: Reservation, now: number): void { this.settle(r, undefined, now); }
+
+  /**
+   * The output tokens to reserve for a request: what the client asks for as its cap, else the largest of
+   * the model's recent answers (a figure learned, not a fixed worst case), within [256, fallback].
+   */
+  outputEstimate(key: string, asked: number | undefined, fallback: number): number {
+    if (asked !== undefined) return asked;
+    const seen = this.#recent.get(key)?.output;
+    return seen?.length ? Math.min(fallback, Math.max(256, ...seen)) : Math.min(fallback, 1024);
+  }
+
+  /** A typical request of a model: the median prompt of its recent answers (1,000 tokens before any) and its output estimate. What /stats asks about. */
+  typical(key: string, fallback: number): Estimate {
+    const inputs = [...(this.#recent.get(key)?.input ?? [])].sort((a, b) => a - b);
+    return { input: inputs.length ? inputs[inputs.length >> 1] : 1000, output: this.outputEstimate(key, undefined, fallback) };
+  }
+
+  /**
+   * Learn from an answer's rate-limit headers: each dimension's limit (the account's real one, when it
+   * differs from the table) and what the provider counts as used until its reset (other clients of the
+   * same key included). A reset is kept within the ceiling, like a cooldown.
+   */
+  observe(pool: string, kind: Kind, get: HeaderGet, now: number, by?: Reservation, charged = 0): void {
+    let p: Pool | undefined;
+    for (const h of RATE_LIMIT_HEADERS[kind]) {
+      const limit = Number(get(h.limit)), remaining = Number(get(h.remaining));
+      if (!(limit > 0) || !Number.isFinite(remaining)) continue;
+      const resetText = get(h.reset), at = resetText ? (h.duration ? now + (parseDuration(resetText) ?? 0) : Date.parse(resetText)) : NaN;
+      p ??= this.#pool(pool);
+      p.learned[h.dim] = limit;
+      p.seen[h.dim] = { used: Math.max(0, limit - remaining), at: now, reset: Number.isFinite(at) ? Math.min(Math.max(at, now), now + this.#maxCool) : now + 60_000, by, charged };
+    }
+  }
+
+  /** The provider has corrected its up-front charge for the output to the real output: so does what it said. */
+  #correct(p: Pool, r: Reservation, output: number): void {
+    for (const d of ["otpm", "tpm", "tpd"] as const) {
+      const o = p.seen[d];
+      if (o?.by === r) { o.used = Math.max(0, o.used - Math.max(0, o.charged - output)); o.by = undefined; }
+    }
+  }
+
+  /** The model's dimensions and cooldown now, for a typical request: what /stats and the dashboard show. */
+  headroom(m: Limits, now: number, typical: Estimate = { input: 1000, output: 1024 }): Headroom {
+    const p = this.#pool(m.pool), w = p.minute.totals(now), v = this.assess(m, typical, now);
+    const cooling = p.coolUntil > now;
+    const top = v.dimensions.reduce<DimensionView | undefined>((a, d) => (!a || d.percent > a.percent ? d : a), undefined);
+    return {
+      tokens: w.tokens + p.reserved.input + p.reserved.output, requests: w.requests, inflight: p.inflight, percent: top?.percent ?? 0,
+      saturated: v.why !== undefined && v.why !== "cooling", coolUntil: cooling ? p.coolUntil : 0, coolAsked: cooling ? p.coolAsked : 0,
+      binding: v.why && v.why !== "cooling" ? v.why : top && top.percent > 0 ? top.dimension : null, dimensions: v.dimensions,
+    };
+  }
 
   /**
    * Rest a pool until `until`, kept between the floor and the ceiling: a retry-after of 0 (or in the
@@ -3118,7 +3282,7 @@ export class Dispatcher {
   /** Answer the job from the first candidate that can; throws a TwError when none can. */
   async dispatch(job: Job): Promise<void> {
     const { route, row, client, attempts } = job;
-    const estimate = estimateTokens(job.p.hub, job.p.text.length, this.#config.default_max_tokens);
+    const prompt = promptEstimate(job.p.text.length), asked = askedOutput(job.p.hub);
     const deadline = row.ts + this.#config.max_wait_ms;
     const spent = new Set<Model>();
     const failures: Failure[] = [];
@@ -3127,15 +3291,16 @@ export class Dispatcher {
       const t = this.#now();
       const open = route.candidates.filter((m) => !spent.has(m) && !this.resting(m, t));
       if (!open.length) break;
-      const pick = this.#pick(open, estimate, t);
+      const pick = this.#pick(open, prompt, asked, t);
       if ("wait" in pick) {
         if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
         await this.#capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
         continue;
       }
       tries++;
-      // a failover is counted only when another attempt really follows a failure
-      if (failures.length) row.failover = [...new Set(failures.map((f) => failLabel(f.attempt.status, f.timedOut)))].join(", ");
+      // a failover is counted only when another attempt really follows a failure, or a candidate passed over
+      const passed = [...failures.map((f) => failLabel(f.attempt.status, f.timedOut)), ...pick.passed];
+      if (passed.length) row.failover = [...new Set(passed)].join(", ");
       row.provider = pick.model.provider.id;
       row.model = pick.model.id;
       row.attempts = attempts.length + 1;
@@ -3154,12 +3319,17 @@ export class Dispatcher {
     return (this.authDown.get(m.provider.id) ?? 0) > t || (this.refused.get(m.key) ?? 0) > t;
   }
 
-  /** Reserve the first candidate with room; otherwise say when to look again (and whether only cooldowns block). */
-  #pick(open: Model[], estimate: number, t: number): { model: Model; reservation: Reservation } | { wait: number; allCooling: boolean } {
+  /**
+   * Reserve the first candidate with room for this request (its prompt, and the output it asks for or
+   * the model's recent answers suggest); otherwise say when to look again (and whether only cooldowns block).
+   */
+  #pick(open: Model[], prompt: number, asked: number | undefined, t: number): { model: Model; reservation: Reservation; passed: string[] } | { wait: number; allCooling: boolean } {
     let wait = Infinity, allCooling = true;
+    const passed: string[] = []; // the candidates before it without room, and which limit stopped each
     for (const m of open) {
-      const v = this.#limiter.reserve(m, estimate, t);
-      if (v.ok) return { model: m, reservation: v.reservation };
+      const v = this.#limiter.reserve(m, { input: prompt, output: this.#limiter.outputEstimate(m.key, asked, this.#config.default_max_tokens) }, t);
+      if (v.ok) return { model: m, reservation: v.reservation, passed };
+      passed.push(v.why === "cooling" ? `${m.id} cooling down` : `${m.id} saturated (${v.why})`);
       if (v.why !== "cooling") allCooling = false;
       wait = Math.min(wait, v.until ?? t + 1000);
     }
@@ -3212,7 +3382,11 @@ export class Dispatcher {
       timer.refresh();
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, this.#now(), this.#config.cooldown_ms, m.provider.kind);
       if (cool) this.#limiter.cool(m.pool, cool, this.#now());
-      const relay: Relay = { job, m, native, reservation, prompt: reservation.tokens - outputCap(job.p.hub, this.#config.default_max_tokens), resp, ac, timer, started };
+      // the provider's own view of its limits; Anthropic's includes this request's output cap, charged up
+      // front and corrected to the real output when it ends (OpenAI and Kimi keep what they charged)
+      const upfront = m.provider.kind === "anthropic" ? askedOutput(job.p.hub) ?? m.max_tokens ?? this.#config.default_max_tokens : 0;
+      this.#limiter.observe(m.pool, m.provider.kind, (n) => resp.headers.get(n), this.#now(), reservation, upfront);
+      const relay: Relay = { job, m, native, reservation, prompt: reservation.estimate.input, resp, ac, timer, started };
       const out = await this.#answer(relay, fail);
       if (!out.done) ac.abort(GAVE_UP); // whatever is left of the body is not wanted: free the connection
       return out;
@@ -3258,7 +3432,7 @@ export class Dispatcher {
   /** Settle the limiter with the real usage (or the estimate when the upstream gave none) and put it on the row. */
   #account(r: Relay, usage: Usage | undefined, fallback: Usage): { usage: Usage; cost: number } {
     const u = usage ?? fallback;
-    this.#limiter.settle(r.reservation, windowTokens(r.m.provider.kind, u), this.#now());
+    this.#limiter.settle(r.reservation, countedOf(r.m.provider.kind, u), this.#now());
     const cost = r.m.priced ? costUsd(r.m, u) : 0;
     Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + writes(u), output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: writes(u), cost_usd: cost });
     return { usage: u, cost };
@@ -3686,7 +3860,7 @@ export function createRouter(config: Config, deps: Deps) {
   function limits({ res }: Ctx): void {
     const t = now();
     // the live view only: no store query, unlike /stats
-    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t) })) });
+    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t, config.default_max_tokens) })) });
   }
 
   const HANDLERS: Record<string, Handler> = {
@@ -3754,13 +3928,22 @@ function p50p95(xs: number[]): (number | null)[] {
   return [50, 95].map((p) => (s.length ? s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] : null));
 }
 
-/** A model's live limiter view: what /stats and /api/limits show of the sliding minute. */
-export function headroomOf(limiter: Limiter, m: Model, t: number) {
-  const h = limiter.headroom(m, t);
+/**
+ * A model's live limiter view, what /stats and /api/limits show: each dimension it has (used, the
+ * configured and the learned limit, percent, whether it blocks and when it frees), the one that binds,
+ * and `saturated` exactly when routing would not send it a typical request now (the same verdict).
+ */
+export function headroomOf(limiter: Limiter, m: Model, t: number, defaultMax: number) {
+  const h = limiter.headroom(m, t, limiter.typical(m.key, defaultMax));
+  const secs = (at: number | null) => (at && at > t ? Math.ceil((at - t) / 1000) : 0);
+  const binding = h.dimensions.find((d) => d.dimension === h.binding);
+  const tpm = configuredLimit(m, "tpm");
   return {
-    pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: Number.isFinite(m.limit) ? m.limit : null, rpm: m.rpm ?? null,
-    percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, cooling: h.coolUntil > 0, free_in_s: Math.ceil((h.coolUntil ? h.coolUntil - t : 0) / 1000),
+    pool: m.pool, window_tokens: h.tokens, window_requests: h.requests, inflight: h.inflight, limit: tpm !== undefined && Number.isFinite(tpm) ? tpm : null, rpm: m.rpm ?? null,
+    percent_used: Math.round(h.percent * 10) / 10, saturated: h.saturated, binding: h.binding, cooling: h.coolUntil > 0,
+    free_in_s: h.coolUntil ? secs(h.coolUntil) : h.saturated ? secs(binding?.free_at ?? null) : 0,
     cooldown_asked_s: h.coolAsked ? Math.ceil((h.coolAsked - t) / 1000) : null, // set when the provider asked for longer than max_cooldown_ms
+    dimensions: h.dimensions.map((d) => ({ dimension: d.dimension, used: Math.round(d.used), limit: d.limit, configured_limit: d.configured, learned_limit: d.learned, percent: d.percent, blocks: d.blocks, free_in_s: secs(d.free_at) })),
   };
 }
 
@@ -3785,7 +3968,7 @@ function modelStats(src: StatsSource, t: number, since: number) {
       provider: m.provider.id, provider_name: m.provider.name, model: m.id, tier: m.tier, enabled: m.provider.enabled,
       requests: a?.requests ?? 0, errors: a?.errors ?? 0, input_tokens: a?.input_tokens ?? 0, output_tokens: a?.output_tokens ?? 0, cost_usd: round12(a?.cost_usd ?? 0),
       p50_ms: p50, p95_ms: p95, ttft_p50_ms: t50, ttft_p95_ms: t95,
-      ...headroomOf(src.limiter, m, t), price_in: m.input, price_out: m.output,
+      ...headroomOf(src.limiter, m, t, config.default_max_tokens), price_in: m.input, price_out: m.output,
       refused_for_s: Math.max(0, Math.ceil(((src.refused.get(m.key) ?? 0) - t) / 1000)), // a 403: this key may not use the model
     };
   });
@@ -3897,7 +4080,8 @@ h3{font-size:12px;margin:0 0 8px;font-weight:600;color:var(--muted);text-transfo
 .prov-hd b{font-size:14px}
 .prov-hd .right{margin-left:auto}
 .prov.off .hr-row{opacity:.45}
-.hr-row{display:grid;grid-template-columns:minmax(150px,1.1fr) minmax(0,2fr) minmax(0,2fr) 52px;gap:6px 22px;align-items:center;padding:10px 0 10px 10px;border-bottom:1px dashed var(--line);border-left:3px solid transparent}
+.hr-row{display:grid;grid-template-columns:minmax(150px,1.1fr) minmax(0,4fr) 52px;gap:6px 22px;align-items:center;padding:10px 0 10px 10px;border-bottom:1px dashed var(--line);border-left:3px solid transparent}
+.meters{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:6px 18px}.meter.binding .m-top span:first-child{font-weight:650}.meter.binding .m-top span:first-child::after{content:" · binds";color:var(--amber);font-weight:500}
 .hr-row:last-child{border-bottom:0}
 .hr-row.sat{border-left-color:var(--red)}
 .hr-row.cool{border-left-color:var(--amber)}
@@ -3959,7 +4143,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 @media (max-width:900px){.grid2{grid-template-columns:minmax(0,1fr)}.kpis{grid-template-columns:repeat(2,minmax(0,1fr))}}
 @media (max-width:640px){.top{padding:10px 14px;position:static}main{padding:12px 12px 32px;gap:12px}.card{padding:14px}.scroll{margin:0 -14px;padding:0 14px}.mc{max-width:190px}
 .kpis{gap:12px}.k-val{font-size:22px}.k-sub{gap:12px}
-.hr-row{grid-template-columns:minmax(0,1fr) auto;padding-left:8px}.hr-row .meter{grid-column:1/-1;order:2}}
+.hr-row{grid-template-columns:minmax(0,1fr) auto;padding-left:8px}.hr-row .meters{grid-column:1/-1;order:2}}
 </style>
 </head>
 <body>
@@ -4279,6 +4463,17 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     w.title = label + ": " + fmtInt(used) + " of " + fmtInt(limit) + unit + " (" + pctOf(used, limit) + "), threshold " + fmtInt(limit * th);
     return w;
   }
+  var DIM_NAMES = { rpm: "Requests/min", tpm: "Tokens/min", itpm: "Input tokens/min", otpm: "Output tokens/min", concurrency: "At once", rpd: "Requests/day", tpd: "Tokens/day" };
+  /** One rate-limit dimension: used of its limit, the limit the provider reported when it differs, whether it binds and when it frees. */
+  function dimMeter(x, th, binding) {
+    var w = meter(DIM_NAMES[str(x.dimension)] || str(x.dimension), num(x.used), num(x.limit), th, "");
+    w.setAttribute("data-kind", str(x.dimension));
+    if (binding) w.classList.add("binding");
+    if (has(x.learned_limit) && num(x.learned_limit) !== num(x.configured_limit))
+      w.title += DOT + "the provider reports " + fmtInt(x.learned_limit) + (has(x.configured_limit) ? " (configured " + fmtInt(x.configured_limit) + ")" : "");
+    if (x.blocks && num(x.free_in_s) > 0) add(w, el("div", "small muted free-in", "frees in " + fmtDur(x.free_in_s)));
+    return w;
+  }
   function renderHeadroom(d) {
     var th = num(d.threshold) > 0 ? num(d.threshold) : 0.8, groups = new Map();
     $("hr-th").textContent = Math.round(th * 100) + "%";
@@ -4313,9 +4508,11 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
           num(m.cooldown_asked_s) > 0 ? el("span", "muted capped", "(provider asked " + fmtDur(m.cooldown_asked_s) + "; capped at max_cooldown_ms)") : null,
           num(m.inflight) > 0 ? tag(fmtInt(m.inflight) + " in flight") : null);
         add(r, add(el("div", "hr-name"), el("div", "mname", str(m.model)), tags));
-        add(r, meter("Tokens", num(m.window_tokens), num(m.limit), th, ""));
-        if (has(m.rpm) && num(m.rpm) > 0) add(r, meter("Requests", num(m.window_requests), num(m.rpm), th, " rpm"));
-        else add(r, el("div", "meter small muted", fmtInt(m.window_requests) + " requests" + DOT + "no rpm limit"));
+        var dims = m.dimensions || [], meters = el("div", "meters");
+        // the dimension that binds (or would first): marked once it blocks, or holds half the threshold
+        dims.forEach(function (x) { add(meters, dimMeter(x, th, str(m.binding) === str(x.dimension) && (x.blocks || num(x.percent) >= th * 50))); });
+        if (!dims.length) add(meters, el("div", "meter small muted", fmtInt(m.window_requests) + " requests" + DOT + "no limits known"));
+        add(r, meters);
         var pu = num(m.percent_used), pc = el("div", "pct " + level(pu / 100, th), Math.round(pu) + "%");
         pc.title = "of full limit"; r.appendChild(pc);
         box.appendChild(r);

@@ -229,12 +229,12 @@ for (const rt of RUNTIMES) {
         const dir = mkdtempSync(join(tmpdir(), "tw-cli-cfg-"));
         try {
           const path = join(dir, "tw.json");
-          writeFileSync(path, JSON.stringify({ providers: { openai: { models: { "gpt-4o": { input: 1, output: 1, limit: 1000, tier: "simple", tpm: 5 } } } } }));
+          writeFileSync(path, JSON.stringify({ providers: { openai: { models: { "gpt-4o": { input: 1, output: 1, tpm: 1000, tier: "simple", tpn: 5 } } } } }));
           const typo = runFile(rt, bin, ["--config", path, "--db", join(dir, "tw.db")]);
           assert.equal((await typo.closed).code, 1);
           const [line, ...more] = errLines(typo);
           assert.deepEqual(more, []);
-          assert.ok(line.startsWith(`tokenwatch: Invalid config "${path}": providers.openai.models.gpt-4o.tpm is not a known key`), line);
+          assert.ok(line.startsWith(`tokenwatch: Invalid config "${path}": providers.openai.models.gpt-4o.tpn is not a known key`), line);
           writeFileSync(path, "{ \"threshold\": 0.8, }");
           const json = runFile(rt, bin, [], { TOKENWATCH_CONFIG: path, TOKENWATCH_DB: join(dir, "tw.db") });
           assert.equal((await json.closed).code, 1);

@@ -104,7 +104,7 @@ describe("hardening: one request or one upstream answer takes everything down", 
   it("#1 a malformed usage number (\"n/a\", negative, 1e308) neither stops logging nor reaches the client as text", async () => {
     const outputs: unknown[] = ["n/a", -500, 1e308, ...Array.from({ length: 17 }, () => "n/a")];
     const up = await upstream(...outputs.map((o) => sse(anthropicStream(o, o === -500 ? -1000 : 10))));
-    const e = await setup({ anthropic: up.root, file: { providers: { kimi: ONLY({}), anthropic: ONLY({ "claude-haiku-4-5": { ...haiku, limit: 1e12 } }) } } }); // a huge count is not what this checks
+    const e = await setup({ anthropic: up.root, file: { providers: { kimi: ONLY({}), anthropic: ONLY({ "claude-haiku-4-5": { ...haiku, itpm: 1e12, otpm: 1e12 } }) } } }); // a huge count is not what this checks
     try {
       for (let i = 0; i < outputs.length; i++) {
         const stream = await e.client.chat.completions.create({ model: "claude-haiku-4-5", stream: true, stream_options: { include_usage: true }, messages: [{ role: "user", content: "hi" }] });
@@ -158,7 +158,7 @@ describe("hardening: one request or one upstream answer takes everything down", 
     let release!: () => void;
     const gate = new Promise<void>((r) => { release = r; });
     const up = await upstream(async (_q, res) => { await gate; json(200, completion("ok"))(_q, res, ""); });
-    const roomy = { openai: ONLY({ "gpt-4o-mini": { ...mini, limit: 1e9 } }) }; // the limiter is not what holds the second body back
+    const roomy = { openai: ONLY({ "gpt-4o-mini": { ...mini, tpm: 1e9 } }) }; // the limiter is not what holds the second body back
     const e = await setup({ openai: up.url, file: { max_body_bytes: 2 * 1024 * 1024, max_inflight_body_bytes: 3 * 1024 * 1024, providers: roomy } });
     try {
       const body = JSON.stringify({ ...hi, messages: [{ role: "user", content: "y".repeat(1400 * 1024) }] });

@@ -146,18 +146,18 @@ describe("hot path: nothing grows with the number of requests", () => {
     const limiter = new Limiter(0.8);
     const t0 = 1_000_000;
     for (let i = 0; i < 500; i++) {
-      const v = limiter.reserve({ pool: `openai/model-${i}`, limit: Infinity }, 10, t0);
+      const v = limiter.reserve({ key: `openai/model-${i}`, pool: `openai/model-${i}` }, { input: 10, output: 0 }, t0);
       assert.ok(v.ok);
-      if (i > 0) limiter.settle(v.reservation, 10, t0); // model-0 stays in flight
+      if (i > 0) limiter.settle(v.reservation, { requests: 0, tokens: 10, input: 10, output: 0 }, t0); // model-0 stays in flight
     }
     limiter.cool("openai/model-1", t0 + 120_000, t0);
     assert.equal(limiter.size, 500);
     for (let i = 0; i < 20; i++) { // a minute later the windows are empty; new names come in
-      const v = limiter.reserve({ pool: `openai/late-${i}`, limit: Infinity }, 10, t0 + 61_000);
-      if (v.ok) limiter.settle(v.reservation, 10, t0 + 61_000);
+      const v = limiter.reserve({ key: `openai/late-${i}`, pool: `openai/late-${i}` }, { input: 10, output: 0 }, t0 + 61_000);
+      if (v.ok) limiter.settle(v.reservation, { requests: 0, tokens: 10, input: 10, output: 0 }, t0 + 61_000);
     }
     assert.ok(limiter.size <= 22, `${limiter.size} pools kept`); // model-0 (in flight), model-1 (cooling), the late ones
-    assert.equal(limiter.headroom({ pool: "openai/model-0", limit: Infinity }, t0 + 61_000).inflight, 1);
-    assert.ok(limiter.headroom({ pool: "openai/model-1", limit: Infinity }, t0 + 61_000).coolUntil > 0);
+    assert.equal(limiter.headroom({ key: "openai/model-0", pool: "openai/model-0" }, t0 + 61_000).inflight, 1);
+    assert.ok(limiter.headroom({ key: "openai/model-1", pool: "openai/model-1" }, t0 + 61_000).coolUntil > 0);
   });
 });

@@ -297,6 +297,7 @@ describe("messages: errors in Anthropic's shape", () => {
 
   it("says 429 with retry-after when every candidate is saturated, and 529 overloaded_error when every one is overloaded", async () => {
     const hot = await setup({ file: { max_wait_ms: 0, providers: { openai: { models: {} }, kimi: { models: {} }, anthropic: { models: { "claude-haiku-4-5": { ...PROVIDERS.anthropic.models["claude-haiku-4-5"], rpm: 1 } } } } } });
+    hot.mocks.anthropic.rateLimits({ limits: { requests: 1 } }); // the account's own limit, as its headers say it
     try {
       await post(hot, "/v1/messages", { model: "claude-haiku-4-5", max_tokens: 5, messages: hello }).then((x) => x.text());
       const saturated = await post(hot, "/v1/messages", { model: "claude-haiku-4-5", max_tokens: 5, messages: hello });
