@@ -4469,8 +4469,11 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     var w = meter(DIM_NAMES[str(x.dimension)] || str(x.dimension), num(x.used), num(x.limit), th, "");
     w.setAttribute("data-kind", str(x.dimension));
     if (binding) w.classList.add("binding");
-    if (has(x.learned_limit) && num(x.learned_limit) !== num(x.configured_limit))
-      w.title += DOT + "the provider reports " + fmtInt(x.learned_limit) + (has(x.configured_limit) ? " (configured " + fmtInt(x.configured_limit) + ")" : "");
+    if (has(x.learned_limit) && num(x.learned_limit) !== num(x.configured_limit)) {
+      // the account's real limit, from the provider's headers: shown beside the table's figure
+      add(w, el("div", "small muted learned", has(x.configured_limit) ? "table says " + fmtTok(num(x.configured_limit)) : "from the headers"));
+      w.title += DOT + "the provider reports " + fmtInt(x.learned_limit) + (has(x.configured_limit) ? ", the table says " + fmtInt(x.configured_limit) : "");
+    }
     if (x.blocks && num(x.free_in_s) > 0) add(w, el("div", "small muted free-in", "frees in " + fmtDur(x.free_in_s)));
     return w;
   }

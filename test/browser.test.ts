@@ -204,6 +204,33 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
     } finally { await context.close(); rmSync(dir, { recursive: true, force: true }); }
   });
 
+  it("shows each limit of a model, the one that binds highlighted with when it frees, and a learned limit beside the table's", async () => {
+    const [openai, anthropic] = await Promise.all([startMock("openai"), startMock("anthropic")]);
+    const all: Record<string, string> = { OPENAI_API_KEY: openai.key, OPENAI_BASE_URL: openai.url, ANTHROPIC_API_KEY: anthropic.key, ANTHROPIC_BASE_URL: anthropic.url };
+    const tw = await start({ config: buildConfig({ env: all }), env: all, db: ":memory:" });
+    opened.push(tw);
+    const { context, page: p } = await open(tw.url);
+    try {
+      openai.rateLimits({ limits: { requests: 500, tokens: 30_000 }, others: { tokens: 27_000 } }); // another client fills gpt-4o's minute
+      anthropic.rateLimits({ limits: { requests: 1000, input_tokens: 450_000, output_tokens: 90_000 } }); // a Tier 2 account
+      assert.equal(await chat(tw, { model: "gpt-4o" }), 200);
+      assert.equal(await chat(tw, { model: "claude-sonnet-5", max_tokens: 100 }), 200);
+      await p.goto(`${tw.url}/`);
+      const gpt = p.locator('.hr-row[data-model="openai/gpt-4o"]');
+      await gpt.locator('.meter[data-kind="tpm"].binding').waitFor(WAIT);
+      assert.equal(await gpt.getAttribute("data-saturated"), "true");
+      assert.match(await gpt.locator('.meter[data-kind="tpm"] .free-in').textContent() ?? "", /frees in (\d+ ?s|1m 00s)/);
+      assert.equal(await gpt.locator(".meter.binding").count(), 1, "one limit binds");
+      assert.deepEqual(await gpt.locator(".meter").evaluateAll((ms) => ms.map((m) => m.getAttribute("data-kind"))), ["rpm", "tpm"]);
+      const sonnet = p.locator('.hr-row[data-model="anthropic/claude-sonnet-5"]');
+      assert.deepEqual(await sonnet.locator(".meter").evaluateAll((ms) => ms.map((m) => m.getAttribute("data-kind"))), ["rpm", "tpm", "itpm", "otpm"]);
+      assert.match(await sonnet.locator('.meter[data-kind="itpm"] .m-val').textContent() ?? "", /\/ 450k$/);
+      assert.equal(await sonnet.locator('.meter[data-kind="itpm"] .learned').textContent(), "table says 30k");
+      assert.equal(await gpt.locator(".learned").count(), 0, "limits as the table says them: nothing more to show");
+      assert.equal(await sonnet.getAttribute("data-saturated"), "false");
+    } finally { await context.close(); await Promise.all([openai.close(), anthropic.close()]); }
+  });
+
   it("asks for the API key when TOKENWATCH_API_KEY is set, and shows the numbers once it is given", async () => {
     const KEY = "tw-browser-test-key";
     const locked = await startTw(mocks, { TOKENWATCH_API_KEY: KEY });
