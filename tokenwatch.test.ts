@@ -255,11 +255,16 @@ describe("4. Limiter", () => {
     w.add(0, { tokens: 100, requests: 1 });
     w.add(30_000, { tokens: 50, requests: 1, input: 40, output: 10 });
     assert.deepEqual(w.totals(59_999), { requests: 2, tokens: 150, input: 40, output: 10 });
-    assert.deepEqual(w.totals(60_500), { requests: 1, tokens: 50, input: 40, output: 10 });
-    assert.equal(w.totals(91_000).tokens, 0);
     assert.equal(w.freeAt(59_999, "tokens", 100), 61_000, "the first 100 tokens leave with their second");
     assert.equal(w.freeAt(59_999, "tokens", 120), 91_000);
     assert.equal(w.freeAt(59_999, "tokens", 500), undefined, "the window never held that much");
+    assert.deepEqual(w.totals(60_500), { requests: 1, tokens: 50, input: 40, output: 10 });
+    w.add(45_000, { tokens: 7 }); // a clock a little behind: still inside the window, so it counts
+    w.add(500, { tokens: 1000 }); // one far behind: that second has left the window already
+    assert.equal(w.totals(60_500).tokens, 57);
+    assert.equal(w.totals(91_000).tokens, 7);
+    assert.equal(w.totals(106_000).tokens, 0);
+    assert.ok(w.empty(200_000));
     const day = new SlidingWindow(24, 3_600_000);
     day.add(0, { requests: 1 });
     assert.equal(day.totals(23 * 3_600_000).requests, 1);

@@ -792,30 +792,49 @@ export type Estimate = { input: number; output: number };
 
 type Counts = { requests: number; tokens: number; input: number; output: number };
 
-/** A sliding window of `n` buckets of `width` ms, each holding the four counts: bounded memory, O(n) to sum. */
+/**
+ * A sliding window of `n` buckets of `width` ms, each holding the four counts, and their running sums:
+ * bounded memory, and reading the totals costs nothing but retiring the buckets that left (it is read
+ * for every dimension of every candidate of every request).
+ */
 export class SlidingWindow {
   #at: Float64Array; #c: Record<keyof Counts, Float64Array>; #n: number; #width: number;
+  #sum: Counts = { requests: 0, tokens: 0, input: 0, output: 0 };
+  #last = -Infinity; // the newest bucket the window has moved to
   constructor(n = 60, width = 1000) {
     this.#n = n; this.#width = width;
     this.#at = new Float64Array(n).fill(-1);
     this.#c = { requests: new Float64Array(n), tokens: new Float64Array(n), input: new Float64Array(n), output: new Float64Array(n) };
   }
 
+  /** Move the window to `now`'s bucket: the buckets that left it give their counts back. */
+  #roll(now: number): number {
+    const b = Math.floor(now / this.#width);
+    if (b <= this.#last) return b;
+    const steps = Math.min(this.#n, b - this.#last);
+    for (let s = steps - 1; s >= 0; s--) {
+      const i = (b - s) % this.#n;
+      if (this.#at[i] >= 0) for (const k of COUNT_KEYS) { this.#sum[k] -= this.#c[k][i]; this.#c[k][i] = 0; }
+      this.#at[i] = b - s;
+    }
+    this.#last = b;
+    return b;
+  }
+
   add(now: number, c: Partial<Counts>): void {
-    const b = Math.floor(now / this.#width), i = b % this.#n;
-    if (this.#at[i] !== b) { this.#at[i] = b; for (const k of COUNT_KEYS) this.#c[k][i] = 0; }
-    for (const k of COUNT_KEYS) this.#c[k][i] += c[k] ?? 0;
+    const b = this.#roll(now), i = b % this.#n;
+    if (this.#at[i] !== b) return; // older than the window (a clock that went back): it has left already
+    for (const k of COUNT_KEYS) { const v = c[k] ?? 0; this.#c[k][i] += v; this.#sum[k] += v; }
   }
 
   totals(now: number): Counts {
-    const oldest = Math.floor(now / this.#width) - this.#n, out = { requests: 0, tokens: 0, input: 0, output: 0 };
-    for (let i = 0; i < this.#n; i++) if (this.#at[i] > oldest) for (const k of COUNT_KEYS) out[k] += this.#c[k][i];
-    return out;
+    this.#roll(now);
+    return { ...this.#sum };
   }
 
   empty(now: number): boolean {
-    const t = this.totals(now);
-    return t.requests === 0 && t.tokens === 0;
+    this.#roll(now);
+    return this.#sum.requests <= 0 && this.#sum.tokens <= 0;
   }
 
   /** When enough of `count` will have left the window for its sum to drop by `need`, or undefined if it never holds that much. */

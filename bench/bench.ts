@@ -2,6 +2,7 @@
 //
 //   npm run bench              full run: about three minutes
 //   npm run bench -- --quick   a short run for a first look (its verdicts are noisier)
+//   add --no-rate-headers      the mock's answers carry no rate-limit headers (to see what reading them costs)
 //
 // On loopback: a mock OpenAI-compatible upstream (bench/mock.ts: instant, or 50 ms late), TokenWatch in
 // front of it with SQLite logging to a real file, and the bare reference proxy (bench/bare.ts: the least
@@ -26,6 +27,8 @@ import type { BenchMock } from "./mock.ts";
 import type { Sample } from "./child.ts";
 
 const QUICK = process.argv.includes("--quick");
+/** Answers without rate-limit headers: run once with, once without, to see what reading them costs. */
+const NO_RATE_HEADERS = process.argv.includes("--no-rate-headers");
 const PLAN = QUICK
   ? { rounds: 1, latencyN: 600, slowN: 20, pairs: 3, sliceMs: 800, windows: 2, windowMs: 2000 }
   : { rounds: 4, latencyN: 1000, slowN: 30, pairs: 8, sliceMs: 1000, windows: 8, windowMs: 3000 };
@@ -306,7 +309,7 @@ const fig = (): Fig => ({ direct: [], bare: [], tokenwatch: [], ackfirst: [] });
 
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), "tokenwatch-bench-"));
-  const mock = await startBenchMock();
+  const mock = await startBenchMock({ rateHeaders: !NO_RATE_HEADERS });
   const [bare, tw] = [await spawnProxy("bare", mock.url, join(dir, "bare.db")), await spawnProxy("tokenwatch", mock.url, join(dir, "tokenwatch.db"))];
   const targets: Target[] = [
     { name: "direct", url: new URL(mock.url) },
@@ -317,7 +320,7 @@ async function main(): Promise<void> {
   const f = { p50: fig(), p99: fig(), sp50: fig(), sp99: fig(), slow50: fig(), slow99: fig(), ttfb50: fig(), ttfb99: fig(), sttfb50: fig(), heap: fig() };
   const started = performance.now();
   const elapsed = () => `${Math.round((performance.now() - started) / 1000)} s`;
-  log(`machine: ${CORES} cores, ${cpus()[0]?.model ?? "unknown CPU"}, Node ${process.version}; ${pinning ? "under load the proxies run on core 1, mock and load generator on core 0" : "nothing pinned (taskset or a second core missing)"}`);
+  log(`machine: ${CORES} cores, ${cpus()[0]?.model ?? "unknown CPU"}, Node ${process.version}; upstream answers ${NO_RATE_HEADERS ? "without" : "with"} rate-limit headers; ${pinning ? "under load the proxies run on core 1, mock and load generator on core 0" : "nothing pinned (taskset or a second core missing)"}`);
 
   placement("split", [bare, tw]);
   const open: Record<string, number> = {};

@@ -6,7 +6,8 @@
 //   "hold"  streams one chunk, then holds the stream open until release() (the open-streams test)
 // Every stream is 20 content events and the format's closing events (Chat: finish, usage chunk and
 // [DONE]; Messages: block stop, message_delta with usage, message_stop), each written in its own turn of
-// the event loop so that they leave as separate writes, the way providers send them.
+// the event loop so that they leave as separate writes, the way providers send them. Every answer carries
+// its provider's rate-limit headers (OpenAI's six, Anthropic's twelve), which TokenWatch reads.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -97,7 +98,32 @@ function peek(body: string): { model: string; stream: boolean } {
   return { model: m?.[1] ?? "fast", stream: /"stream"\s*:\s*true/.test(body) };
 }
 
-export async function startBenchMock(): Promise<BenchMock> {
+/**
+ * The provider's rate-limit headers, as real answers carry them (so that TokenWatch reads and reconciles
+ * them on every answer, as it does in production): limits far above what a benchmark can use, the
+ * remaining counts falling with every answer, the resets a second away.
+ */
+let served = 0;
+function rateHeaders(format: Format): Record<string, string> {
+  served++;
+  if (format !== "messages") {
+    return {
+      "x-ratelimit-limit-requests": "100000000", "x-ratelimit-remaining-requests": String(100_000_000 - served), "x-ratelimit-reset-requests": "1s",
+      "x-ratelimit-limit-tokens": "10000000000", "x-ratelimit-remaining-tokens": String(10_000_000_000 - served * 1240), "x-ratelimit-reset-tokens": "1s",
+    };
+  }
+  const reset = new Date(Math.ceil(Date.now() / 1000) * 1000 + 1000).toISOString().replace(/\.\d{3}Z$/, "Z");
+  const h: Record<string, string> = {};
+  for (const [dim, limit, used] of [["requests", 100_000_000, served], ["input-tokens", 10_000_000_000, served * 1200], ["output-tokens", 1_000_000_000, served * 40], ["tokens", 11_000_000_000, served * 1240]] as const) {
+    h[`anthropic-ratelimit-${dim}-limit`] = String(limit);
+    h[`anthropic-ratelimit-${dim}-remaining`] = String(dim === "requests" ? limit - used : Math.round((limit - used) / 1000) * 1000);
+    h[`anthropic-ratelimit-${dim}-reset`] = reset;
+  }
+  return h;
+}
+
+export async function startBenchMock(opts: { rateHeaders?: boolean } = {}): Promise<BenchMock> {
+  const limits = (format: Format): Record<string, string> => (opts.rateHeaders === false ? {} : rateHeaders(format));
   const held = new Set<() => void>();
 
   function writeStream(res: ServerResponse, events: string[], from: number): void {
@@ -114,12 +140,12 @@ export async function startBenchMock(): Promise<BenchMock> {
   function answer(res: ServerResponse, format: Format, model: string, stream: boolean): void {
     if (!stream) {
       const body = JSON_BODIES[format].get(model) ?? JSON_BODIES[format].get("fast")!;
-      res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
+      res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body), ...limits(format) });
       res.end(body);
       return;
     }
     const events = STREAMS[format].get(model) ?? STREAMS[format].get("fast")!;
-    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache" });
+    res.writeHead(200, { "content-type": "text/event-stream", "cache-control": "no-cache", ...limits(format) });
     if (model !== "hold") return writeStream(res, events, 0);
     res.write(events[0]);
     const go = () => { held.delete(go); writeStream(res, events, 1); };
