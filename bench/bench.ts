@@ -1,6 +1,6 @@
 // TokenWatch's overhead, measured against the limit of its design.
 //
-//   npm run bench              full run: about three minutes
+//   npm run bench              full run: about six minutes
 //   npm run bench -- --quick   a short run for a first look (its verdicts are noisier)
 //   add --no-rate-headers      the mock's answers carry no rate-limit headers (to see what reading them costs)
 //
