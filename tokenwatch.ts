@@ -2692,7 +2692,7 @@ function responsesEntry(lookup: ResponseLookup, config: Config): Entry {
   };
 }
 
-/** The entries that need nothing but their code; the Responses entry also reads the response store (createRouter makes it). */
+/** The entries that need nothing but their code; the Responses entry also reads the response store (the Router makes it). */
 export const ENTRIES = { chat: chatEntry, messages: messagesEntry };
 // ============================================================================================
 // 8. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
@@ -3597,8 +3597,8 @@ async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): 
 }
 
 // ============================================================================================
-// 10. HTTP edge: `createRouter(config, deps)` with the routes as a table: auth, the Host check, reading
-//    bodies, one thin handler per route, and `record(row)`, the one step that finishes a log row.
+// 10. HTTP edge: the `Router`, with the routes as a table: auth, the Host check, reading bodies, one
+//    thin handler per route, and `#record(row)`, the one step that finishes a log row.
 // ============================================================================================
 
 export type Deps = {
@@ -3735,32 +3735,86 @@ function keptOf(p: Parsed | undefined): KeptResponse | undefined {
 
 const newRow = (ts: number, entry: Format): Row => ({ ts, entry, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
 
-export function createRouter(config: Config, deps: Deps) {
-  const now = deps.now ?? Date.now;
-  const store = deps.store;
-  const limiter = new Limiter(config.threshold, { min: config.min_cooldown_ms, max: config.max_cooldown_ms });
-  const dispatcher = new Dispatcher(config, { limiter, fetch: deps.fetch ?? fetch, now });
-  const started = now();
-  let active = 0;                                // requests being answered: what a clean shutdown waits for
-  const scrubText = (s: string) => scrub(s, config.keys);
+/** GET /v1/models: the enabled models, then the aliases of enabled models, in OpenAI's list shape. */
+function modelList(config: Config) {
+  const data = config.models.filter((m) => m.provider.enabled).map((m) => ({ id: m.id, object: "model", created: 0, owned_by: m.provider.id }));
+  for (const [alias, target] of config.aliases) {
+    const m = config.models.find((x) => x.id === target && x.provider.enabled);
+    if (m) data.push({ id: alias, object: "model", created: 0, owned_by: m.provider.id });
+  }
+  return { object: "list", data };
+}
 
-  const budget = new BodyBudget(config.max_inflight_body_bytes);
+/** GET /api/limits: the live limiter view only (no store query, unlike /stats). */
+const limitsView = (config: Config, limiter: Limiter, t: number) =>
+  ({ threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t, config.default_max_tokens) })) });
+
+/** What every route that may call an upstream checks first: no loop back into TokenWatch, a JSON body. */
+function checkUpstreamRoute(req: IncomingMessage): void {
+  if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
+  const type = header(req, "content-type") ?? "";
+  if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${shown(type || "none")}).`);
+}
+
+/**
+ * The HTTP side of TokenWatch: the route table, and what each route does with a request. Calling the
+ * upstreams is the dispatcher's (section 9); this holds what is shared across requests: the limiter, the
+ * body budget, the count of requests being answered.
+ */
+export class Router {
+  readonly limiter: Limiter;
+  #config: Config; #deps: Deps; #store: Store; #now: () => number;
+  #dispatcher: Dispatcher; #budget: BodyBudget; #view: StatsSource;
+  #active = 0; // requests being answered: what a clean shutdown waits for
+  #routes: Map<string, Handler>;
+
+  constructor(config: Config, deps: Deps) {
+    this.#config = config; this.#deps = deps; this.#store = deps.store; this.#now = deps.now ?? Date.now;
+    this.limiter = new Limiter(config.threshold, { min: config.min_cooldown_ms, max: config.max_cooldown_ms });
+    this.#dispatcher = new Dispatcher(config, { limiter: this.limiter, fetch: deps.fetch ?? fetch, now: this.#now });
+    this.#budget = new BodyBudget(config.max_inflight_body_bytes);
+    this.#view = { config, store: this.#store, limiter: this.limiter, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now() };
+    const stats: Handler = ({ res, url }) => {
+      const w = url.searchParams.get("window") ?? "24h";
+      if (!Object.hasOwn(STATS_WINDOWS, w)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${shown(w)}.`, "window");
+      sendJson(res, 200, statsView(this.#view, w, this.#now()), { "cache-control": "no-store" });
+    };
+    const handlers: Record<string, Handler> = {
+      "POST /v1/chat/completions": this.#serve(chatEntry),
+      "POST /v1/messages": this.#serve(messagesEntry),
+      "POST /v1/responses": this.#serve(responsesEntry(this.#store, config)),
+      "POST /v1/messages/count_tokens": (ctx) => this.#countTokens(ctx),
+      "GET /v1/models": ({ res }) => sendJson(res, 200, modelList(config)),
+      "GET /stats": stats,
+      "GET /api/stats": stats,
+      "GET /api/limits": ({ res }) => sendJson(res, 200, limitsView(config, this.limiter, this.#now())),
+      "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
+      "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
+    };
+    this.#routes = new Map(ROUTE_DOCS.map(([key]) => [key, handlers[key]]));
+  }
+
+  get inflight(): number { return this.#active; }
+
+  stats(w = "24h") { return statsView(this.#view, w, this.#now()); }
+
+  #scrub(s: string): string { return scrub(s, this.#config.keys); }
 
   /**
    * Finish a log row and hand it to the store: the one place a row is completed, failed or not. The
    * promise resolves once the row is committed (with the others of its event-loop turn).
    */
-  function record(row: Row, err?: TwError, p?: Parsed): Promise<void> {
-    if (err) Object.assign(row, { status: err.status, error: scrubText(err.message), error_kind: errorKind(err.status) });
-    row.latency_ms = now() - row.ts;
-    return store.add(row, err ? undefined : keptOf(p));
+  #record(row: Row, err?: TwError, p?: Parsed): Promise<void> {
+    if (err) Object.assign(row, { status: err.status, error: this.#scrub(err.message), error_kind: errorKind(err.status) });
+    row.latency_ms = this.#now() - row.ts;
+    return this.#store.add(row, err ? undefined : keptOf(p));
   }
 
   /**
    * The answer to a failed request: the error in its client's shape (an upstream's own error body, when
    * the client speaks the upstream's format), or nothing when the client left.
    */
-  function refuse(req: IncomingMessage, res: ServerResponse, err: TwError, entry: Entry): void {
+  #refuse(req: IncomingMessage, res: ServerResponse, err: TwError, entry: Entry): void {
     if (err === CLIENT_GONE) return;
     if (err.raw !== undefined) return sendText(res, err.status, err.raw, err.headers);
     const { status, body } = entry.error(err);
@@ -3768,51 +3822,47 @@ export function createRouter(config: Config, deps: Deps) {
     else sendJson(res, status, body, err.headers);
   }
 
-  const asTwError = (e: unknown): TwError => {
+  #asTwError(e: unknown): TwError {
     if (e instanceof TwError) return e;
-    deps.log?.(scrubText(String((e as Error).stack ?? e)));
+    this.#deps.log?.(this.#scrub(String((e as Error).stack ?? e)));
     return new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}. Please report this.`);
-  };
+  }
 
-  // ---- routes ----
-
-  /** What every route that may call an upstream checks first: no loop back into TokenWatch, a JSON body. */
-  function checkUpstreamRoute(req: IncomingMessage): void {
-    if (header(req, HOP)) throw new TwError(508, "loop_detected", "This request came back into TokenWatch (x-tokenwatch-hop is set): a provider's base_url points at TokenWatch itself. Point it at the real API.");
-    const type = header(req, "content-type") ?? "";
-    if (!/^application\/json\b/i.test(type)) throw new TwError(415, "unsupported_media_type", `Send the body as JSON with "Content-Type: application/json" (got ${shown(type || "none")}).`);
+  /** The request body as text, within the size limits; the bytes it holds are counted in `held` until given back. */
+  async #bodyOf(req: IncomingMessage, held: { bytes: number }): Promise<string> {
+    checkUpstreamRoute(req);
+    return bodyText(await readBody(req, this.#config.max_body_bytes, this.#budget, held));
   }
 
   /**
    * The one handler of every client format: read and check the body, route, dispatch. Errors go back in
    * the client's own shape, after the request's row is committed.
    */
-  function serve(entry: Entry): Handler {
+  #serve(entry: Entry): Handler {
     return async ({ req, res }) => {
-      const row = newRow(now(), entry.format);
+      const row = newRow(this.#now(), entry.format);
       const client: Client = { gone: false };
       res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
       let recorded: Promise<void> | undefined, p: Parsed | undefined;
-      const commit = () => (recorded ??= record(row, undefined, p));
+      const commit = () => (recorded ??= this.#record(row, undefined, p));
       const held = { bytes: 0 };
       try {
-        checkUpstreamRoute(req);
-        const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
+        const text = await this.#bodyOf(req, held);
         p = entry.parse(parseBody(text), text, req.headers);
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
         const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
-        const r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), only);
+        const r = route(p.hub, this.#config, header(req, "x-tokenwatch-complexity"), only);
         row.complexity = r.complexity;
-        await dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
+        await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
       } catch (e) {
-        const err = asTwError(e);
-        recorded ??= record(row, err);
+        const err = this.#asTwError(e);
+        recorded ??= this.#record(row, err);
         if (err !== CLIENT_GONE) await recorded; // the row is on disk before the client hears of the failure
-        refuse(req, res, err, entry);
+        this.#refuse(req, res, err, entry);
       } finally {
         void commit();
-        budget.give(held.bytes);
+        this.#budget.give(held.bytes);
       }
     };
   }
@@ -3822,114 +3872,81 @@ export function createRouter(config: Config, deps: Deps) {
    * else a local estimate over every block; the `x-tokenwatch-count` header says which. It spends no
    * rate-limit window and writes no log row.
    */
-  async function countTokens({ req, res }: Ctx): Promise<void> {
+  async #countTokens({ req, res }: Ctx): Promise<void> {
     const held = { bytes: 0 };
     try {
-      checkUpstreamRoute(req);
-      const text = bodyText(await readBody(req, config.max_body_bytes, budget, held));
-      const body = parseBody(text);
+      const body = parseBody(await this.#bodyOf(req, held));
       if (!isObj(body)) throw bad("The request body must be a JSON object with \"model\" and \"messages\".");
       checkMessagesBody(body, true);
-      const counted = await countAtAnthropic(body, req);
+      const counted = await this.#countAtAnthropic(body, req);
       if (counted) return sendText(res, counted.status, counted.text, { "x-tokenwatch-count": "anthropic" });
       sendJson(res, 200, { input_tokens: estimateMessagesTokens(body) }, { "x-tokenwatch-count": "estimate" });
     } catch (e) {
-      refuse(req, res, asTwError(e), messagesEntry);
+      this.#refuse(req, res, this.#asTwError(e), messagesEntry);
     } finally {
-      budget.give(held.bytes);
+      this.#budget.give(held.bytes);
     }
   }
 
   /** Anthropic's count, or undefined when no Anthropic model is enabled or it did not answer with a count (then: the estimate). */
-  async function countAtAnthropic(body: Record<string, unknown>, req: IncomingMessage): Promise<{ status: number; text: string } | undefined> {
-    const t = now();
-    const m = config.models.find((x) => x.provider.kind === "anthropic" && x.provider.enabled && !dispatcher.resting(x, t));
+  async #countAtAnthropic(body: Record<string, unknown>, req: IncomingMessage): Promise<{ status: number; text: string } | undefined> {
+    const t = this.#now(), config = this.#config;
+    const m = config.models.find((x) => x.provider.kind === "anthropic" && x.provider.enabled && !this.#dispatcher.resting(x, t));
     if (!m) return undefined;
     const model = typeof body.model === "string" && body.model.startsWith("claude-") ? body.model : m.id;
     const { complexity: _, ...rest } = body;
     const forward = { version: header(req, "anthropic-version"), beta: header(req, "anthropic-beta") };
     try {
-      const resp = await (deps.fetch ?? fetch)(`${m.provider.baseUrl}/v1/messages/count_tokens`, {
+      const resp = await (this.#deps.fetch ?? fetch)(`${m.provider.baseUrl}/v1/messages/count_tokens`, {
         method: "POST", headers: anthropicHeaders(m, forward), body: JSON.stringify({ ...rest, model }), redirect: "manual", signal: AbortSignal.timeout(config.timeout_ms),
       });
-      const text = scrubText(await readCapped(resp, 65_536));
+      const text = this.#scrub(await readCapped(resp, 65_536));
       // a count, or the client's own mistake in Anthropic's words; anything else (no such route, overloaded): the estimate
       if (resp.ok || (resp.status >= 400 && resp.status < 500 && resp.status !== 404 && resp.status !== 429)) return { status: resp.status, text };
     } catch { /* unreachable, too slow or too large: the estimate */ }
     return undefined;
   }
 
-  function models({ res }: Ctx): void {
-    const data = config.models.filter((m) => m.provider.enabled).map((m) => ({ id: m.id, object: "model", created: 0, owned_by: m.provider.id }));
-    for (const [alias, target] of config.aliases) {
-      const m = config.models.find((x) => x.id === target && x.provider.enabled);
-      if (m) data.push({ id: alias, object: "model", created: 0, owned_by: m.provider.id });
+  /** Which route a request is for, after the Host and key checks; a 404 or 405 that lists what exists otherwise. */
+  #routeOf(req: IncomingMessage, url: URL, key: string): Handler {
+    const deps = this.#deps, fn = this.#routes.get(key);
+    if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
+      throw new TwError(403, "host_not_allowed", `Host ${shown(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
+    if (!fn) {
+      const allowed = [...this.#routes.keys()].filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
+      if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname.slice(0, 200)}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
+      throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: ${[...this.#routes.keys()].join(", ")}.`);
     }
-    sendJson(res, 200, { object: "list", data });
+    if (deps.apiKey && !OPEN_ROUTES.has(key) && !keyMatches(req, deps.apiKey))
+      throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
+    return fn;
   }
-
-  const view = { config, store, limiter, authDown: dispatcher.authDown, refused: dispatcher.refused, started };
-
-  function stats({ res, url }: Ctx): void {
-    const w = url.searchParams.get("window") ?? "24h";
-    if (!Object.hasOwn(STATS_WINDOWS, w)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${shown(w)}.`, "window");
-    sendJson(res, 200, statsView(view, w, now()), { "cache-control": "no-store" });
-  }
-
-  function limits({ res }: Ctx): void {
-    const t = now();
-    // the live view only: no store query, unlike /stats
-    sendJson(res, 200, { threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t, config.default_max_tokens) })) });
-  }
-
-  const HANDLERS: Record<string, Handler> = {
-    "POST /v1/chat/completions": serve(chatEntry),
-    "POST /v1/messages": serve(messagesEntry),
-    "POST /v1/responses": serve(responsesEntry(store, config)),
-    "POST /v1/messages/count_tokens": countTokens,
-    "GET /v1/models": models,
-    "GET /stats": stats,
-    "GET /api/stats": stats,
-    "GET /api/limits": limits,
-    "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
-    "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
-  };
-  const ROUTES = new Map(ROUTE_DOCS.map(([key]) => [key, HANDLERS[key]]));
 
   /** The node:http request listener. The path alone picks the route (Claude Code adds ?beta=true). */
-  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     let url: URL;
     try { url = new URL(req.url ?? "/", "http://localhost"); } catch { return sendJson(res, 400, bad("The request URL cannot be parsed.").body()); }
-    const key = `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`;
-    const fn = ROUTES.get(key);
     try {
-      if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
-        throw new TwError(403, "host_not_allowed", `Host ${shown(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
-      if (!fn) {
-        const allowed = [...ROUTES.keys()].filter((r) => r.endsWith(` ${url.pathname}`)).map((r) => r.split(" ")[0]);
-        if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname.slice(0, 200)}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
-        throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: ${[...ROUTES.keys()].join(", ")}.`);
-      }
-      if (deps.apiKey && !OPEN_ROUTES.has(key) && !keyMatches(req, deps.apiKey))
-        throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
-      active++;
-      try { await fn({ req, res, url }); } finally { active--; }
+      const fn = this.#routeOf(req, url, `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`);
+      this.#active++;
+      try { await fn({ req, res, url }); } finally { this.#active--; }
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}`);
       const { status, body } = entryOfPath(url.pathname).error(err); // a Messages client reads errors in Anthropic's shape, a 404 too
       sendJson(res, status, body, err.headers);
     }
-  }
+  };
 
   /** Wait (up to `ms`) for the requests in flight to finish: the first half of a clean shutdown. */
-  async function drain(ms: number): Promise<boolean> {
+  async drain(ms: number): Promise<boolean> {
     const deadline = Date.now() + ms;
-    while (active && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(20, deadline - Date.now())));
-    return active === 0;
+    while (this.#active && Date.now() < deadline) await new Promise((r) => setTimeout(r, Math.min(20, deadline - Date.now())));
+    return this.#active === 0;
   }
-
-  return { handle, limiter, drain, stats: (w = "24h") => statsView(view, w, now()), get inflight() { return active; } };
 }
+
+/** The router for a config and its dependencies (the store, and for tests a clock and a fetch). */
+export const createRouter = (config: Config, deps: Deps): Router => new Router(config, deps);
 
 // ============================================================================================
 // 11. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
@@ -4807,7 +4824,7 @@ function openStore(path: string, config: Config, durable?: boolean): Store {
   }
 }
 
-export type Running = { url: string; port: number; server: http.Server; store: Store; router: ReturnType<typeof createRouter>; config: Config; close(drainMs?: number): Promise<void> };
+export type Running = { url: string; port: number; server: http.Server; store: Store; router: Router; config: Config; close(drainMs?: number): Promise<void> };
 
 /** Open the store and listen: what main() does, and what the tests call to get a real server. */
 export async function start(opts: {
