@@ -13,7 +13,7 @@ import { once } from "node:events";
 import OpenAI from "openai";
 import {
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, promptEstimate, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
-  parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonDepthExceeds, windowTokens, mergeConfig, buildConfig,
+  parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonShapeProblem, windowTokens, mergeConfig, buildConfig,
   SlidingWindow, Limiter, configuredLimit, countedOf, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
   ADAPTERS, ENTRIES, Store, bodyText, parseBody, upstreamMessages, start, parseOptions, loadConfig, UsageError,
 } from "./tokenwatch.ts";
@@ -189,9 +189,9 @@ describe("3. Pure helpers", () => {
     assert.deepEqual(parseBody(bodyText(Buffer.from("{\"a\":\"[{\\\"\"}"))), { a: "[{\"" });
   });
 
-  it("jsonDepthExceeds() ignores brackets inside strings", () => {
-    assert.equal(jsonDepthExceeds(JSON.stringify({ a: "[[[[[[[[[[" }), 3), false);
-    assert.equal(jsonDepthExceeds("[[[[1]]]]", 3), true);
+  it("jsonShapeProblem() ignores brackets inside strings", () => {
+    assert.equal(jsonShapeProblem(JSON.stringify({ a: "[[[[[[[[[[" }), 3) === "depth", false);
+    assert.equal(jsonShapeProblem("[[[[1]]]]", 3) === "depth", true);
   });
 
   describe("config validation", () => {

@@ -612,7 +612,6 @@ export function jsonShapeProblem(text: string, maxDepth: number, maxContainers =
   return undefined;
 }
 
-export const jsonDepthExceeds = (text: string, max: number) => jsonShapeProblem(text, max) === "depth";
 
 /** Where the string opened at `open` ends: the next quote not escaped by an odd run of backslashes (or the end). */
 function closingQuote(text: string, open: number): number {
@@ -887,8 +886,7 @@ export type Verdict =
 
 export type Headroom = { tokens: number; requests: number; inflight: number; percent: number; saturated: boolean; coolUntil: number; coolAsked: number; binding: Dimension | null; dimensions: DimensionView[] };
 
-type Limits = Pick<Model, "key" | "pool" | DimensionKey | "limit">;
-type DimensionKey = Dimension;
+type Limits = Pick<Model, "key" | "pool" | Dimension | "limit">;
 
 /** A model's configured limit in one dimension (`limit` is the older name of `tpm`). */
 export const configuredLimit = (m: Limits, d: Dimension): number | undefined => (d === "tpm" ? m.tpm ?? m.limit : m[d]);
@@ -1005,9 +1003,14 @@ export class Limiter {
       this.#correct(p, r, counted.output);
       p.minute.add(now, { ...counted, requests: 0 });
       p.day?.add(now, { ...counted, requests: 0 });
-      const seen = this.#recent.get(r.key) ?? { input: [], output: [] };
-      if (!this.#recent.has(r.key) && this.#recent.size >= 1024) this.#recent.clear(); // names outside the table come and go
-      this.#recent.set(r.key, { input: [...seen.input.slice(1 - OUTPUTS_KEPT), counted.input], output: [...seen.output.slice(1 - OUTPUTS_KEPT), counted.output] });
+      let seen = this.#recent.get(r.key);
+      if (!seen) {
+        if (this.#recent.size >= 1024) this.#recent.clear(); // names outside the table come and go
+        this.#recent.set(r.key, (seen = { input: [], output: [] }));
+      }
+      seen.input.push(counted.input);
+      seen.output.push(counted.output);
+      if (seen.output.length > OUTPUTS_KEPT) { seen.input.shift(); seen.output.shift(); }
     }
     this.#wake();
   }
@@ -1289,6 +1292,8 @@ export interface Decoder {
 
 export type Adapter = {
   build(hub: ChatRequest, m: Model, defaultMaxTokens: number): UpstreamRequest;
+  /** The output tokens the provider charges against its limits on arrival and takes back at the end (its headers include them). */
+  upfrontOutput(hub: ChatRequest, m: Model, defaultMaxTokens: number): number;
   parse(body: unknown, m: Model, now: number): Answer;
   error(status: number, text: string): ErrorInfo;
   decoder(m: Model, now: number): Decoder;
@@ -1507,6 +1512,7 @@ const openaiAdapter: Adapter = {
     const body = openAIBody({ ...hub, tools: functionTools(hub.tools), tool_choice: choice, reasoning_effort: undefined }, m, hub.stream === true);
     return { url: `${m.provider.baseUrl}/chat/completions`, headers: openAIHeaders(m), body: JSON.stringify(body) };
   },
+  upfrontOutput: () => 0, // OpenAI and Kimi keep what they charged on arrival: nothing to take back
   parse(body, m, now) {
     if (!isObj(body) || !Array.isArray(body.choices)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a chat completion in its body.");
     return answerFromCompletion(body, m, now);
@@ -1611,11 +1617,14 @@ const THINKING_BUDGET: Record<string, number> = { minimal: 1024, low: 2048, medi
 
 const JSON_MODE = "Reply with one valid JSON object and nothing else: no prose before or after it, no code fences.";
 
+/** The output cap sent to Anthropic, which requires one: the client's, else the model's, else the default. */
+const anthropicMaxTokens = (req: ChatRequest, m: Model, defaultMax: number) => askedOutput(req) ?? m.max_tokens ?? defaultMax;
+
 /** The whole request in Anthropic's shape; `max_tokens` is always sent because Anthropic requires it. */
 export function anthropicBody(req: ChatRequest, m: Model, defaultMax: number): Record<string, unknown> {
   const { system, turns } = toAnthropicMessages(req.messages);
   if (!turns.length) throw bad("The messages hold no user or assistant content once empty text is dropped: send at least one non-empty user message.", "messages");
-  const body: Record<string, unknown> = { model: m.id, max_tokens: req.max_completion_tokens ?? req.max_tokens ?? m.max_tokens ?? defaultMax, messages: turns };
+  const body: Record<string, unknown> = { model: m.id, max_tokens: anthropicMaxTokens(req, m, defaultMax), messages: turns };
   if (system.length) body.system = system;
   if (!m.fixed_sampling) {
     if (typeof req.temperature === "number") body.temperature = Math.min(req.temperature, 1);
@@ -1750,6 +1759,7 @@ const anthropicAdapter: Adapter = {
   build(hub, m, defaultMax) {
     return { url: `${m.provider.baseUrl}/v1/messages`, headers: anthropicHeaders(m), body: JSON.stringify(anthropicBody(hub, m, defaultMax)) };
   },
+  upfrontOutput: anthropicMaxTokens, // OTPM is charged from max_tokens, corrected to the real output at the end
   parse(body, m, now) {
     if (!isObj(body) || !Array.isArray(body.content)) throw new TwError(502, "bad_upstream_response", "Upstream answered 200 without a message in its body.");
     return answerFromMessage(body, m, now);
@@ -3401,9 +3411,8 @@ export class Dispatcher {
       timer.refresh();
       const cool = coolUntil((n) => resp.headers.get(n), resp.status, this.#now(), this.#config.cooldown_ms, m.provider.kind);
       if (cool) this.#limiter.cool(m.pool, cool, this.#now());
-      // the provider's own view of its limits; Anthropic's includes this request's output cap, charged up
-      // front and corrected to the real output when it ends (OpenAI and Kimi keep what they charged)
-      const upfront = m.provider.kind === "anthropic" ? askedOutput(job.p.hub) ?? m.max_tokens ?? this.#config.default_max_tokens : 0;
+      // the provider's own view of its limits, with what it will take back of this request's charge
+      const upfront = ADAPTERS[m.provider.kind].upfrontOutput(job.p.hub, m, this.#config.default_max_tokens);
       this.#limiter.observe(m.pool, m.provider.kind, (n) => resp.headers.get(n), this.#now(), reservation, upfront);
       const relay: Relay = { job, m, native, reservation, prompt: reservation.estimate.input, resp, ac, timer, started };
       const out = await this.#answer(relay, fail);
