@@ -906,7 +906,7 @@ describe("6. Adapters", () => {
 
 // ============================================================================================
 describe("7. Store", () => {
-  const row = (o: Partial<Row> = {}): Row => ({ ts: Date.now(), entry: "chat", provider: "openai", model: "gpt-4o", requested_model: "auto", complexity: "simple", status: 200, stream: false, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.001, latency_ms: 12, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, ...o });
+  const row = (o: Partial<Row> = {}): Row => ({ ts: Date.now(), entry: "chat", provider: "openai", model: "gpt-4o", requested_model: "auto", complexity: "simple", status: 200, stream: false, input_tokens: 10, output_tokens: 5, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.001, latency_ms: 12, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, agent: null, session: null, ...o });
   let dir: string;
   before(() => { dir = mkdtempSync(join(tmpdir(), "tw-store-")); });
   after(() => rmSync(dir, { recursive: true, force: true }));

@@ -20,9 +20,9 @@
 // Routes:   POST /v1/chat/completions   POST /v1/messages (+ /count_tokens)   POST /v1/responses
 //           GET /v1/models   GET /   GET /stats   GET /health
 //
-// The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 selector,
-// 6 provider adapters, 7 client entries, 8 store, 9 dispatcher, 10 HTTP edge, 11 stats view and
-// dashboard, 12 main.
+// The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 agents,
+// budgets and the loop guard, 6 selector, 7 provider adapters, 8 client entries, 9 store, 10 dispatcher,
+// 11 HTTP edge, 12 stats view, /metrics and dashboard, 13 main.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -120,6 +120,7 @@ export const DEFAULTS = {
   auth_cooldown_ms: 300_000, // rest for a provider whose key was refused (401), or a model refused to the key (403)
   response_ttl_ms: 86_400_000, // how long a Responses answer is kept for previous_response_id / item_reference (0: never kept)
   max_kept_responses: 10_000,  // the most Responses answers kept at once; the oldest go first
+  loop_guard: { max_repeats: 8, window_s: 60 }, // the same request from one session more often than this is refused (0: off)
 };
 
 /** The top-level settings a config file may change (the rest of DEFAULTS are fixed). */
@@ -157,7 +158,13 @@ export type ProviderConfig = {
 
 export type ConfigFile = Partial<Record<(typeof SETTINGS)[number], number>> & {
   providers?: Record<string, Partial<ProviderConfig>>; aliases?: Record<string, string>;
+  keys?: Record<string, KeyConfig>; budgets?: BudgetConfig[]; loop_guard?: Partial<LoopGuardConfig>;
 };
+
+/** A TokenWatch key handed to one agent: its name, or its name and its own budget (section 5). */
+export type KeyConfig = string | { agent: string; budget?: Omit<BudgetConfig, "agent" | "per"> };
+/** A key as the HTTP edge checks it: only its digest is kept. */
+export type AgentKey = { digest: Buffer; agent: string };
 
 /** A provider as the router sees it: config resolved, key read, enabled or not and why. */
 export type Provider = {
@@ -175,6 +182,7 @@ export type Model = ModelConfig & { key: string; pool: string; id: string; provi
 export type Config = typeof DEFAULTS & {
   providers: Provider[]; models: Model[]; aliases: Map<string, string>;
   simpleOrder: Model[]; complexOrder: Model[]; keys: string[];
+  agentKeys: AgentKey[]; budgets: Budget[];
   named: Map<string, Route>;  // the route of each model name and alias, made once: most requests name a model
 };
 
@@ -221,8 +229,8 @@ export type Completion = {
   usage?: OpenAIUsage; [k: string]: unknown;
 };
 
-/** Where a request is going and why: the selector's answer. */
-export type Route = { complexity: Tier; reason: string; candidates: Model[] };
+/** Where a request is going and why: the selector's answer; `budget`, when a budget's soft cap sent it to the cheap tier, says which. */
+export type Route = { complexity: Tier; reason: string; candidates: Model[]; budget?: string };
 
 export type Attempt = { provider: string; model: string; status: number; error?: string; ms: number };
 
@@ -231,6 +239,7 @@ export type Row = {
   status: number; stream: boolean; input_tokens: number; output_tokens: number; cached_tokens: number;
   cache_write_tokens: number; cost_usd: number; latency_ms: number; ttft_ms: number | null; attempts: number;
   failover: string | null; error: string | null; error_kind: string | null;
+  agent: string | null; session: string | null; // who asked (section 5): an agent's name, its session's id
 };
 
 // ============================================================================================
@@ -498,6 +507,9 @@ export function coolUntil(get: HeaderGet, status: number, now: number, fallbackM
   return status === 429 ? now + fallbackMs : undefined;
 }
 
+/** SHA-256 of a text: how TokenWatch keys are held and compared. */
+const digest = (s: string) => createHash("sha256").update(s).digest();
+
 /** Replace every provider key, and anything shaped like one, before text leaves the process. */
 export function scrub(text: string, keys: readonly string[]): string {
   let out = text;
@@ -625,7 +637,8 @@ function closingQuote(text: string, open: number): number {
 
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
-const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases"]);
+const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases", "keys", "budgets", "loop_guard"]);
+const BUDGET_KEYS = new Set(["name", "agent", "per", "period", "soft", "hard"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "dimensions", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", ...DIMENSIONS, "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
 
@@ -677,6 +690,52 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   }
 }
 
+/** A budget of the config (or of a key, for its agent): a period, and a soft cap, a hard cap or both. */
+function checkBudget(b: unknown, where: string): void {
+  need(isObj(b), where, "must be an object like {\"period\": \"month\", \"soft\": 40, \"hard\": 50}");
+  const o = b as Record<string, unknown>;
+  checkKeys(o, BUDGET_KEYS, where);
+  need(o.period === "day" || o.period === "month" || o.period === "total", `${where}.period`, "must be \"day\", \"month\" or \"total\"");
+  need(o.soft !== undefined || o.hard !== undefined, where, "needs \"soft\" (move to the cheap tier), \"hard\" (refuse), or both, in US dollars");
+  for (const k of ["soft", "hard"]) need(o[k] === undefined || isNum(o[k]), `${where}.${k}`, "must be a number of US dollars >= 0");
+  need(o.soft === undefined || o.hard === undefined || (o.soft as number) <= (o.hard as number), `${where}.soft`, "must not be above hard");
+  need(o.per === undefined || o.per === "agent" || o.per === "session", `${where}.per`, "must be \"agent\" or \"session\" (a cap for each one apart)");
+  need(o.per === undefined || o.agent === undefined, `${where}.agent`, "names one agent: give it or \"per\", not both");
+  for (const k of ["name", "agent"]) need(o[k] === undefined || (typeof o[k] === "string" && /^[\x20-\x7E]{1,64}$/.test(o[k] as string)), `${where}.${k}`, "must be 1 to 64 printable ASCII characters");
+}
+
+/** `keys`: a TokenWatch key for each agent, mapped to its name, or to its name and its own budget. */
+function checkAgentKeys(keys: unknown): void {
+  need(isObj(keys), "keys", "must map each key to an agent name, like {\"tw-ci-4f9a…\": \"ci-bot\"}");
+  for (const [key, v] of Object.entries(keys as object)) {
+    const where = `keys.${key.slice(0, 4)}…`; // never the whole key, even in an error
+    need(key.length >= 16, where, "is too short to be a secret: use 16 characters or more (openssl rand -hex 24)");
+    const agent = typeof v === "string" ? v : isObj(v) ? v.agent : undefined;
+    need(typeof agent === "string" && /^[\x20-\x7E]{1,64}$/.test(agent), where, "must name its agent (1 to 64 printable ASCII characters), or be {\"agent\": \"name\", \"budget\": {...}}");
+    if (isObj(v)) { checkKeys(v, new Set(["agent", "budget"]), where); if (v.budget !== undefined) checkBudget(v.budget, `${where}.budget`); }
+  }
+}
+
+function checkAccounts(f: Record<string, unknown>): void {
+  if (f.keys !== undefined) checkAgentKeys(f.keys);
+  need(f.budgets === undefined || Array.isArray(f.budgets), "budgets", "must be a list of budgets");
+  ((f.budgets ?? []) as unknown[]).forEach((b, i) => checkBudget(b, `budgets[${i}]`));
+  const lg = f.loop_guard;
+  need(lg === undefined || (isObj(lg) && Object.keys(lg).every((k) => k === "max_repeats" || k === "window_s") && Object.values(lg).every((x) => isNum(x))),
+    "loop_guard", "must be like {\"max_repeats\": 8, \"window_s\": 60} (0 turns it off)");
+}
+
+/** The budgets by name (each named after what it covers unless given one), a key's own budget among them. */
+function budgetsOf(f: ConfigFile): Budget[] {
+  const named = (b: BudgetConfig): Budget => ({ ...b, name: b.name ?? `${b.agent ? `agent ${b.agent}` : b.per ? `each ${b.per}` : "all"} per ${b.period}` });
+  const list = (f.budgets ?? []).map(named);
+  for (const v of Object.values(f.keys ?? {})) if (typeof v !== "string" && v.budget) list.push(named({ ...v.budget, agent: v.agent }));
+  const names = list.map((b) => b.name);
+  const twice = names.find((n, i) => names.indexOf(n) !== i);
+  need(twice === undefined, "budgets", `name "${twice}" twice: give each budget its own "name"`);
+  return list;
+}
+
 /**
  * Merge a config file over the built-in table: top-level numbers replace, a provider of the same
  * name is merged key by key (its `models`, when given, replace the list), a new name adds one.
@@ -689,6 +748,7 @@ export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown)
   for (const k of SETTINGS) if (k !== "threshold") need(f[k] === undefined || isNum(f[k]), k, "must be a number >= 0");
   need(f.providers === undefined || isObj(f.providers), "providers", "must be an object keyed by provider name");
   need(f.aliases === undefined || (isObj(f.aliases) && Object.values(f.aliases).every((v) => typeof v === "string")), "aliases", "must map names to model names");
+  checkAccounts(f);
   const providers: Record<string, ProviderConfig> = structuredClone(base);
   for (const [id, over] of Object.entries((f.providers ?? {}) as Record<string, unknown>)) {
     need(isObj(over), `providers.${id}`, "must be an object");
@@ -770,6 +830,8 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
   const config: Config = {
     ...DEFAULTS, ...given, max_wait_ms: maxWait ?? settings.max_wait_ms ?? DEFAULTS.max_wait_ms,
     providers, models, aliases: aliasMap, simpleOrder, complexOrder, keys, named: new Map(),
+    agentKeys: Object.entries(settings.keys ?? {}).map(([key, v]) => ({ digest: digest(key), agent: typeof v === "string" ? v : v.agent })),
+    budgets: budgetsOf(settings), loop_guard: { ...DEFAULTS.loop_guard, ...settings.loop_guard },
   };
   for (const name of new Set([...names, ...aliasMap.keys()])) {
     try { config.named.set(name, byModelName(config, name, aliasMap.get(name) ?? name)); } catch { /* an alias of nothing: route() answers 404 */ }
@@ -1094,7 +1156,219 @@ export class Limiter {
 }
 
 // ============================================================================================
-// 5. Selector: from a request and the config to an ordered list of candidates with the reason.
+// 5. Accounts: who is asking (an agent, a session), what they may spend (budgets), and the loop guard.
+//    Pure but for the spend already in the log, which a budget reads once per period and subject
+//    (`SpendOf`): spend survives a restart because it is the log's, not a counter's.
+// ============================================================================================
+
+/**
+ * Who sent a request: the agent (a key's name, a header, the client's own id) and its session; `named`
+ * when the client named the session, rather than TokenWatch fingerprinting the conversation.
+ */
+export type Identity = { agent: string | null; session: string; named: boolean };
+
+/** The agent names a client's user-agent (or Codex's originator) gives away, when nothing names the agent. */
+const CLIENT_AGENTS: [RegExp, string][] = [[/^claude-cli\//i, "claude-code"], [/^codex/i, "codex"]];
+
+/** A name or id from a client, made safe to store and show: printable ASCII up to `max`; anything else becomes a short hash. */
+function idOf(x: unknown, max: number): string | undefined {
+  if (typeof x !== "string" || !x) return undefined;
+  return /^[\x20-\x7E]+$/.test(x) && x.length <= max ? x : `h:${createHash("sha256").update(x).digest("hex").slice(0, 16)}`;
+}
+
+/** Claude Code's metadata.user_id holds its session (`…_session_<uuid>`, or JSON with session_id since 2.1.92): the session, else the whole id. */
+function sessionOfUserId(v: unknown): unknown {
+  if (typeof v !== "string") return undefined;
+  const plain = /_session_([0-9a-f-]{8,})/i.exec(v)?.[1];
+  if (plain) return plain;
+  try { const o = JSON.parse(v); if (isObj(o) && typeof o.session_id === "string") return o.session_id; } catch { /* an opaque id */ }
+  return v;
+}
+
+/** A conversation's own fingerprint, when nothing names its session: its system prompt and first user message stay the same every turn. */
+function conversationHash(hub: ChatRequest): string {
+  const system = hub.messages.find((m) => m.role === "system" || m.role === "developer");
+  const first = hub.messages.find((m) => m.role === "user");
+  const h = createHash("sha256").update(textOf(system?.content)).update("\0").update(textOf(first?.content));
+  return `h:${h.digest("hex").slice(0, 16)}`;
+}
+
+/**
+ * Who is asking. The agent: the TokenWatch key's name (it cannot be overridden), else x-tokenwatch-agent,
+ * else Claude Code's sub-agent id, else the client's own name (claude-code, codex). The session: the
+ * first of x-tokenwatch-session, x-claude-code-session-id, prompt_cache_key, metadata.user_id,
+ * safety_identifier, user, and failing those the conversation's fingerprint.
+ */
+export function identify(headers: IncomingMessage["headers"], body: Record<string, unknown>, hub: ChatRequest, keyAgent?: string): Identity {
+  const h = (n: string) => { const v = headers[n]; return Array.isArray(v) ? v[0] : v; };
+  const subAgent = h("x-claude-code-agent-id");
+  const ua = h("originator") ?? h("user-agent") ?? "";
+  const agent = keyAgent ?? idOf(h("x-tokenwatch-agent"), 64) ?? (subAgent ? idOf(`claude-code/${subAgent}`, 64) : undefined)
+    ?? CLIENT_AGENTS.find(([re]) => re.test(ua))?.[1] ?? null;
+  const meta = isObj(body.metadata) ? body.metadata.user_id : undefined;
+  const named = [h("x-tokenwatch-session"), h("x-claude-code-session-id"), body.prompt_cache_key, sessionOfUserId(meta), body.safety_identifier, body.user]
+    .map((x) => idOf(x, 128)).find((x) => x !== undefined);
+  return { agent, session: named ?? conversationHash(hub), named: named !== undefined };
+}
+
+// ---- budgets ----
+
+export type Period = "day" | "month" | "total";
+/** A cap in US dollars per period: for everything, for one agent (`agent`), or for each agent or session apart (`per`). */
+export type BudgetConfig = { name?: string; agent?: string; per?: "agent" | "session"; period: Period; soft?: number; hard?: number };
+export type Budget = BudgetConfig & { name: string };
+
+/** The spend the log holds since a time: everything, one agent's, or one session's. */
+export type SpendOf = (scope: { agent?: string; session?: string }, since: number) => number;
+
+/** When a period began and ends (UTC calendar days and months, as providers bill); `total` never ends. */
+export function periodOf(period: Period, t: number): { start: number; end: number } {
+  const d = new Date(t);
+  if (period === "total") return { start: 0, end: Infinity };
+  if (period === "day") { const start = Date.UTC(d.getUTCFullYear(), d.getUTCMonth(), d.getUTCDate()); return { start, end: start + 86_400_000 }; }
+  return { start: Date.UTC(d.getUTCFullYear(), d.getUTCMonth(), 1), end: Date.UTC(d.getUTCFullYear(), d.getUTCMonth() + 1, 1) };
+}
+
+/** What one budget holds for one subject in one period: the spend settled, and the estimates of requests in flight. */
+type Spend = { budget: Budget; subject: string | null; start: number; end: number; spent: number; reserved: number };
+
+/** A request's hold on its budgets: the estimate it reserved on each, given back with its real cost at the end. */
+export type Ticket = { spends: Spend[]; estimate: number; done: boolean };
+
+/** The subject a budget counts a request under, or undefined when the budget does not cover it. */
+function subjectOf(b: Budget, who: Identity): string | null | undefined {
+  if (b.agent !== undefined) return who.agent === b.agent ? b.agent : undefined;
+  if (b.per === "agent") return who.agent ?? undefined;
+  if (b.per === "session") return who.session;
+  return null;
+}
+
+const dollars = (x: number) => `$${x.toFixed(x < 10 ? 4 : 2)}`;
+const SPENDS_KEPT = 10_000;
+
+/**
+ * The budgets, their spend per subject and period, and the two caps. `soft`: the traffic it covers goes
+ * to the cheap tier. `hard`: refused (429 budget_exceeded) when the spend, what is in flight and this
+ * request's estimate would pass it, so concurrent requests cannot overshoot by more than their estimates
+ * were short. A request admitted is never cut: it settles with its real cost, whatever it is.
+ */
+export class Budgets {
+  readonly list: Budget[];
+  #spends = new Map<string, Spend>();
+  #spendOf: SpendOf;
+  constructor(list: Budget[], spendOf: SpendOf) { this.list = list; this.#spendOf = spendOf; }
+
+  /** The spend of a budget for a subject in the period of `t`: read from the log the first time, then kept up to date. */
+  #spend(b: Budget, subject: string | null, t: number): Spend {
+    const { start, end } = periodOf(b.period, t);
+    const key = `${b.name}\0${subject ?? ""}\0${start}`;
+    let s = this.#spends.get(key);
+    if (s) return s;
+    if (this.#spends.size >= SPENDS_KEPT) this.#evict();
+    const scope = b.agent !== undefined || b.per === "agent" ? { agent: subject! } : b.per === "session" ? { session: subject! } : {};
+    this.#spends.set(key, (s = { budget: b, subject, start, end, spent: this.#spendOf(scope, start), reserved: 0 }));
+    return s;
+  }
+
+  /** Forget the oldest spends with nothing in flight: they are read from the log again when needed. */
+  #evict(): void {
+    for (const [k, s] of this.#spends) { if (this.#spends.size < SPENDS_KEPT / 2) break; if (s.reserved === 0) this.#spends.delete(k); }
+  }
+
+  #covering(who: Identity, t: number): Spend[] {
+    const out: Spend[] = [];
+    for (const b of this.list) { const subject = subjectOf(b, who); if (subject !== undefined) out.push(this.#spend(b, subject, t)); }
+    return out;
+  }
+
+  /** The first soft cap this request's budgets have reached, in words (for routing.reason and a header), or undefined. */
+  softCap(who: Identity, t: number): string | undefined {
+    const s = this.#covering(who, t).find((x) => x.budget.soft !== undefined && x.spent + x.reserved >= x.budget.soft);
+    return s && `budget "${s.budget.name}"${s.subject ? ` (${s.subject})` : ""} is past its soft cap: ${dollars(s.spent)} of ${dollars(s.budget.soft!)}${s.budget.period === "total" ? "" : ` this ${s.budget.period}`}, so the cheap tier`;
+  }
+
+  /** Admit a request of `estimate` dollars, or refuse it (429) when a hard cap would be passed. One synchronous step. */
+  admit(who: Identity, estimate: number, t: number): Ticket {
+    const spends = this.#covering(who, t);
+    const over = spends.find((s) => s.budget.hard !== undefined && s.spent + s.reserved + estimate > s.budget.hard);
+    if (over) throw budgetExceeded(over, estimate, t);
+    for (const s of spends) s.reserved += estimate;
+    return { spends, estimate, done: false };
+  }
+
+  /** The request is over: its estimate leaves, its real cost stays. */
+  settle(ticket: Ticket, cost: number): void {
+    if (ticket.done) return;
+    ticket.done = true;
+    for (const s of ticket.spends) { s.reserved -= ticket.estimate; s.spent += cost; }
+  }
+
+  /** Each budget's current spends (the subjects seen this period, busiest first), with the caps and a projection to the period's end. */
+  view(t: number) {
+    return this.list.map((b) => {
+      const subjects = [...this.#spends.values()].filter((s) => s.budget === b && s.start === periodOf(b.period, t).start);
+      if (b.agent === undefined && b.per === undefined && !subjects.length) subjects.push(this.#spend(b, null, t));
+      subjects.sort((x, y) => y.spent - x.spent);
+      return {
+        name: b.name, period: b.period, scope: b.agent !== undefined ? `agent ${b.agent}` : b.per ? `each ${b.per}` : "all", soft: b.soft ?? null, hard: b.hard ?? null,
+        spends: subjects.slice(0, 20).map((s) => ({ subject: s.subject, spent_usd: round12(s.spent), in_flight_usd: round12(s.reserved), projected_usd: projection(s, t), resets_in_s: Number.isFinite(s.end) ? Math.ceil((s.end - t) / 1000) : null })),
+      };
+    });
+  }
+}
+
+/** The spend at the end of the period if it goes on at its pace so far (none for `total`, which has no end). */
+function projection(s: Spend, t: number): number | null {
+  if (!Number.isFinite(s.end)) return null;
+  const elapsed = Math.max(60_000, t - s.start);
+  return round12(s.spent * ((s.end - s.start) / elapsed));
+}
+
+function budgetExceeded(s: Spend, estimate: number, t: number): TwError {
+  const b = s.budget, resets = Number.isFinite(s.end);
+  const secs = resets ? Math.max(1, Math.ceil((s.end - t) / 1000)) : undefined;
+  const whose = s.subject ? ` for ${b.per === "session" ? "session" : "agent"} ${s.subject}` : "";
+  const when = resets ? `It resets at ${new Date(s.end).toISOString()} (in ${secs} s)` : "It is a total, and never resets";
+  return new TwError(429, "budget_exceeded", `Budget "${b.name}"${whose} is spent: ${dollars(s.spent)} spent and ${dollars(s.reserved)} in flight of its hard cap of ${dollars(b.hard!)}${b.period === "total" ? "" : ` per ${b.period}`}, and this request would cost about ${dollars(estimate)}. ${when}; to go on now, raise "hard" of budget "${b.name}" in the config and restart TokenWatch.`, { headers: secs ? { "retry-after": String(secs) } : {} });
+}
+
+// ---- the loop guard ----
+
+export type LoopGuardConfig = { max_repeats: number; window_s: number };
+const LOOP_SESSIONS_KEPT = 10_000;
+
+/**
+ * An agent stuck in a loop sends the same request again and again. The same body from the same agent
+ * and session more than `max_repeats` times in `window_s` is refused (429 loop_detected); ordinary
+ * retries (a few, spaced by backoff) stay under it. Each session keeps only its last body's times.
+ * It watches agents: a named session, or a conversation past its first turn. The same first question
+ * sent many times over with no session named (sampling, a batch, a benchmark) is no agent's loop.
+ */
+export class LoopGuard {
+  #seen = new Map<string, { hash: string; times: number[] }>();
+  #cfg: LoopGuardConfig;
+  constructor(cfg: LoopGuardConfig) { this.#cfg = cfg; }
+
+  check(who: Identity, hub: ChatRequest, body: string, t: number): void {
+    const { max_repeats: max, window_s } = this.#cfg;
+    if (!max || !window_s || (!who.named && !hub.messages.some((m) => m.role === "assistant"))) return;
+    const key = `${who.agent ?? ""}\0${who.session}`, hash = createHash("sha1").update(body).digest("base64");
+    let s = this.#seen.get(key);
+    if (!s || s.hash !== hash) {
+      if (!s && this.#seen.size >= LOOP_SESSIONS_KEPT) this.#seen.delete(this.#seen.keys().next().value!);
+      this.#seen.set(key, (s = { hash, times: [] }));
+    }
+    const from = t - window_s * 1000;
+    s.times = s.times.filter((x) => x > from);
+    s.times.push(t);
+    if (s.times.length <= max) return;
+    const secs = Math.max(1, Math.ceil((s.times[s.times.length - max] - from) / 1000));
+    throw new TwError(429, "loop_detected", `This session sent the same request ${s.times.length} times in ${window_s} s (the loop guard allows ${max}): the agent looks stuck in a loop. Change the request, or retry in ${secs} s; to allow more, raise loop_guard.max_repeats in the config (0 turns it off).`, { headers: { "retry-after": String(secs) } });
+  }
+}
+
+// ============================================================================================
+// 6. Selector: from a request and the config to an ordered list of candidates with the reason.
 //    Pure: headroom is checked later, candidate by candidate, as the router walks the list.
 // ============================================================================================
 
@@ -1210,12 +1484,16 @@ function byModelName(config: Config, name: string, resolved: string): Route {
  * a named model goes first, then its tier; "auto" or no model is classified; "provider/model" is
  * sent exactly there. Candidates that cannot honour `n` are left out.
  */
-export function route(req: ChatRequest, config: Config, headerHint?: string, only?: Only): Route {
+export function route(req: ChatRequest, config: Config, headerHint?: string, only?: Only, cheap?: string): Route {
   if (headerHint !== undefined && headerHint !== "simple" && headerHint !== "complex")
     throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${shown(headerHint)}.`);
   const hint = req.complexity ?? (headerHint as Tier | undefined);
   const name = req.model ?? "auto";
   let r = name.includes("/") ? pinned(req, config, name, hint) : undefined;
+  if (!r && cheap) { // a budget past its soft cap: the cheap tier, whatever was asked (but an explicit provider/model)
+    r = { complexity: "simple", reason: cheap, candidates: tierOrder(config, "simple"), budget: cheap };
+    if (name !== "auto" && !config.named.has(name)) byModelName(config, name, config.aliases.get(name) ?? name); // still 404 an unknown name
+  }
   if (!r && hint) {
     const named = name !== "auto" ? ` (requested ${name} is ranked by the hint)` : "";
     r = { complexity: hint, reason: `complexity "${hint}" given: ${hint === "simple" ? "cheapest first" : "most capable first"}${named}`, candidates: tierOrder(config, hint) };
@@ -1247,9 +1525,9 @@ function withN(r: Route, n: number): Route {
 }
 
 // ============================================================================================
-// 6. Adapters: one small object per upstream `kind`. Each builds the upstream request from the hub
+// 7. Adapters: one small object per upstream `kind`. Each builds the upstream request from the hub
 //    request (OpenAI-shaped), and turns the upstream's answers, errors and stream events into hub
-//    answers and hub events, which the entries (section 7) encode for their clients. No fetch here.
+//    answers and hub events, which the entries (section 8) encode for their clients. No fetch here.
 // ============================================================================================
 
 export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
@@ -1779,7 +2057,7 @@ function anthropicHeaders(m: Model, client: { version?: string; beta?: string } 
 export const ADAPTERS: Record<Kind, Adapter> = { openai: openaiAdapter, anthropic: anthropicAdapter };
 
 // ============================================================================================
-// 7. Entries: one small object per client format. Each reads its client's body into the hub request
+// 8. Entries: one small object per client format. Each reads its client's body into the hub request
 //    and encodes hub answers, hub events and errors for its client. Its passthrough lane sends the
 //    client's own body to an upstream that speaks the same format, and that upstream's bytes back.
 // ============================================================================================
@@ -2705,7 +2983,7 @@ function responsesEntry(lookup: ResponseLookup, config: Config): Entry {
 /** The entries that need nothing but their code; the Responses entry also reads the response store (the Router makes it). */
 export const ENTRIES = { chat: chatEntry, messages: messagesEntry };
 // ============================================================================================
-// 8. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
+// 9. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
 //    transaction per tick, so no request waits on the disk; a failed write keeps its rows and retries.
 // ============================================================================================
 
@@ -2718,8 +2996,11 @@ function rollupTable(name: string, bucket: "minute" | "hour"): string {
 ) WITHOUT ROWID;`;
 }
 
-/** The schema's version (PRAGMA user_version): 1 added the client format (`entry`) to the log and the roll-ups. */
-const SCHEMA_VERSION = 1;
+/**
+ * The schema's version (PRAGMA user_version): 1 added the client format (`entry`) to the log and the
+ * roll-ups; 2 added who asked (`agent`, `session`) and the roll-up per agent and session.
+ */
+const SCHEMA_VERSION = 2;
 
 const SCHEMA = `
 PRAGMA journal_mode = WAL;
@@ -2740,7 +3021,8 @@ CREATE TABLE IF NOT EXISTS requests (
   latency_ms INTEGER, ttft_ms INTEGER, attempts INTEGER NOT NULL DEFAULT 0,
   failover TEXT,                      -- why earlier candidates were passed over
   error TEXT, error_kind TEXT,
-  entry TEXT NOT NULL DEFAULT 'chat'  -- the client's format: chat, messages or responses
+  entry TEXT NOT NULL DEFAULT 'chat', -- the client's format: chat, messages or responses
+  agent TEXT, session TEXT            -- who asked, where known (an older row has neither)
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests(ts);
 -- covering indexes: latency percentiles, error groups and failover reasons never read the rows themselves
@@ -2757,11 +3039,27 @@ CREATE INDEX IF NOT EXISTS response_items_response ON response_items(response);
 -- never the whole log (a 7-day window reads 168 hours, not 10,080 minutes)
 ${rollupTable("rollup", "minute")}
 ${rollupTable("rollup_hour", "hour")}
+-- one row per minute for each agent and session: spend by agent and the top sessions read these ('' when unknown)
+CREATE TABLE IF NOT EXISTS rollup_session (
+  minute INTEGER NOT NULL, agent TEXT NOT NULL, session TEXT NOT NULL, requests INTEGER NOT NULL, errors INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost_usd REAL NOT NULL, last_ts INTEGER NOT NULL,
+  PRIMARY KEY (minute, agent, session)
+) WITHOUT ROWID;
+`;
+
+/** Indexes on columns an older database gains only in the migration: made after it. A budget reads its spend through them. */
+const INDEXES_V2 = `
+CREATE INDEX IF NOT EXISTS requests_agent_spend ON requests(agent, ts, cost_usd) WHERE agent IS NOT NULL;
+CREATE INDEX IF NOT EXISTS requests_session_spend ON requests(session, ts, cost_usd) WHERE session IS NOT NULL;
 `;
 
 const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
-  cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind, entry)
-  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
+  cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, failover, error, error_kind, entry, agent, session)
+  VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`;
+const UPSERT_SESSION = `INSERT INTO rollup_session VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+  ON CONFLICT (minute, agent, session) DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors,
+  input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
+  cost_usd = cost_usd + excluded.cost_usd, last_ts = MAX(last_ts, excluded.last_ts)`;
 const upsertRollup = (table: "rollup" | "rollup_hour", bucket: "minute" | "hour") => `INSERT INTO ${table} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
   ON CONFLICT (${bucket}, provider, model, complexity, entry) DO UPDATE SET requests = requests + excluded.requests, errors = errors + excluded.errors,
   input_tokens = input_tokens + excluded.input_tokens, output_tokens = output_tokens + excluded.output_tokens,
@@ -2790,7 +3088,7 @@ function rollupSince(sinceMs: number, minutesOnly = false): { minute: number; ho
 type RollupSums = { minute: number; provider: string; model: string; complexity: string; entry: string; requests: number; errors: number; input: number; output: number; cached: number; cost: number; failovers: number };
 
 /** The longest text a log row keeps of each field: names are checked on the way in, older databases may hold more. */
-const ROW_TEXT = { provider: 64, model: 256, requested_model: 256, complexity: 16, failover: 500, error: 1000, error_kind: 32 } as const satisfies Partial<Record<keyof Row, number>>;
+const ROW_TEXT = { provider: 64, model: 256, requested_model: 256, complexity: 16, failover: 500, error: 1000, error_kind: 32, agent: 64, session: 128 } as const satisfies Partial<Record<keyof Row, number>>;
 
 const clip = (s: string | null, n: number) => (s !== null && s.length > n ? s.slice(0, n) : s);
 const finite = (x: number, max: number) => (Number.isFinite(x) && x > 0 ? Math.min(x, max) : 0);
@@ -2808,7 +3106,7 @@ function cleanRow(r: Row): Row {
 /** The columns a read returns, text cut to its bound even when an older version stored more. */
 const ROW_SELECT = `id, ts, entry, provider, substr(model, 1, 256) AS model, substr(requested_model, 1, 256) AS requested_model, complexity, status, stream,
   input_tokens, output_tokens, cached_tokens, cache_write_tokens, cost_usd, latency_ms, ttft_ms, attempts, substr(failover, 1, 500) AS failover,
-  substr(error, 1, 1000) AS error, error_kind`;
+  substr(error, 1, 1000) AS error, error_kind, agent, session`;
 
 /** The identity of a file (device and inode), or undefined when there is none at that path. */
 function fileId(path: string): { dev: number; ino: number } | undefined {
@@ -2831,6 +3129,7 @@ export class Store {
   #insert!: StatementSync;
   #rollup!: StatementSync;
   #rollupHour!: StatementSync;
+  #session!: StatementSync;
   #statements = new Map<string, StatementSync>();
   #batch = newBatch();
   #scheduled = false;
@@ -2841,6 +3140,8 @@ export class Store {
   /** What happened to the database file while TokenWatch ran (deleted and rewritten, or replaced), for /stats. */
   fileEvent: string | null = null;
   written = 0;
+  /** Writes that failed (the rows stayed queued for the retry): what /metrics counts. */
+  writeErrors = 0;
   /** Rows that could not be written even alone, with why: kept out of the way so that they block no other row. */
   setAside: { ts: number; reason: string }[] = [];
   setAsideCount = 0;
@@ -2868,7 +3169,9 @@ export class Store {
     this.#db = new DatabaseSync(this.path);
     this.#db.exec(SCHEMA);
     this.#migrate();
+    this.#db.exec(INDEXES_V2);
     this.#insert = this.#db.prepare(INSERT_ROW);
+    this.#session = this.#db.prepare(UPSERT_SESSION);
     this.#rollup = this.#db.prepare(upsertRollup("rollup", "minute"));
     this.#rollupHour = this.#db.prepare(upsertRollup("rollup_hour", "hour"));
     this.#statements.clear();
@@ -2882,6 +3185,11 @@ export class Store {
     const has = (table: string, column: string) => (this.#db.prepare(`PRAGMA table_info(${table})`).all() as { name: string }[]).some((c) => c.name === column);
     this.#transaction(() => {
       if (!has("requests", "entry")) this.#db.exec("ALTER TABLE requests ADD COLUMN entry TEXT NOT NULL DEFAULT 'chat'");
+      if (!has("requests", "agent")) {
+        // rows from before agents were told apart: no agent, no session; their spend shows as unattributed
+        this.#db.exec(`ALTER TABLE requests ADD COLUMN agent TEXT; ALTER TABLE requests ADD COLUMN session TEXT;
+          INSERT INTO rollup_session SELECT ts / 60000, '', '', COUNT(*), SUM(status >= 400), SUM(MAX(0, input_tokens)), SUM(MAX(0, output_tokens)), ${COST_SUM}, MAX(ts) FROM requests GROUP BY ts / 60000;`);
+      }
       for (const [table, bucket] of [["rollup", "minute"], ["rollup_hour", "hour"]] as const) {
         if (has(table, "entry")) continue; // everything logged before formats were told apart came through Chat Completions
         this.#db.exec(`ALTER TABLE ${table} RENAME TO ${table}_old; ${rollupTable(table, bucket)}
@@ -2941,7 +3249,7 @@ export class Store {
     } catch (e) {
       const good = this.#writable(rows);
       if (good) try { this.#transaction(() => this.#keep(responses)); } catch { /* a response too odd to keep: its next request gets a clear 400 */ }
-      if (!good) { this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`; return false; }
+      if (!good) { this.writeErrors++; this.lastError = `Cannot write to ${this.path}: ${(e as Error).message}`; return false; }
     }
     this.written += rows.length;
     this.lastError = null;
@@ -3038,7 +3346,7 @@ export class Store {
 
   #write(r: Row): void {
     this.#insert.run(r.ts, r.provider, r.model, r.requested_model, r.complexity, r.status, r.stream ? 1 : 0, r.input_tokens, r.output_tokens,
-      r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind, r.entry ?? "chat");
+      r.cached_tokens, r.cache_write_tokens, r.cost_usd, r.latency_ms, r.ttft_ms, r.attempts, r.failover, r.error, r.error_kind, r.entry ?? "chat", r.agent ?? null, r.session ?? null);
   }
 
   /** One upsert per minute, model and complexity in the batch, not one per row: a busy tick holds hundreds of rows of one model. */
@@ -3062,6 +3370,27 @@ export class Store {
       this.#rollup.run(s.minute, ...values);
       this.#rollupHour.run(Math.floor(s.minute / 60), ...values);
     }
+    for (const r of rows) // a handful of agents and sessions per tick: SQLite's upsert sums them
+      this.#session.run(Math.floor(r.ts / 60_000), r.agent ?? "", r.session ?? "", 1, r.status >= 400 ? 1 : 0, r.input_tokens, r.output_tokens, r.cost_usd, r.ts);
+  }
+
+  /** What the log holds as spent since a time: everything, one agent's, or one session's (what a budget starts from). */
+  spend(scope: { agent?: string; session?: string }, sinceMs: number): number {
+    const [col, value] = scope.agent !== undefined ? ["agent", scope.agent] : scope.session !== undefined ? ["session", scope.session] : [undefined, undefined];
+    if (!col) return this.totals(sinceMs).cost_usd;
+    return (this.#stmt(`SELECT ${COST_SUM} AS c FROM requests WHERE ${col} = ? AND ts >= ?`).get(value!, sinceMs) as { c: number }).c;
+  }
+
+  /** Requests, tokens and spend per agent since a time, busiest first ('' is the requests no agent was known for). */
+  byAgent(sinceMs: number, limit = 50): { agent: string; requests: number; errors: number; input_tokens: number; output_tokens: number; cost_usd: number; sessions: number }[] {
+    return this.#stmt(`SELECT agent, SUM(requests) AS requests, SUM(errors) AS errors, SUM(input_tokens) AS input_tokens, SUM(output_tokens) AS output_tokens,
+      ${COST_SUM} AS cost_usd, COUNT(DISTINCT session) AS sessions FROM rollup_session WHERE minute >= ? GROUP BY agent ORDER BY cost_usd DESC, requests DESC LIMIT ?`).all(Math.floor(sinceMs / 60_000), limit) as never;
+  }
+
+  /** The sessions that spent most since a time, with their agent and when each was last seen. */
+  topSessions(sinceMs: number, limit = 50): { session: string; agent: string; requests: number; errors: number; cost_usd: number; last_ts: number }[] {
+    return this.#stmt(`SELECT session, agent, SUM(requests) AS requests, SUM(errors) AS errors, ${COST_SUM} AS cost_usd, MAX(last_ts) AS last_ts
+      FROM rollup_session WHERE minute >= ? AND session != '' GROUP BY session, agent ORDER BY cost_usd DESC, requests DESC LIMIT ?`).all(Math.floor(sinceMs / 60_000), limit) as never;
   }
 
   totals(sinceMs = 0): Totals {
@@ -3132,7 +3461,7 @@ export class Store {
 }
 
 // ============================================================================================
-// 9. Dispatcher: one request's way through its candidates, shared by every route that calls an
+// 10. Dispatcher: one request's way through its candidates, shared by every route that calls an
 //    upstream. Reserve capacity, attempt, fail over, wait for capacity, settle the limiter with the
 //    real usage. It calls upstreams with fetch and writes the answer into the client's response.
 // ============================================================================================
@@ -3167,8 +3496,11 @@ export const ROUTE_DOCS: [string, string][] = [
   ["GET /health", "{\"status\":\"ok\"}"],
   ["GET /api/stats", "the same as /stats (the original tool's route)"],
   ["GET /api/limits", "the live limiter view alone (the original tool's route)"],
+  ["GET /metrics", "Prometheus metrics: requests, tokens, cost, latency, limits, budgets"],
 ];
 const OPEN_ROUTES = new Set(["GET /health", "GET /"]); // the page itself holds no data; it asks for the key
+/** The routes that show everyone's traffic and spend: the admin key's alone when there is one (an agent's key opens the API routes). */
+const ADMIN_ROUTES = new Set(["GET /stats", "GET /api/stats", "GET /api/limits", "GET /metrics"]);
 
 /** Which client format a path belongs to, for errors raised before any entry read the request. */
 const entryOfPath = (path: string): Entry => (path.startsWith("/v1/messages") ? messagesEntry : chatEntry);
@@ -3267,7 +3599,9 @@ function saturated(route: Route, until: number, t: number): TwError {
 }
 
 function routingHeaders(m: Model, route: Route): Record<string, string> {
-  return { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
+  const h: Record<string, string> = { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
+  if (route.budget) h["x-tokenwatch-budget"] = route.budget;
+  return h;
 }
 
 /** Resolve when the response may take more data or is gone (false), or after `ms` of neither (true: the client stopped reading). */
@@ -3606,7 +3940,7 @@ async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): 
 }
 
 // ============================================================================================
-// 10. HTTP edge: the `Router`, with the routes as a table: auth, the Host check, reading bodies, one
+// 11. HTTP edge: the `Router`, with the routes as a table: auth, the Host check, reading bodies, one
 //    thin handler per route, and `#record(row)`, the one step that finishes a log row.
 // ============================================================================================
 
@@ -3619,7 +3953,8 @@ export type Deps = {
   log?: (line: string) => void;
 };
 
-type Ctx = { req: IncomingMessage; res: ServerResponse; url: URL };
+/** A request on its route; `agent`: the name of the agent whose key it carries. */
+type Ctx = { req: IncomingMessage; res: ServerResponse; url: URL; agent?: string };
 type Handler = (ctx: Ctx) => Promise<void> | void;
 
 function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
@@ -3640,13 +3975,23 @@ const header = (req: IncomingMessage, name: string) => {
   return Array.isArray(v) ? v[0] : v;
 };
 
-const digest = (s: string) => createHash("sha256").update(s).digest();
+/** Who a request's key says it is: the admin (TOKENWATCH_API_KEY) or an agent (its key in `keys`). */
+type Caller = { admin: boolean; agent?: string };
 
-/** Constant-time comparison of the caller's key with ours (hashing first hides the length too). */
-function keyMatches(req: IncomingMessage, key: string): boolean {
+/**
+ * The caller a request's key names, or undefined when it names none. Keys are compared in constant time
+ * (hashing first hides their length too), every one of them whichever matches, so that the time taken
+ * tells nothing about which key came close.
+ */
+function callerOf(req: IncomingMessage, adminKey: string | undefined, agentKeys: readonly AgentKey[]): Caller | undefined {
   const bearer = /^bearer[ \t]+(.+)$/i.exec(header(req, "authorization") ?? ""); // auth schemes are case-insensitive
   const given = bearer ? bearer[1].trim() : header(req, "x-api-key");
-  return given !== undefined && timingSafeEqual(digest(given), digest(key));
+  if (given === undefined) return undefined;
+  const d = digest(given);
+  let agent: string | undefined;
+  for (const k of agentKeys) if (timingSafeEqual(d, k.digest)) agent ??= k.agent;
+  if (adminKey !== undefined && timingSafeEqual(d, digest(adminKey))) return { admin: true };
+  return agent !== undefined ? { admin: false, agent } : undefined;
 }
 
 /**
@@ -3731,7 +4076,9 @@ export function parseBody(text: string): unknown {
   try { return JSON.parse(text); } catch (e) { throw bad(`The request body is not valid JSON (${(e as Error).message}): check quotes, commas and brackets.`); }
 }
 
-function errorKind(status: number): string {
+function errorKind({ status, code }: TwError): string {
+  if (code === "budget_exceeded") return "budget";
+  if (code === "loop_detected" && status === 429) return "loop_guard";
   return status === 429 ? "saturated" : status === 499 ? "client_closed" : status === 504 ? "timeout" : status === 508 ? "loop"
     : status >= 500 ? "upstream" : status === 401 ? "auth" : status === 413 ? "too_large" : status === 404 ? "not_found" : "bad_request";
 }
@@ -3742,7 +4089,7 @@ function keptOf(p: Parsed | undefined): KeptResponse | undefined {
   return { id: p.final.id, previous: p.keep.previous, input: p.keep.input, output: Array.isArray(p.final.output) ? p.final.output : [], native: !isOwn(p.final.id) };
 }
 
-const newRow = (ts: number, entry: Format): Row => ({ ts, entry, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null });
+const newRow = (ts: number, entry: Format): Row => ({ ts, entry, provider: null, model: null, requested_model: null, complexity: null, status: 0, stream: false, input_tokens: 0, output_tokens: 0, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0, latency_ms: 0, ttft_ms: null, attempts: 0, failover: null, error: null, error_kind: null, agent: null, session: null });
 
 /** GET /v1/models: the enabled models, then the aliases of enabled models, in OpenAI's list shape. */
 function modelList(config: Config) {
@@ -3767,13 +4114,15 @@ function checkUpstreamRoute(req: IncomingMessage): void {
 
 /**
  * The HTTP side of TokenWatch: the route table, and what each route does with a request. Calling the
- * upstreams is the dispatcher's (section 9); this holds what is shared across requests: the limiter, the
+ * upstreams is the dispatcher's (section 10); this holds what is shared across requests: the limiter, the
  * body budget, the count of requests being answered.
  */
 export class Router {
   readonly limiter: Limiter;
   #config: Config; #deps: Deps; #store: Store; #now: () => number;
-  #dispatcher: Dispatcher; #budget: BodyBudget; #view: StatsSource;
+  readonly budgets: Budgets;
+  readonly metrics: Metrics;
+  #dispatcher: Dispatcher; #budget: BodyBudget; #view: StatsSource; #loops: LoopGuard;
   #active = 0; // requests being answered: what a clean shutdown waits for
   #routes: Map<string, Handler>;
 
@@ -3782,7 +4131,11 @@ export class Router {
     this.limiter = new Limiter(config.threshold, { min: config.min_cooldown_ms, max: config.max_cooldown_ms });
     this.#dispatcher = new Dispatcher(config, { limiter: this.limiter, fetch: deps.fetch ?? fetch, now: this.#now });
     this.#budget = new BodyBudget(config.max_inflight_body_bytes);
-    this.#view = { config, store: this.#store, limiter: this.limiter, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now() };
+    // a budget's spend is the log's: every row queued so far is written before it is read
+    this.budgets = new Budgets(config.budgets, (scope, since) => { this.#store.flush(); return this.#store.spend(scope, since); });
+    this.#loops = new LoopGuard(config.loop_guard);
+    this.metrics = new Metrics(config);
+    this.#view = { config, store: this.#store, limiter: this.limiter, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now(), budgets: this.budgets, metrics: this.metrics, inflight: () => this.#active };
     const stats: Handler = ({ res, url }) => {
       const w = url.searchParams.get("window") ?? "24h";
       if (!Object.hasOwn(STATS_WINDOWS, w)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${shown(w)}.`, "window");
@@ -3797,6 +4150,7 @@ export class Router {
       "GET /stats": stats,
       "GET /api/stats": stats,
       "GET /api/limits": ({ res }) => sendJson(res, 200, limitsView(config, this.limiter, this.#now())),
+      "GET /metrics": ({ res }) => { const text = metricsText(this.#view, this.#now()); res.writeHead(200, { "content-type": "text/plain; version=0.0.4; charset=utf-8", "cache-control": "no-store", "content-length": String(Buffer.byteLength(text)) }); res.end(text); },
       "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
       "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
     };
@@ -3814,8 +4168,9 @@ export class Router {
    * promise resolves once the row is committed (with the others of its event-loop turn).
    */
   #record(row: Row, err?: TwError, p?: Parsed): Promise<void> {
-    if (err) Object.assign(row, { status: err.status, error: this.#scrub(err.message), error_kind: errorKind(err.status) });
+    if (err) Object.assign(row, { status: err.status, error: this.#scrub(err.message), error_kind: errorKind(err) });
     row.latency_ms = this.#now() - row.ts;
+    this.metrics.record(row);
     return this.#store.add(row, err ? undefined : keptOf(p));
   }
 
@@ -3848,21 +4203,21 @@ export class Router {
    * the client's own shape, after the request's row is committed.
    */
   #serve(entry: Entry): Handler {
-    return async ({ req, res }) => {
+    return async (ctx) => {
+      const { req, res } = ctx;
       const row = newRow(this.#now(), entry.format);
       const client: Client = { gone: false };
       res.on("close", () => { if (!res.writableFinished) { client.gone = true; client.stop?.(); } });
       let recorded: Promise<void> | undefined, p: Parsed | undefined;
       const commit = () => (recorded ??= this.#record(row, undefined, p));
       const held = { bytes: 0 };
+      let ticket: Ticket | undefined;
       try {
         const text = await this.#bodyOf(req, held);
         p = entry.parse(parseBody(text), text, req.headers);
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
-        const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
-        const r = route(p.hub, this.#config, header(req, "x-tokenwatch-complexity"), only);
-        row.complexity = r.complexity;
+        const r = this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; });
         await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
       } catch (e) {
         const err = this.#asTwError(e);
@@ -3871,9 +4226,32 @@ export class Router {
         this.#refuse(req, res, err, entry);
       } finally {
         void commit();
+        if (ticket) this.budgets.settle(ticket, row.cost_usd);
         this.#budget.give(held.bytes);
       }
     };
+  }
+
+  /**
+   * Who is asking and may they: the agent and session go on the row, the loop guard looks at the body,
+   * a soft cap routes to the cheap tier, a hard cap refuses. The route, and the budgets' hold (`held`), all
+   * in one synchronous step: two requests cannot both take a budget's last dollars.
+   */
+  #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void): Route {
+    const t = this.#now(), config = this.#config;
+    const who = identify(req.headers, p.body, p.hub, keyAgent);
+    row.agent = who.agent;
+    row.session = who.session;
+    this.#loops.check(who, p.hub, p.text, t);
+    const cheap = this.budgets.softCap(who, t);
+    const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
+    const r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), only, cheap);
+    row.complexity = r.complexity;
+    const m = r.candidates[0];
+    const output = this.limiter.outputEstimate(m.key, askedOutput(p.hub), config.default_max_tokens);
+    const estimate = m.priced ? costUsd(m, { input: promptEstimate(p.text.length), cached: 0, cache_write: 0, output }) : 0;
+    held(this.budgets.admit(who, estimate, t));
+    return r;
   }
 
   /**
@@ -3917,7 +4295,7 @@ export class Router {
   }
 
   /** Which route a request is for, after the Host and key checks; a 404 or 405 that lists what exists otherwise. */
-  #routeOf(req: IncomingMessage, url: URL, key: string): Handler {
+  #routeOf(req: IncomingMessage, url: URL, key: string): { fn: Handler; agent?: string } {
     const deps = this.#deps, fn = this.#routes.get(key);
     if (deps.allowedHosts && !deps.allowedHosts.has((header(req, "host") ?? "").toLowerCase()))
       throw new TwError(403, "host_not_allowed", `Host ${shown(header(req, "host") ?? "")} is not the address TokenWatch serves: use the URL printed at start.`);
@@ -3926,9 +4304,13 @@ export class Router {
       if (allowed.length) throw new TwError(405, "method_not_allowed", `${req.method} is not allowed on ${url.pathname.slice(0, 200)}: use ${allowed.join(" or ")}.`, { headers: { allow: allowed.join(", ") } });
       throw new TwError(404, "not_found", `No route ${req.method} ${url.pathname.slice(0, 200)}. Routes: ${[...this.#routes.keys()].join(", ")}.`);
     }
-    if (deps.apiKey && !OPEN_ROUTES.has(key) && !keyMatches(req, deps.apiKey))
-      throw new TwError(401, "invalid_api_key", "This TokenWatch needs its API key: send \"Authorization: Bearer <TOKENWATCH_API_KEY>\" or \"x-api-key\".");
-    return fn;
+    const agentKeys = this.#config.agentKeys;
+    if ((!deps.apiKey && !agentKeys.length) || OPEN_ROUTES.has(key)) return { fn };
+    const caller = callerOf(req, deps.apiKey, agentKeys);
+    if (!caller) throw new TwError(401, "invalid_api_key", `This TokenWatch needs a key: send "Authorization: Bearer <key>" or "x-api-key" with ${deps.apiKey ? "TOKENWATCH_API_KEY" : ""}${deps.apiKey && agentKeys.length ? " or " : ""}${agentKeys.length ? "your agent's key from the config's \"keys\"" : ""}.`);
+    if (ADMIN_ROUTES.has(key) && deps.apiKey && !caller.admin)
+      throw new TwError(403, "admin_key_required", `The key of agent "${caller.agent}" opens the API routes only: ${url.pathname} shows every agent's traffic, so it needs TOKENWATCH_API_KEY.`);
+    return { fn, agent: caller.agent };
   }
 
   /** The node:http request listener. The path alone picks the route (Claude Code adds ?beta=true). */
@@ -3936,9 +4318,9 @@ export class Router {
     let url: URL;
     try { url = new URL(req.url ?? "/", "http://localhost"); } catch { return sendJson(res, 400, bad("The request URL cannot be parsed.").body()); }
     try {
-      const fn = this.#routeOf(req, url, `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`);
+      const { fn, agent } = this.#routeOf(req, url, `${req.method === "HEAD" ? "GET" : req.method} ${url.pathname}`);
       this.#active++;
-      try { await fn({ req, res, url }); } finally { this.#active--; }
+      try { await fn({ req, res, url, agent }); } finally { this.#active--; }
     } catch (e) {
       const err = e instanceof TwError ? e : new TwError(500, "internal_error", `TokenWatch failed: ${(e as Error).message}`);
       const { status, body } = entryOfPath(url.pathname).error(err); // a Messages client reads errors in Anthropic's shape, a 404 too
@@ -3958,14 +4340,17 @@ export class Router {
 export const createRouter = (config: Config, deps: Deps): Router => new Router(config, deps);
 
 // ============================================================================================
-// 11. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
+// 12. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
 //     external assets) that refreshes itself from /stats.
 // ============================================================================================
 
 export const STATS_WINDOWS: Record<string, number> = { "1h": 3_600_000, "24h": 86_400_000, "7d": 604_800_000, all: Infinity };
 
 /** What the stats view reads: the config, the log, the live limiter, the providers at rest. */
-type StatsSource = { config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; refused: Map<string, number>; started: number };
+type StatsSource = {
+  config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; refused: Map<string, number>; started: number;
+  budgets: Budgets; metrics: Metrics; inflight: () => number;
+};
 
 /** The 50th and 95th percentiles, from one sort: a typed array sorts numbers without a comparator, and /stats sorts 14 lists. */
 function p50p95(xs: number[]): (number | null)[] {
@@ -4052,6 +4437,10 @@ export function statsView(src: StatsSource, w: string, t: number) {
     providers: config.providers.map((p) => ({ provider: p.id, name: p.name, enabled: p.enabled, reason: p.enabled ? null : p.why, ...(byProv.get(p.id) ?? { requests: 0, errors: 0, cost_usd: 0, models_used: 0 }), disabled_for_s: Math.max(0, Math.ceil(((src.authDown.get(p.id) ?? 0) - t) / 1000)) })),
     routing: { simple: count("simple"), complex: count("complex"), failovers: routing.reduce((s, r) => s + r.failovers, 0), failover_reasons: store.failoverReasons(since) },
     entries: Object.fromEntries((["chat", "messages", "responses"] as const).map((f) => [f, entries.find((e) => e.entry === f)?.requests ?? 0])),
+    agents: store.byAgent(since).map((a) => ({ ...a, agent: a.agent || null, cost_usd: round12(a.cost_usd) })),
+    sessions: store.topSessions(since).map((x) => ({ ...x, agent: x.agent || null, cost_usd: round12(x.cost_usd) })),
+    budgets: src.budgets.view(t),
+    loop_guard: config.loop_guard,
     series: { minute: seriesOf(store, t, 60, 1), hour: seriesOf(store, t, 24 * 60, 60) },
     recent: store.recent(50).map(rowOut),
     errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
@@ -4059,6 +4448,151 @@ export function statsView(src: StatsSource, w: string, t: number) {
     models_not_shown: Math.max(0, [...byProv.values()].reduce((s, p) => s + p.models_used, 0) - models.filter((m) => m.requests > 0).length),
     store: { path: store.path, pending_rows: store.pending, last_error: store.lastError, file_event: store.fileEvent, set_aside_rows: store.setAsideCount, set_aside: store.setAside },
   };
+}
+
+// ---- /metrics: the same figures for Prometheus ----
+
+/** Histogram buckets in seconds: a whole answer, and the first token of a stream. */
+const DURATION_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const TTFT_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30];
+/** Agents named by a header, not a key, get a label of their own up to this many; later ones are "other" (label sets stay bounded). */
+const AGENT_LABELS = 50;
+
+type Histogram = { buckets: number[]; counts: number[]; sum: number; count: number };
+
+/** One label set as Prometheus writes it: `{a="x",b="y"}`, values escaped. */
+const labelText = (labels: Record<string, string>) =>
+  `{${Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`).join(",")}}`;
+
+/**
+ * Counters and histograms since this process started, fed by every finished log row. Labels are
+ * bounded sets: providers and models of the table (anything else is "other"), formats, statuses, and
+ * agents (those of keys, the first AGENT_LABELS others); never a session id or free text.
+ */
+export class Metrics {
+  #counters = new Map<string, Map<string, number>>();
+  #histograms = new Map<string, Map<string, Histogram>>();
+  #agents = new Set<string>();
+  #config: Config;
+  constructor(config: Config) {
+    this.#config = config;
+    for (const k of config.agentKeys) this.#agents.add(k.agent);
+  }
+
+  #add(name: string, labels: Record<string, string>, by: number): void {
+    let m = this.#counters.get(name);
+    if (!m) this.#counters.set(name, (m = new Map()));
+    const key = labelText(labels);
+    m.set(key, (m.get(key) ?? 0) + by);
+  }
+
+  #observe(name: string, buckets: number[], labels: Record<string, string>, x: number): void {
+    let m = this.#histograms.get(name);
+    if (!m) this.#histograms.set(name, (m = new Map()));
+    const key = labelText(labels);
+    let h = m.get(key);
+    if (!h) m.set(key, (h = { buckets, counts: buckets.map(() => 0), sum: 0, count: 0 }));
+    for (let i = 0; i < buckets.length; i++) if (x <= buckets[i]) h.counts[i]++;
+    h.sum += x;
+    h.count++;
+  }
+
+  /** A model's label: its name in the table (a dated Claude id by its family), else "other". */
+  #model(provider: string | null, model: string | null): string {
+    if (!model) return "none";
+    const m = this.#config.models.find((x) => x.provider.id === provider && x.id === model);
+    return m ? m.id : (provider && this.#config.providers.find((p) => p.id === provider)?.kind === "anthropic" && claudeModel(this.#config, model)?.family) || "other";
+  }
+
+  #agent(agent: string | null): string {
+    if (agent === null) return "none";
+    if (this.#agents.has(agent)) return agent;
+    if (this.#agents.size < AGENT_LABELS + this.#config.agentKeys.length) { this.#agents.add(agent); return agent; }
+    return "other";
+  }
+
+  record(r: Row): void {
+    const provider = r.provider ?? "none", model = this.#model(r.provider, r.model), entry = r.entry;
+    this.#add("tokenwatch_requests_total", { provider, model, entry, status: String(r.status) }, 1);
+    if (r.status >= 400) this.#add("tokenwatch_errors_total", { provider, entry, kind: r.error_kind ?? "error" }, 1);
+    if (r.failover) this.#add("tokenwatch_failovers_total", { provider, model, entry }, 1);
+    const tokens = { input: r.input_tokens - r.cached_tokens - r.cache_write_tokens, output: r.output_tokens, cache_read: r.cached_tokens, cache_write: r.cache_write_tokens };
+    for (const [kind, n] of Object.entries(tokens)) if (n > 0) this.#add("tokenwatch_tokens_total", { provider, model, kind }, n);
+    if (r.cost_usd > 0) this.#add("tokenwatch_cost_usd_total", { provider, model }, r.cost_usd);
+    this.#add("tokenwatch_agent_requests_total", { agent: this.#agent(r.agent) }, 1);
+    if (r.cost_usd > 0) this.#add("tokenwatch_agent_cost_usd_total", { agent: this.#agent(r.agent) }, r.cost_usd);
+    if (r.status === 200) {
+      this.#observe("tokenwatch_request_duration_seconds", DURATION_BUCKETS, { provider, model, entry }, r.latency_ms / 1000);
+      if (r.ttft_ms !== null) this.#observe("tokenwatch_time_to_first_token_seconds", TTFT_BUCKETS, { provider, model }, r.ttft_ms / 1000);
+    }
+  }
+
+  /** The counters and histograms in Prometheus' text format, after `help` says what each is. */
+  render(help: Record<string, string>): string[] {
+    const out: string[] = [];
+    for (const [name, m] of this.#counters) {
+      out.push(`# HELP ${name} ${help[name]}`, `# TYPE ${name} counter`);
+      for (const [labels, v] of m) out.push(`${name}${labels} ${round12(v)}`);
+    }
+    for (const [name, m] of this.#histograms) {
+      out.push(`# HELP ${name} ${help[name]}`, `# TYPE ${name} histogram`);
+      for (const [labels, h] of m) {
+        const inner = labels.slice(1, -1);
+        h.buckets.forEach((b, i) => out.push(`${name}_bucket{${inner},le="${b}"} ${h.counts[i]}`));
+        out.push(`${name}_bucket{${inner},le="+Inf"} ${h.count}`, `${name}_sum${labels} ${round12(h.sum)}`, `${name}_count${labels} ${h.count}`);
+      }
+    }
+    return out;
+  }
+}
+
+const METRIC_HELP: Record<string, string> = {
+  tokenwatch_requests_total: "Requests finished, by the provider and model that answered (or none), client format and HTTP status.",
+  tokenwatch_errors_total: "Requests that ended in an error, by provider, client format and kind of error.",
+  tokenwatch_failovers_total: "Requests that passed over at least one candidate before their answer, by the model that answered.",
+  tokenwatch_tokens_total: "Tokens billed, by kind: input (uncached), output, cache_read, cache_write.",
+  tokenwatch_cost_usd_total: "Cost in US dollars, at the table's prices.",
+  tokenwatch_agent_requests_total: "Requests by agent (none: no agent known; other: past the label limit).",
+  tokenwatch_agent_cost_usd_total: "Cost in US dollars by agent.",
+  tokenwatch_request_duration_seconds: "Time from a request's arrival to its last byte, for answered requests.",
+  tokenwatch_time_to_first_token_seconds: "Time from a streamed request's arrival to its first event.",
+};
+
+/** One gauge family: its help, its type line, and a sample per label set. */
+function gauge(name: string, help: string, samples: [Record<string, string>, number][]): string[] {
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, ...samples.map(([l, v]) => `${name}${Object.keys(l).length ? labelText(l) : ""} ${Number.isFinite(v) ? round12(v) : "+Inf"}`)];
+}
+
+/** GET /metrics: the counters since start, and the live figures (limits, budgets, the store) as gauges. */
+export function metricsText(src: StatsSource, t: number): string {
+  const { config, limiter, store, budgets } = src;
+  const used: [Record<string, string>, number][] = [], limits: [Record<string, string>, number][] = [];
+  for (const m of config.models.filter((x) => x.provider.enabled)) {
+    for (const d of limiter.headroom(m, t, limiter.typical(m.key, config.default_max_tokens)).dimensions) {
+      const labels = { provider: m.provider.id, model: m.id, dimension: d.dimension };
+      used.push([labels, d.used]);
+      limits.push([labels, d.limit]);
+    }
+  }
+  const spent: [Record<string, string>, number][] = [], caps: [Record<string, string>, number][] = [];
+  for (const b of budgets.view(t)) {
+    spent.push([{ budget: b.name }, b.spends.reduce((x, s) => Math.max(x, s.spent_usd), 0)]);
+    if (b.soft !== null) caps.push([{ budget: b.name, level: "soft" }, b.soft]);
+    if (b.hard !== null) caps.push([{ budget: b.name, level: "hard" }, b.hard]);
+  }
+  return [
+    ...gauge("tokenwatch_build_info", "TokenWatch's version.", [[{ version: VERSION }, 1]]),
+    ...src.metrics.render(METRIC_HELP),
+    ...gauge("tokenwatch_inflight_requests", "Requests being answered now.", [[{}, src.inflight()]]),
+    ...gauge("tokenwatch_ratelimit_used", "What each limit dimension of a model holds now, in its own unit (requests or tokens), in flight included.", used),
+    ...gauge("tokenwatch_ratelimit_limit", "Each limit dimension of a model: learned from the provider's headers, else the table's.", limits),
+    ...gauge("tokenwatch_budget_spent_usd", "Spend in this period, in US dollars: the budget's own, or for a per-agent or per-session budget its largest subject's.", spent),
+    ...gauge("tokenwatch_budget_cap_usd", "Each budget's caps in US dollars: soft moves to the cheap tier, hard refuses.", caps),
+    ...gauge("tokenwatch_store_rows_pending", "Log rows waiting to be written.", [[{}, store.pending]]),
+    `# HELP tokenwatch_store_write_errors_total Failed writes to the SQLite log (their rows stayed queued for the retry).`, `# TYPE tokenwatch_store_write_errors_total counter`, `tokenwatch_store_write_errors_total ${store.writeErrors}`,
+    `# HELP tokenwatch_store_rows_set_aside_total Log rows that could not be written even alone, and were set aside.`, `# TYPE tokenwatch_store_rows_set_aside_total counter`, `tokenwatch_store_rows_set_aside_total ${store.setAsideCount}`,
+    "",
+  ].join("\n");
 }
 
 const DASHBOARD_CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -4185,6 +4719,10 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 .auth input{flex:1;min-width:0;font:inherit;padding:7px 10px;border:1px solid var(--line);border-radius:8px;background:var(--bg);color:var(--fg)}
 .auth button{font:inherit;font-weight:600;padding:7px 14px;border:0;border-radius:8px;background:var(--in);color:#fff;cursor:pointer}
 #auth-msg.bad{color:var(--red)}
+.filter{font:inherit;font-size:12.5px;padding:3px 9px;border:1px solid var(--line);border-radius:6px;background:var(--bg);color:var(--fg);width:220px;max-width:100%}
+.brow{display:grid;grid-template-columns:minmax(120px,1fr) minmax(0,3fr) auto;gap:6px 18px;align-items:center;padding:8px 0;border-bottom:1px dashed var(--line)}
+.brow:last-child{border-bottom:0}.brow .track{height:8px}.brow .state{font-size:12px;font-weight:600}.state.amber{color:var(--amber)}.state.red{color:var(--red)}.state.green{color:var(--green)}
+.budget+.budget{margin-top:12px;padding-top:10px;border-top:1px solid var(--line)}
 @media (max-width:900px){.grid2{grid-template-columns:minmax(0,1fr)}.kpis{grid-template-columns:repeat(2,minmax(0,1fr))}}
 @media (max-width:640px){.top{padding:10px 14px;position:static}main{padding:12px 12px 32px;gap:12px}.card{padding:14px}.scroll{margin:0 -14px;padding:0 14px}.mc{max-width:190px}
 .kpis{gap:12px}.k-val{font-size:22px}.k-sub{gap:12px}
@@ -4221,6 +4759,10 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     <div class="hd"><h2>Headroom now</h2><span class="cap">Sliding minute &middot; bars show the full limit, marker at the <span id="hr-th">80%</span> routing threshold</span></div>
     <div id="hr-body"></div>
   </section>
+  <section id="budgets" class="card" hidden>
+    <div class="hd"><h2>Budgets</h2><span class="cap">Spend this period &middot; past the soft cap traffic goes to the cheap tier, past the hard cap it is refused</span></div>
+    <div id="budget-body"></div>
+  </section>
   <div id="busy" hidden>
     <div class="grid2">
       <section class="card"><div class="hd"><h2>Last hour <span class="cap">per minute</span></h2><span class="cap" id="sum-minute"></span></div><div class="chart" id="chart-minute"></div><div class="lg"><span><i style="background:var(--in)"></i>Input tokens</span><span><i style="background:var(--out)"></i>Output tokens</span><span><i class="ln" style="background:var(--cost)"></i>Cost</span></div></section>
@@ -4240,6 +4782,12 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
         <div class="sect"><h3>Client formats</h3><div class="bl" id="entries"></div></div>
       </section>
     </div>
+    <section class="card" style="margin-top:16px" id="agents-card"><div class="hd"><h2>Agents and sessions</h2><span class="cap"><input id="agent-filter" class="filter" type="search" placeholder="Filter agents and sessions" aria-label="Filter agents and sessions"> <span class="win-label">last 24 hours</span></span></div>
+      <div class="grid2">
+        <div><h3>Spend by agent</h3><div class="scroll"><table><thead><tr><th>Agent</th><th class="n">Requests</th><th class="n">Sessions</th><th class="n">Errors</th><th class="n">Cost</th><th class="n">Share</th></tr></thead><tbody id="agents"></tbody></table></div></div>
+        <div><h3>Top sessions</h3><div class="scroll"><table><thead><tr><th>Session</th><th>Agent</th><th class="n">Requests</th><th class="n">Cost</th><th>Last seen</th></tr></thead><tbody id="sessions"></tbody></table></div></div>
+      </div>
+    </section>
     <section class="card" style="margin-top:16px"><div class="hd"><h2>Errors</h2><span class="cap">Latest, grouped by provider and kind</span></div>
       <div class="scroll"><table><thead><tr><th>Provider</th><th>Kind</th><th class="n">Count</th><th>Last seen</th><th>Last message</th></tr></thead><tbody id="errors"></tbody></table></div>
     </section>
@@ -4452,6 +5000,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 
     renderEmpty(empty);
     renderHeadroom(d);
+    renderBudgets(d.budgets || []);
     if (empty) return;
     drawCharts();
     renderModels(d.models || []);
@@ -4460,6 +5009,66 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     renderEntries(d.entries || {});
     renderErrors(d.error_groups || []);
     renderRecent(d.recent || []);
+    renderAgents(d);
+  }
+
+  /* ---------- budgets, agents and sessions ---------- */
+  function renderBudgets(list) {
+    $("budgets").hidden = !list.length;
+    var frag = document.createDocumentFragment();
+    list.forEach(function (b) {
+      var box = el("div", "budget"), caps = [];
+      box.setAttribute("data-budget", str(b.name));
+      if (has(b.soft)) caps.push("soft " + fmtCost(b.soft));
+      if (has(b.hard)) caps.push("hard " + fmtCost(b.hard));
+      add(box, add(el("div", "prov-hd"), el("b", "", str(b.name)), tag(str(b.scope)), tag(b.period === "total" ? "in total" : "per " + str(b.period)), el("span", "right small muted", caps.join(DOT))));
+      if (!(b.spends || []).length) add(box, el("div", "small muted", "Nothing spent in this period yet."));
+      (b.spends || []).forEach(function (x) { box.appendChild(budgetRow(b, x)); });
+      frag.appendChild(box);
+    });
+    $("budget-body").replaceChildren(frag);
+  }
+  function budgetRow(b, x) {
+    var cap = has(b.hard) ? num(b.hard) : num(b.soft), spent = num(x.spent_usd), ratio = cap > 0 ? spent / cap : 0;
+    var hardHit = has(b.hard) && spent >= num(b.hard), softHit = has(b.soft) && spent >= num(b.soft);
+    var lv = hardHit ? "red" : softHit ? "amber" : "green", r = el("div", "brow");
+    r.setAttribute("data-subject", x.subject === null ? "" : str(x.subject));
+    r.setAttribute("data-spent", String(spent));
+    var tr = el("div", "track"), f = el("div", "fill " + lv);
+    f.style.width = (ratio > 0 ? Math.max(1, Math.min(100, ratio * 100)) : 0).toFixed(1) + "%";
+    add(tr, f);
+    if (has(b.soft) && has(b.hard) && num(b.hard) > 0) { var mk = el("div", "mark"); mk.style.left = (100 * num(b.soft) / num(b.hard)).toFixed(1) + "%"; add(tr, mk); }
+    var line = fmtCost(spent) + " of " + fmtCost(cap) + (num(x.in_flight_usd) > 0 ? " (+" + fmtCost(x.in_flight_usd) + " in flight)" : "")
+      + (has(x.projected_usd) ? DOT + "projected " + fmtCost(x.projected_usd) + " by the end of the " + str(b.period) : "")
+      + (has(x.resets_in_s) ? DOT + "resets in " + fmtDur(x.resets_in_s) : "");
+    var state = el("span", "state " + lv, hardHit ? "Refusing" : softHit ? "Cheap tier" : "OK");
+    add(r, el("div", "mname", x.subject === null ? "everything" : str(x.subject)), add(el("div"), add(el("div", "m-top"), el("span", "m-val spent", line)), tr), state);
+    return r;
+  }
+  var agentFilter = "";
+  $("agent-filter").addEventListener("input", function () { agentFilter = this.value.trim().toLowerCase(); if (last) renderAgents(last); });
+  function matches() {
+    if (!agentFilter) return true;
+    for (var i = 0; i < arguments.length; i++) if (str(arguments[i]).toLowerCase().indexOf(agentFilter) >= 0) return true;
+    return false;
+  }
+  function agentName(a) { return a === null || a === undefined ? el("span", "muted", "(unknown)") : str(a); }
+  function renderAgents(d) {
+    var agents = d.agents || [], total = agents.reduce(function (s, a) { return s + num(a.cost_usd); }, 0);
+    var ta = $("agents"), rows = agents.filter(function (a) { return matches(a.agent === null ? "(unknown)" : a.agent); });
+    if (!rows.length) noneRow(ta, 6, agentFilter ? "No agent matches." : "No requests in this window.");
+    else ta.replaceChildren.apply(ta, rows.map(function (a) {
+      var r = row([{ node: agentName(a.agent) }, { t: fmtInt(a.requests), cls: "n" }, { t: fmtInt(a.sessions), cls: "n" }, { t: fmtInt(a.errors), cls: "n" + (num(a.errors) ? " err" : "") }, { t: fmtCost(a.cost_usd), cls: "n" }, { t: pctOf(num(a.cost_usd), total), cls: "n" }]);
+      r.setAttribute("data-agent", str(a.agent));
+      return r;
+    }));
+    var ts = $("sessions"), sess = (d.sessions || []).filter(function (x) { return matches(x.session, x.agent === null ? "(unknown)" : x.agent); }).slice(0, 20);
+    if (!sess.length) noneRow(ts, 5, agentFilter ? "No session matches." : "No sessions in this window.");
+    else ts.replaceChildren.apply(ts, sess.map(function (x) {
+      var r = row([{ node: el("span", "mc", str(x.session)), title: str(x.session) }, { node: agentName(x.agent) }, { t: fmtInt(x.requests), cls: "n" }, { t: fmtCost(x.cost_usd), cls: "n" }, { t: fmtTime(x.last_ts) }]);
+      r.setAttribute("data-session", str(x.session));
+      return r;
+    }));
   }
 
   function renderEmpty(empty) {
@@ -4719,7 +5328,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 </html>`;
 
 // ============================================================================================
-// 12. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
+// 13. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
 //     importing this file (the tests do) starts nothing.
 // ============================================================================================
 

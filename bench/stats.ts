@@ -51,6 +51,7 @@ function makeRow(r: () => number, ts: number): Row {
     cost_usd: failed ? 0 : costUsd(price, { input: input - cached, cached, cache_write: 0, output }),
     latency_ms: latency, ttft_ms: stream && !failed ? 150 + Math.floor(r() * 900) : null,
     attempts: 1, failover: r() < 0.02 ? pick(r, FAILOVERS) : null, error: err?.[2] ?? null, error_kind: err?.[1] ?? null,
+    agent: pick(r, ["claude-code", "codex", "ci-bot", null]), session: `s-${Math.floor(r() * 200)}`,
   };
 }
 

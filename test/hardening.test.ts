@@ -124,7 +124,7 @@ describe("hardening: one request or one upstream answer takes everything down", 
 
   it("#1 a row that cannot be written even alone is set aside with the reason, and the others are written", () => {
     const s = new Store(":memory:");
-    const row = (status: number): Row => ({ ts: Date.now(), entry: "chat", provider: "openai", model: "gpt-4o-mini", requested_model: "gpt-4o-mini", complexity: "simple", status, stream: false, input_tokens: 1, output_tokens: 1, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.1, latency_ms: 1, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null });
+    const row = (status: number): Row => ({ ts: Date.now(), entry: "chat", provider: "openai", model: "gpt-4o-mini", requested_model: "gpt-4o-mini", complexity: "simple", status, stream: false, input_tokens: 1, output_tokens: 1, cached_tokens: 0, cache_write_tokens: 0, cost_usd: 0.1, latency_ms: 1, ttft_ms: null, attempts: 1, failover: null, error: null, error_kind: null, agent: null, session: null });
     for (const st of [200, 200, Number.NaN, 200]) void s.add(row(st)); // NaN binds as NULL: status is NOT NULL
     assert.equal(s.flush(), true);
     assert.equal(s.count(), 3);
