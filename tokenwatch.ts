@@ -5062,7 +5062,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
       r.setAttribute("data-agent", str(a.agent));
       return r;
     }));
-    var ts = $("sessions"), sess = (d.sessions || []).filter(function (x) { return matches(x.session, x.agent === null ? "(unknown)" : x.agent); }).slice(0, 20);
+    var ts = $("sessions"), sess = (d.sessions || []).filter(function (x) { return matches(x.session, x.agent === null ? "(unknown)" : x.agent); }).slice(0, 10);
     if (!sess.length) noneRow(ts, 5, agentFilter ? "No session matches." : "No sessions in this window.");
     else ts.replaceChildren.apply(ts, sess.map(function (x) {
       var r = row([{ node: el("span", "mc", str(x.session)), title: str(x.session) }, { node: agentName(x.agent) }, { t: fmtInt(x.requests), cls: "n" }, { t: fmtCost(x.cost_usd), cls: "n" }, { t: fmtTime(x.last_ts) }]);

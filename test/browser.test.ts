@@ -15,7 +15,7 @@ import { dirname, join, resolve } from "node:path";
 import { chromium } from "playwright-core";
 import type { Browser, BrowserContext, BrowserContextOptions, Page } from "playwright-core";
 import { buildConfig, start } from "../tokenwatch.ts";
-import type { Running } from "../tokenwatch.ts";
+import type { Running, ConfigFile } from "../tokenwatch.ts";
 import { startMock } from "./mocks.ts";
 import type { Flavor, Mock, Script } from "./mocks.ts";
 
@@ -36,20 +36,20 @@ async function startMocks(): Promise<Mocks> {
 }
 
 /** TokenWatch on a fresh in-memory store, routing to the mocks. */
-async function startTw(mocks: Mocks, env: Record<string, string> = {}, now?: () => number): Promise<Running> {
+async function startTw(mocks: Mocks, env: Record<string, string> = {}, now?: () => number, file?: ConfigFile): Promise<Running> {
   const all: Record<string, string> = {
     OPENAI_API_KEY: mocks.openai.key, OPENAI_BASE_URL: mocks.openai.url, KIMI_API_KEY: mocks.kimi.key, KIMI_BASE_URL: mocks.kimi.url,
     ANTHROPIC_API_KEY: mocks.anthropic.key, ANTHROPIC_BASE_URL: mocks.anthropic.url, ...env,
   };
-  return start({ config: buildConfig({ env: all }), env: all, db: ":memory:", now });
+  return start({ config: buildConfig({ env: all, file }), env: all, db: ":memory:", now });
 }
 
 /** One chat completion through TokenWatch, read to the end (a stream too); resolves to the status. */
-async function chat(tw: Running, body: Record<string, unknown>, key?: string): Promise<number> {
+async function chat(tw: Running, body: Record<string, unknown>, key?: string, headers: Record<string, string> = {}): Promise<number> {
   const stream = body.stream ? { stream_options: { include_usage: true } } : {};
   const res = await fetch(`${tw.url}/v1/chat/completions`, {
     method: "POST",
-    headers: { "content-type": "application/json", ...(key ? { authorization: `Bearer ${key}` } : {}) },
+    headers: { "content-type": "application/json", ...(key ? { authorization: `Bearer ${key}` } : {}), ...headers },
     body: JSON.stringify({ messages: [{ role: "user", content: "Summarize the release notes in three bullet points." }], ...stream, ...body }),
   });
   await res.text();
@@ -254,6 +254,45 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
     await c.close();
   });
 
+  it("shows each budget's spend against its caps with a projection, spend by agent and the top sessions, filtered, and never a key", async () => {
+    const KEY = "tw-admin-browser-000000000000", CI = "tw-ci-browser-0000000000000000";
+    const tw = await startTw(mocks, { TOKENWATCH_API_KEY: KEY }, undefined, {
+      keys: { [CI]: { agent: "ci-bot", budget: { name: "ci daily", period: "day", soft: 0.000001, hard: 1 } } },
+      budgets: [{ name: "team", period: "month", soft: 50, hard: 100 }],
+    });
+    opened.push(tw);
+    const send = (key: string, headers: Record<string, string>) => fetch(`${tw.url}/v1/chat/completions`, {
+      method: "POST", headers: { "content-type": "application/json", authorization: `Bearer ${key}`, ...headers },
+      body: JSON.stringify({ model: "claude-sonnet-5", messages: [{ role: "user", content: "Plan the migration." }] }),
+    }).then((r) => r.text());
+    await send(CI, { "x-tokenwatch-session": "ci-run-1" });
+    await send(CI, { "x-tokenwatch-session": "ci-run-1" }); // past its soft cap: the cheap tier
+    await send(KEY, { "x-tokenwatch-agent": "reviewer", "x-tokenwatch-session": "pr-42" });
+    while (tw.router.inflight > 0) await new Promise(setImmediate);
+    const s = await (await fetch(`${tw.url}/stats`, { headers: { authorization: `Bearer ${KEY}` } })).json();
+
+    const { context, page: p } = await open(tw.url);
+    await context.addInitScript((k) => sessionStorage.setItem("tokenwatch_api_key", k), KEY);
+    await p.goto(`${tw.url}/`);
+    const ci = p.locator('#budget-body [data-budget="ci daily"] .brow[data-subject="ci-bot"]');
+    await ci.waitFor(WAIT);
+    const spent = s.budgets.find((b: { name: string }) => b.name === "ci daily").spends[0];
+    assert.equal(Number(await ci.getAttribute("data-spent")), spent.spent_usd);
+    assert.equal(await ci.locator(".state").textContent(), "Cheap tier");
+    assert.match(await ci.locator(".spent").textContent() ?? "", /of \$1\.00.*projected .* by the end of the day.*resets in/);
+    assert.equal(await p.locator('#budget-body [data-budget="team"] .brow[data-subject=""] .state').textContent(), "OK");
+    assert.equal(await p.locator("#agents tr").count(), 2);
+    assert.equal(await p.locator('#agents tr[data-agent="ci-bot"] td').nth(1).textContent(), "2");
+    assert.equal(await p.locator('#sessions tr[data-session="pr-42"] td').nth(1).textContent(), "reviewer");
+    await p.locator("#agent-filter").fill("review");
+    assert.equal(await p.locator("#agents tr").count(), 1);
+    assert.equal(await p.locator("#sessions tr").count(), 1);
+    assert.equal(await p.locator("#sessions tr").getAttribute("data-session"), "pr-42");
+    const html = await p.content();
+    assert.ok(!html.includes(CI) && !html.includes(KEY), "no key on the page");
+    await context.close();
+  });
+
   it("made no request to any other host, and logged no console error or exception", () => {
     assert.ok(requested.length > 5);
     const origins = new Set(opened.map((tw) => tw.url));
@@ -264,7 +303,7 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
 
   it("renders a day of real-looking traffic for the README screenshot", async () => {
     const clock = fastClock(Date.now() - 24 * 3_600_000);
-    const demo = await startTw(mocks, {}, clock.now);
+    const demo = await startTw(mocks, {}, clock.now, { budgets: [{ name: "team", period: "month", soft: 40, hard: 60 }, { per: "agent", period: "day", hard: 5 }] });
     opened.push(demo);
     await playDay(demo, mocks, clock);
     const shot = await open(demo.url, { viewport: { width: 1280, height: 900 }, colorScheme: "light" });
@@ -325,8 +364,10 @@ async function ordinary(tw: Running, mocks: Mocks, r: () => number): Promise<voi
   const input = Math.round(size * (0.4 + r())), cached = r() < 0.33 ? Math.round(input * 0.7) : 0;
   const script: Script = { type: "reply", text: "Here is what changed, in three points.", usage: { input: input - cached, cached, output: Math.round(120 + r() * 900) }, delayMs: 3 + Math.round(r() * 15) };
   mocks[flavor].queue(script);
-  await chat(tw, { model, stream: r() < 0.4 });
+  const agent = AGENTS[Math.floor(r() * AGENTS.length)], session = `${agent}-${1 + Math.floor(r() * 6)}`;
+  await chat(tw, { model, stream: r() < 0.4 }, undefined, { "x-tokenwatch-agent": agent, "x-tokenwatch-session": session });
 }
+const AGENTS = ["claude-code", "claude-code", "codex", "ci-bot", "docs-writer"];
 
 /** The incidents of the day, at fixed times (minutes before now): failovers, an outage, a bad request, a broken stream. */
 const INCIDENTS: [number, (tw: Running, m: Mocks) => Promise<unknown>][] = [
