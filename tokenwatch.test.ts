@@ -11,7 +11,7 @@ import { DatabaseSync } from "node:sqlite";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import OpenAI from "openai";
-import {
+import { askText,
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, promptEstimate, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonShapeProblem, windowTokens, mergeConfig, buildConfig,
   SlidingWindow, Limiter, configuredLimit, countedOf, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
@@ -537,20 +537,44 @@ describe("5. Selector", () => {
   });
 
   describe("classify() and auto routing", () => {
+    const log = "2025-11-17T14:31:40.433Z INFO  [api] req_id=f6d6bc64e5a2 method=GET path=/v2/orders status=200 ms=41\n".repeat(300);
+    const agent = (task: string, result: string, edited: boolean): ChatRequest => ({
+      messages: [
+        { role: "system", content: "You are a coding agent. ".repeat(400) }, { role: "user", content: task },
+        ...(edited ? [{ role: "assistant" as const, content: null, tool_calls: [{ id: "e", type: "function" as const, function: { name: "Edit", arguments: "{\"file_path\":\"src/a.ts\"}" } }] }, { role: "tool" as const, tool_call_id: "e", content: "ok" }] : []),
+        { role: "assistant", content: null, tool_calls: [{ id: "t", type: "function", function: { name: "Bash", arguments: "{\"command\":\"npm test\"}" } }] },
+        { role: "tool", tool_call_id: "t", content: result },
+      ],
+      tools: [{ type: "function", function: { name: "Bash" } }, { type: "function", function: { name: "Edit" } }],
+    });
     const cases: [string, ChatRequest, "simple" | "complex", RegExp][] = [
-      ["a greeting", user("Hello there"), "simple", /no sign of complex work/],
-      ["a translation", user("Translate 'cat' to French"), "simple", /simple wording/],
-      ["a debugging request with code", user("Please debug this:\n```js\nfunction f(x) { return x.y }\n```"), "complex", /code.*asks to "debug"/],
-      ["a long prompt", user("word ".repeat(1500)), "complex", /long prompt/],
-      ["tools in a deep conversation", { messages: Array.from({ length: 8 }, (_, i) => ({ role: i % 2 ? "assistant" : "user", content: "ok" } as const)), tools: [{ type: "function", function: { name: "f" } }] }, "complex", /1 tool, 8 messages deep/],
+      ["a greeting", user("Hello there, thanks!"), "simple", /small talk/],
+      ["a translation", user("Translate 'the cat sleeps' to French"), "simple", /translation/],
+      ["a huge pasted log with a trivial ask", user(`what's the request id of the 500 in this?\n\n${log}`), "simple", /.*/],
+      ["a one-line hard question", user("Why would adding a mutex make this service slower on 2 cores than on 1?"), "complex", /cause/],
+      ["a debugging request with code", user("Please debug this, it returns the wrong total sometimes:\n```js\nfunction f(x) { return x.y }\n```"), "complex", /cause|symptom/],
+      ["an agent step: the tests still fail after an edit", agent("fix the failing invoice tests", "FAIL src/invoice.test.ts\n  × totals include tax\nTests: 1 failed, 11 passed", true), "complex", /.*/],
+      ["an agent step: the tests passed", agent("add a --dry-run flag and run the tests", "PASS src/cleanup.test.ts\nTests: 12 passed, 12 total", true), "simple", /run passed/],
+      ["a follow-up approving a proof", { messages: [{ role: "user", content: "Prove that every planar graph is 5-colourable." }, { role: "assistant", content: "Here is the plan:\n1. Euler's formula\n2. a vertex of degree at most 5\n3. induction on the vertices\nShall I write it out?" }, { role: "user", content: "yes" }] }, "complex", /.*/],
+      ["a follow-up approving a rename", { messages: [{ role: "user", content: "Rename getUser to fetchUser in api.ts" }, { role: "assistant", content: "Done in api.ts. Rename the tests too?" }, { role: "user", content: "yes" }] }, "simple", /.*/],
     ];
     for (const [name, req, tier, re] of cases)
       it(`classifies ${name} as ${tier} and names its signals`, () => {
-        assert.equal(classify(req).tier, tier);
+        const v = classify(req);
+        assert.equal(v.tier, tier, `p = ${v.p}, ${v.signals.join("; ")}`);
+        assert.ok(v.p >= 0 && v.p <= 1);
         const r = route({ ...req, model: "auto" }, c);
         assert.equal(r.complexity, tier);
         assert.match(r.reason, re);
+        assert.match(r.reason, new RegExp(`^auto: ${tier} \\(`));
       });
+
+    it("reads the ask, not what was pasted into it: the same document with a trivial and a hard question", () => {
+      const doc = "Section 4.2 Termination. Either party may terminate this Agreement for convenience with ninety (90) days written notice. ".repeat(60);
+      assert.equal(askText(`Summarise this:\n\n${doc}`), "Summarise this:");
+      assert.equal(askText(`${doc}\n\nWhat is the notice period?`).endsWith("What is the notice period?"), true);
+      assert.equal(askText("Fix this:\n```ts\nconst a = 1\n```\nplease").includes("const a"), false);
+    });
   });
 });
 

@@ -1372,52 +1372,234 @@ export class LoopGuard {
 //    Pure: headroom is checked later, candidate by candidate, as the router walks the list.
 // ============================================================================================
 
-const COMPLEX_WORDS = /\b(analy[sz]e|architect\w*|design|debug|refactor|prove|proof|optimi[sz]e|trade-?offs?|step[- ]by[- ]step|reason about|plan|compare|evaluate|implement|investigate|migrate|root cause)\b/i;
-const SIMPLE_WORDS = /\b(translate|summari[sz]e|classify|extract|rephrase|reword|spell|typos?|yes or no|one word|in short|tl;?dr|list)\b/i;
-// Every pattern here runs on client text, so none may backtrack more than linearly: no nested or
-// unbounded gaps (a "SELECT … FROM" with [\s\S]+ between them was quadratic on text full of SELECT).
-const CODE = /```|\bfunction\s+\w+\s*\(|\bdef \w+\(|\bclass \w+|=>|#include|\bimport \w+/;
-const SQL = /\bSELECT\b/i;
-const SQL_FROM = /\bFROM\b/i;
-/** How much of the conversation the classifier reads: its start and its end (the latest turns). */
-const CLASSIFY_WINDOW = 8_000;
-
 const textOf = (c: ChatMessage["content"]) =>
   typeof c === "string" ? c : Array.isArray(c) ? c.map((p) => (p.type === "text" ? p.text ?? "" : "")).join("\n") : "";
 
-/** The first and last `CLASSIFY_WINDOW / 2` characters of the conversation, and its whole length, without joining it all. */
-function textWindow(messages: ChatMessage[]): { text: string; length: number } {
-  const half = CLASSIFY_WINDOW / 2;
-  let head = "", tail = "", length = 0;
-  for (const m of messages) {
-    const t = textOf(m.content);
-    length += t.length + 1;
-    if (head.length < half) head += t.slice(0, half - head.length) + "\n";
-    tail = (tail + t + "\n").slice(-CLASSIFY_WINDOW);
+// ---- the classifier: what the request asks, not how big it is ----
+//
+// Every coding agent declares tools and sends a long system prompt on every step, so size and structure
+// say little. The classifier reads the ask instead: the last user message without the code, logs and
+// documents pasted into it; for a short follow-up ("yes", "continue"), what it approves; for an agent
+// step, what the tool run after it shows (a failure after an edit, or a pass that only needs reporting).
+// Named signals (kinds of task, in the languages agents are used in) and hashed words of the ask are
+// weighed by a linear model trained on the labelled set in eval/routing (train.ts writes the weights
+// below); `npm run eval:routing` scores it on the part it never saw.
+
+/** `words(...)`: any of these words or phrases, split on a top-level `|` (a trailing * takes any ending), not inside another word; CJK terms match anywhere. */
+function words(latin: string, cjk = ""): RegExp {
+  const list: string[] = [];
+  let depth = 0, from = 0;
+  for (let i = 0; i <= latin.length; i++) {
+    const c = latin[i];
+    if (c === "(") depth++;
+    else if (c === ")") depth--;
+    else if ((c === "|" && depth === 0) || i === latin.length) { list.push(latin.slice(from, i)); from = i + 1; }
   }
-  length = Math.max(0, length - 1); // the length of the texts joined by newlines
-  return { text: length <= CLASSIFY_WINDOW ? tail : `${head}\n${tail.slice(-half)}`, length };
+  const alt = list.map((w) => (w.endsWith("*") ? `${w.slice(0, -1)}[\\p{L}\\p{N}'-]*` : w)).join("|");
+  return new RegExp(`(?<![\\p{L}\\p{N}])(?:${alt})(?![\\p{L}\\p{N}])${cjk ? `|${cjk}` : ""}`, "iu");
+}
+
+/** Kinds of task, as words say them: each a signal the model weighs, with the words a reason shows. */
+const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
+  ["cause", "asks for a cause", words("why|debug*|whats causing|what is causing|what's up with|what's going on|how come|causes?|caused|root cause|figure out|find out|investigate|diagnos*|track down|what's wrong|warum|wieso|weshalb|ursache|pourquoi|d'où vient|por qué|por que|porque|causa|perché|waarom|oorzaak|dlaczego|przyczyn*|почему|причин*|neden|sebep*", "为什么|为何|原因|怎么回事|なぜ|どうして|왜|원인")],
+  ["symptom", "describes a symptom", words("only when|only on|only for|sometimes|intermittent*|random*|flaky|flak*|occasional*|hangs?|hanging|stuck|freez*|leak*|slow*|spik*|off by|drift*|twice|duplicat*|race|deadlock*|timeouts?|crash*|doesn't work|does not work|not working|stopped working|broken|wrong|mismatch*|nondetermin*|sporadi*|weird|strange|oom|out of memory|memory|grows|growing|fuite|fuga|plante|se bloque|failing|fails|broke|breaks|regress*|started (failing|returning|throwing)|throws|throwing|returns the wrong|returns wrong|düşük|manchmal|nur wenn|langsam|hängt|parfois|seulement|lent|a veces|solo cuando|lento|às vezes|só quando|a volte|solo quando|иногда|только когда|медленн*|zawiesza*|soms", "有时|偶尔|只有在|很慢|卡住|時々|たまに|遅い|止まる|가끔|느려|멈춰")],
+  ["retry", "a fix did not work", words("still|again|didn't work|did not work|doesn't help|same error|keeps failing|immer noch|schon wieder|toujours|encore|sigue|todavía|ainda|ancora|всё ещё|все еще|снова|hâlâ|nadal", "还是|仍然|依然|まだ|また|여전히|아직")],
+  ["design", "asks for a design", words("design*|architect*|data model|model (it|this|that)|double-?book*|even when two|schema for|how should we structure|scal*|shard*|partition*|consisten*|trade-?offs?|approach*|entw[uü]rf*|architektur|concevoir|conception|diseñ*|arquitectura|projetar|progett*|спроектир*|архитектур*|tasarla*", "设计|架构|設計|アーキテクチャ|설계|아키텍처")],
+  ["plan", "asks for a plan", words("plan*|roadmap|migrat*|rollout|roll out|strateg*|phases?|cutover|zero-?downtime|sequence|planen|migrier*|planifi*|planific*|planej*|pianific*|план*|миграц*|stratej*", "计划|迁移|規划|計画|移行|계획|마이그레이션")],
+  ["proof", "asks for a proof or derivation", words("prove|proof|show that|derive|an argument|rigorous*|derivation|lemma|theorem|invariant|induction|big-?o|complexity|probabilit*|expected value|integral|converge*|beweis*|zeige|démontr*|preuve|demuestr*|demostr*|prova|provar|dimostr*|докаж*|доказ*|kanıtla*", "证明|推导|導出|証明|期待値|期望|概率|確率|확률|증명")],
+  ["estimate", "asks for an estimate", words("estimat*|how many [\\p{L} -]{0,40}(need|needed|would|will|could|should|to handle|to support|to serve)|how much will|how much would|how long will|capacity|back-of-the-envelope|fermi|sizing|forecast*|projection|will it finish|will it be done|done before|use more|cost more|more (water|energy|power|money|time|memory|storage) than|would it take|how long would|how long will|schätz*|wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*", "估算|估计|预估|推定|推測|多少|多久|見積|何台|いくつ|추정|예상|몇")],
+  ["judge", "asks for a judgement", words("should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|okay|safe|legal|fine) to|what breaks|what would break|what happens if|decide|decision|recommend*|pros and cons|worth it|risk*|legal*|liabil*|complian*|negotiat*|contract*|exception|weigh*|best option|which is better|gdpr|dsgvo|rgpd|privacy|datenschutz*|zulässig|erlaubt|rechtens|légal|muss ich|must i|do i have to|am i allowed|are we allowed|can they|hinnehmen|sollen wir|sollte ich|empfehl*|devrions|recommand*|deberíamos|debería|recomiend*|devemos|dovremmo|стоит ли|рекоменд*|önerir*", "应该|建议|べき|おすすめ|추천|해야")],
+  ["review", "asks to check correctness", words("review*|audit*|correct|correctly|safe|thread-?safe|sound|subtle|edge cases?|race condition|concurren*|lock-?free|vulnerab*|security|überprüf*|prüf*|korrekt|revis*|vérifi*|correcto|corretto|ревью|провер*|doğru mu", "审查|检查|正确|レビュー|正しい|리뷰|검토")],
+  ["build", "asks for non-trivial code", words("implement*|end to end|end-to-end|secure|securely|algorithm*|parser|compiler|interpreter|scheduler|rate limiter|distributed|crdt|consensus|optimi[sz]*|faster|speed up|performance|refactor*|rewrite|state machine|lock|cache invalidation|implementier*|implément*|implementa*|реализ*|uygula*", "实现|优化|実装|最適化|パーサ|구현|최적화|작성해")],
+  ["research", "asks to weigh sources", words("sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|études|estudios|fonti|источник*", "文献|论文|研究|論文|연구")],
+  ["translate", "asks for a translation", words("translat*|übersetz*|tradu*|vertaal*|przetłumacz*|переведи*|перевод*|çevir*|in english|into english|auf deutsch|en français|en español|em português|in italiano", "翻译|翻訳|번역|英訳|和訳")],
+  ["summarize", "asks for a summary", words("summar*|tl;?dr|recap|gist|key points|in one sentence|in a sentence|in one paragraph|zusammenfass*|fasse|résum*|resum*|riassum*|samenvat*|podsumuj*|кратко|резюм*|özetle*", "总结|概括|摘要|要約|まとめ|요약")],
+  ["extract", "asks to pick out data", words("extract*|pull out|list all|list the|list every|which line|what is the (value|id|name|date|total|number)|find the (line|id|value|number|date)|fields?|get me the|look up|lookup|grep|extrahier*|extrai*|extraire|estrai*|извлеки*|извлечь|çıkar*", "提取|抽出|추출")],
+  ["reformat", "asks to reformat", words("format*|convert*|turn (this|these|it) into|as a table|as json|as yaml|as csv|to json|to yaml|to csv|markdown|pretty-?print|sort (this|these|by)|indent*|camel ?case|snake ?case|bullet*|umwandeln|formatier*|convertir|converti*|converter|конверт*|преобраз*", "转换|格式|表格|変換|表に|변환|표로")],
+  ["mechanical", "asks for a mechanical edit", words("rename*|add (a |an )?(log|logging|comment|docstring|type|import|field|line|print)|remove (the|this|unused)|delete (the|this)|bump|version|typo*|spelling|sort imports|move (this|the)|commit|push|umbenenn*|renomm*|renombr*|renome*|rinomin*|переименуй*|tippfehler|faute de frappe|errata", "重命名|改名|名前を変更|이름을 바꿔|오타|誤字")],
+  ["classify", "asks to classify or tag", words("classif*|categori[sz]*|tag (these|each|them)|label (these|each|them)|sentiment|which category|klassifizier*|clasific*|классифиц*|sınıflandır*", "分类|分類|분류")],
+  ["lookup", "asks a quick question", words("what's a|what is a|what does|how do i|how to|how can i|which command|which flag|where is|is there a|syntax for|default port|command for|one-?liner|was ist|wie kann ich|qu'est-ce|comment faire|qué es|cómo|o que é|como faço|cos'è|come si|что такое|как сделать|nedir", "什么是|怎么|とは|どうやって|뭐야|어떻게")],
+  ["thanks", "small talk", words("thanks|thank you|thx|cheers|hi|hello|hey|good morning|danke|merci|gracias|obrigad[oa]|grazie|bedankt|dziękuję|спасибо|teşekkür*", "谢谢|ありがとう|감사|고마워")],
+];
+
+/** A reply that only approves or continues what came before: it means what it approves. */
+const APPROVAL = /^\s*(?:y|yes|yep|yeah|ok|okay|sure|go|go ahead|do it|please do|proceed|continue|go on|keep going|next|sounds good|lgtm|ship it|approved|option \w|[1-9abc]|the (?:first|second|last) one|sí|si|dale|vale|hazlo|continúa|adelante|ja|mach|mach das|weiter|los|oui|vas-y|d'accord|sim|pode|continua|vai|sì|procedi|tak|dalej|да|давай|продолжай|evet|devam|はい|うん|続けて|お願い|どうぞ|好|好的|继续|可以|네|응|계속)[\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\s.!]*$/iu;
+
+/** Text that is pasted material rather than words to the model: code, logs, stack frames, tables. */
+const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at |File "|Traceback|\$ |>|#|\/\/|import |from |def |class |function |const |let |var |return |SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|\d{1,2}:\d{2}:\d{2}|[;{}]\s*$|^\s*[\w./-]+:\d+/;
+const FAILED_RUN = /\b(?:FAIL(?:ED|ING)?|ERROR|Error|Exception|Traceback|panic:|Assertion\w*|exit (?:code|status) [1-9]|fatal|failed|failing|error TS\d+|undefined reference|Segmentation fault|Killed)\b|✗|×/;
+const PASSED_RUN = /\b(?:passed|PASS(?:ED)?|ok|success(?:ful(?:ly)?)?|succeeded|0 failed|0 errors|no errors|BUILD SUCCESSFUL|exit code 0|Done)\b|✓|✔/;
+const EDIT_TOOL = /^(?:Edit|MultiEdit|Write|apply_patch|str_replace\w*|write_file|edit_file|patch|create_file|NotebookEdit)$/i;
+/** A shell command that changes a file (Codex edits through its shell and apply_patch). */
+const EDIT_COMMAND = /\*\*\* Begin Patch|\bsed -i|\bperl -pi|\bgit apply|\bapply_patch|\bcat > |\btee |\bpatch -p/;
+const READ_TOOL = /^(?:Read|Glob|Grep|LS|ls|cat|read_file|list_files|search\w*|fetch\w*|describe_table|lookup\w*|WebFetch|WebSearch)$/i;
+const CONSTRAINT = /\b(?:must|without|at most|at least|no more than|under|within|budget|deadline|by (?:monday|friday|tomorrow|eod)|ensure|guarantee|never|only if|unless|but|while keeping|compatible|backwards?)\b|≤|>=|<=|\d+\s?(?:ms|s|gb|mb|tb|%|k|m|rows|users|rps|qps|req\/s|writes\/s|\$|€)\b/gi;
+
+/** The last `n` characters of a text that can be huge (a tool's output), or all of it. */
+const tail = (s: string, n: number) => (s.length > n ? s.slice(-n) : s);
+
+/** The words of an ask without what was pasted into it: prose lines only, its start and end when long. */
+export function askText(text: string): string {
+  const unfenced = text.length > 40_000 ? `${text.slice(0, 20_000)}\n${text.slice(-20_000)}` : text;
+  const prose = unfenced.replace(/```[^`]*```/g, "\n").split("\n").map((l) => (l.trim() && !MATERIAL_LINE.test(l) ? l : "")).join("\n");
+  const paragraphs = prose.split(/\n\s*\n/).map((x) => x.trim()).filter(Boolean);
+  // "label each of these:" / "summarise this:": what follows the colon is the material, not the ask
+  const intro = paragraphs.findIndex((x) => /[:：]$/.test(x));
+  if (intro >= 0 && intro < paragraphs.length - 1) {
+    const end = paragraphs[paragraphs.length - 1];
+    return [...paragraphs.slice(0, intro + 1), ...(end.length <= 300 && /[?？]/.test(end) ? [end] : [])].join("\n").slice(-800);
+  }
+  if (prose.length <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose.trim();
+  // a pasted document: the instruction is its first paragraph ("summarise this:"), its last when short ("what did
+  // they decide?"), and short paragraphs that ask something
+  const first = paragraphs[0].slice(0, 400), last = paragraphs[paragraphs.length - 1];
+  const asking = paragraphs.slice(1, -1).filter((x) => x.length <= 300 && /[?？]/.test(x)).slice(-2);
+  return [first, ...asking, ...(last.length <= 400 ? [last] : [])].join("\n");
+}
+
+/** How long an ask is in words: CJK text has no spaces, so two of its characters count as a word. */
+const wordCount = (s: string) => (s.match(/[\p{L}\p{N}]+/gu) ?? []).reduce((n, w) => n + (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w) ? Math.ceil(w.length / 2) : 1), 0);
+
+/** The request as the classifier sees it: the ask, what a short follow-up refers to, and the tool run since the ask. */
+type Reading = { ask: string; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
+
+/** The last substantive thing the user asked before message `at`: a follow-up's antecedent (approvals skipped). */
+function askedBefore(ms: ChatMessage[], at: number): string {
+  for (let i = at - 1; i >= 0; i--) {
+    if (ms[i].role !== "user") continue;
+    const t = askText(textOf(ms[i].content));
+    if (t && !APPROVAL.test(t) && wordCount(t) > 3) return t;
+  }
+  return "";
+}
+
+function readRequest(req: ChatRequest): Reading {
+  const ms = req.messages;
+  const at = ms.findLastIndex((m) => m.role === "user" && textOf(m.content).trim() !== "");
+  const ask = askText(at >= 0 ? textOf(ms[at].content) : "");
+  const calls: string[] = [];
+  let fails = 0, last: string | undefined;
+  for (const m of ms.slice(at + 1)) {
+    for (const c of m.tool_calls ?? []) calls.push(EDIT_COMMAND.test(c.function?.arguments?.slice(0, 4000) ?? "") ? "apply_patch" : c.function?.name ?? "");
+    if (m.role === "tool" || m.role === "user") { last = tail(textOf(m.content), 3000); if (FAILED_RUN.test(last)) fails++; }
+  }
+  const answered = ms.slice(0, Math.max(0, at)).some((m) => m.role === "assistant");
+  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8);
+  const offer = followup ? textOf(ms.slice(0, at).findLast((m) => m.role === "assistant" && textOf(m.content).trim() !== "")?.content) : "";
+  return { ask, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
+}
+
+/** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
+export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
+  const r = readRequest(req), f: Record<string, number> = {};
+  for (const [name, , re] of TASK_SIGNALS) {
+    if (re.test(r.ask)) f[name] = 1;
+    else if (r.followup && re.test(r.context)) f[name] = 0.8; // a follow-up continues what it follows
+  }
+  if (r.followup) {
+    f[APPROVAL.test(r.ask) ? "approval" : "short follow-up"] = 1;
+    // what the model said last, which a reply approves or continues: a long plan of steps, or code, is work
+    f["follows a long answer"] = Math.min(1, Math.log10(1 + r.offer.length) / 4);
+    if ((r.offer.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) >= 3) f["follows a plan"] = 1;
+    if (r.offer.includes("```")) f["follows code"] = 1;
+  }
+  const ran = r.last !== undefined && r.calls.length > 0;
+  const failed = ran && FAILED_RUN.test(r.last!), edited = r.calls.some((c) => EDIT_TOOL.test(c));
+  if (failed) f[edited ? "failed after an edit" : "a run failed"] = 1;
+  if (ran && !failed && PASSED_RUN.test(r.last!)) f["a run passed"] = 1;
+  if (ran && READ_TOOL.test(r.calls[r.calls.length - 1])) f["read a file"] = 1;
+  if (r.fails >= 2) f["failed repeatedly"] = 1;
+  if (r.calls.length) f["tool steps"] = Math.min(1, r.calls.length / 10);
+  f["ask length"] = Math.min(1, Math.log10(1 + r.ask.length) / 4);
+  f["questions"] = Math.min(1, (r.ask.match(/[?？]/g)?.length ?? 0) / 3);
+  f["constraints"] = Math.min(1, (r.ask.match(CONSTRAINT)?.length ?? 0) / 5);
+  f["numbered points"] = Math.min(1, (r.ask.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) / 5);
+  if (req.tools?.length) f["tools declared"] = 1;
+  return { named: f, hashed: hashedWords(`${r.ask}\n${r.followup ? r.context : ""}`) };
+}
+
+/** Words (and pairs of CJK characters, which have no spaces) hashed into HASH_BUCKETS: the model's vocabulary. */
+const HASH_BUCKETS = 1024;
+function hashedWords(text: string): number[] {
+  const out = new Set<number>();
+  const add = (w: string) => { let h = 2166136261; for (let i = 0; i < w.length; i++) h = Math.imul(h ^ w.charCodeAt(i), 16777619); out.add((h >>> 0) % HASH_BUCKETS); };
+  for (const w of text.toLowerCase().match(/[\p{L}\p{N}']{2,}/gu) ?? []) {
+    if (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w)) for (let i = 0; i + 1 < w.length; i++) add(w.slice(i, i + 2));
+    else add(w);
+  }
+  return [...out];
+}
+
+// <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
+const WEIGHTS = {
+  bias: -3.57, threshold: 0.37, scale: 0.00132672,
+  named: {
+    "a run failed": -0.916,
+    "a run passed": -1.239,
+    "approval": 0.138,
+    "ask length": 3.831,
+    "build": 2.279,
+    "cause": 0.885,
+    "classify": -0.949,
+    "constraints": 1.12,
+    "design": 1.383,
+    "estimate": 2.204,
+    "extract": -0.503,
+    "failed after an edit": 0.335,
+    "failed repeatedly": 1.784,
+    "follows a long answer": 0.759,
+    "follows a plan": 2.128,
+    "follows code": 0.437,
+    "judge": 2.937,
+    "lookup": 0.17,
+    "mechanical": -0.62,
+    "numbered points": -3.264,
+    "plan": 0.969,
+    "proof": 3.169,
+    "questions": 1.069,
+    "read a file": 0.249,
+    "reformat": -0.891,
+    "research": 0.549,
+    "retry": 2.181,
+    "review": 3.704,
+    "short follow-up": -0.325,
+    "summarize": -0.257,
+    "symptom": 2.019,
+    "thanks": -2.205,
+    "tool steps": 2.308,
+    "tools declared": -0.258,
+    "translate": -2.727,
+  } as Record<string, number>,
+  hashed: "9wn3Du8I/Sz2Cv0TBRgADB/88RfhBxsI+PsFAPURJvTxAwL/GSL0B/sDJwIN+wk6FAoG3wb7FAAm/fr8DBruAe4U/wcM9Rz19fYEDAn57P0C7wcVCwYR9/AK/xUP+Or2/Q39CQIENBQjCRX7CvwMBvkUBvX2DPwT6goLCggYFvsI7P0B8hsQDv4A6BQT6wUrAP0BDwURCv0CDwD5IBDk9ewT+wTx6gD2AhcWBBL5EgoE9uX9G/od/vwA+Ar8/wUB+RH9/QQcAOj1+/P6ABX4APkFFgUY+gD3DwYXDfoNEAYX6xoC/v3o+vbxDhIVA/gG+/4Q+AMAAf/3Bv397gUZCgb+BQMKBf0MCxkP/esH/f3hCQsFBjr8CiEN1gJGDRISC/ocBAoN9iP8Cf0N+vsMFPIYBxoZAAv4/QQZBf8L6/4ODQAREPMABRnx+vb8BgEG+fMm4xcCAwkb8/n/FfYHDhYdFA8LLgMI+/cD+BsA9v4LARkH9wb+BuoWDAUDGA4FAP0P9PsZ6v4W8Ar5GDII+hYN/xcP+fr99w8PFPgP/fvu+RQIGgT4AP8mBOQgAgkI8gkABAMBDQv+//cA+BgCAQsB9QwGAAcV8f4J+wD8+QbvHAcC5wz8+BbxCvjlIRAQAAEPFu7zDAznBQkMDCrxAioB8xQd+g0JGwkBGvf0AgD9AAH8/eoICfwLFAcAGO8nCOgDDAbzAfkE3Rn2+/v6/fEWDwAF/wMEFBgODvIKAf0CEhYW8g8BLRMWDTfr3AAaBg//CAIJ8fboBfz19gYF+wsVBQke7fsC6QkAEQEGFO0N/gUE9AYP6BLoAw8FAxAM+gf+Ber01hYE+Q0NDAb9Ef7+BPgWD/wiAPABA/0d9+kBARD1AhEW/PkPFe0CBPUJABYcEBIGJPYDAfQOAAMAC/ojG/3+AgoR+/oB/gcFIP/9BPYBJAYaJQAG9v4A8gkP/hv29SAD+gX1GP/yEf7s/QUPAgYGJw0LCfoCAwcdCQYID/0N8wIGAQD5Af0WBv8H6h/1GvkAARoj+vwIA/4J/QkIGggBPQMKBgwHBfX6DBD9BAHxFPnyDQ0A5AD//h0BAAPx//QE+QT+Mv/0BQYNAgv6++gCAg4DCPkgB/QTMwQU7Rb8DwH9BAgCACX8JgkG+gYMAwv7BQkJ/AYQ/w8P6wIBAQD7Ahf+8xANAgb3JeUNBwIDDwL/Bfb8ARv4/SEM7ioF9fsm7QAMAwYOAPj+7QAP8RMPChAJ+X8U/PkFAA8DBP/7CP4EChICBgbl9hvzBfj55/wL6e4NBPXx9fYW/wEIGA4V/AXjEB/yIOwICw4CCvwc2PkG8v4OCvn4NQj3/gjxCBX5Cf3mBRgJEf4SEQ==",
+};
+// </weights>
+
+/** The hashed words' weights, unpacked once: a byte each, times `scale`. */
+const HASHED_WEIGHTS = Float64Array.from(Buffer.from(WEIGHTS.hashed, "base64"), (b) => ((b << 24) >> 24) * WEIGHTS.scale);
+
+/** How a named signal reads in a reason. */
+function shownSignal(name: string): string {
+  const task = (n: string) => TASK_SIGNALS.find((s) => s[0] === n)?.[1];
+  if (name.startsWith("then ")) return `follows up on work that ${task(name.slice(5))?.replace(/^asks/, "asked") ?? name}`;
+  return task(name) ?? name;
 }
 
 /**
- * Decide "simple" or "complex" for a request without a hint, transparently: each signal found is
- * named in the reason. Long prompts count double; simple wording counts against. Patterns read a
- * bounded window of the text, so a huge prompt costs no more to classify than a long one.
+ * Decide "simple" or "complex" for a request without a hint, and say why: the signals that weighed most
+ * toward the verdict. `p` is the model's probability of complex; `unsure` when it is close to the
+ * threshold (what "classifier": "model" asks the cheapest model about).
  */
-export function classify(req: ChatRequest): { tier: Tier; signals: string[] } {
-  const { text: all, length } = textWindow(req.messages);
-  const lastUser = textOf(req.messages.findLast((m) => m.role === "user")?.content).slice(-CLASSIFY_WINDOW);
-  const signals: string[] = [];
-  let score = 0;
-  if (length > 6000) { score += 2; signals.push(`long prompt (${length} chars)`); }
-  if (CODE.test(all) || (SQL.test(all) && SQL_FROM.test(all))) { score++; signals.push("code"); }
-  if (req.tools?.length) { score++; signals.push(`${req.tools.length} tool${req.tools.length > 1 ? "s" : ""}`); }
-  if (req.messages.length >= 8) { score++; signals.push(`${req.messages.length} messages deep`); }
-  const hard = COMPLEX_WORDS.exec(lastUser);
-  if (hard) { score++; signals.push(`asks to "${hard[1].toLowerCase()}"`); }
-  const easy = SIMPLE_WORDS.exec(lastUser);
-  if (easy) { score--; signals.push(`simple wording ("${easy[1].toLowerCase()}")`); }
-  return { tier: score >= 2 ? "complex" : "simple", signals };
+export function classify(req: ChatRequest): { tier: Tier; signals: string[]; p: number; unsure: boolean } {
+  const { named, hashed } = classifierFeatures(req);
+  let z = WEIGHTS.bias, vocabulary = 0;
+  const parts: [string, number][] = [];
+  for (const [k, v] of Object.entries(named)) { const c = (WEIGHTS.named[k] ?? 0) * v; z += c; parts.push([k, c]); }
+  for (const h of hashed) vocabulary += HASHED_WEIGHTS[h] ?? 0;
+  z += vocabulary;
+  parts.push(["its wording", vocabulary]);
+  const p = 1 / (1 + Math.exp(-z)), tier: Tier = p >= WEIGHTS.threshold ? "complex" : "simple";
+  const toward = parts.filter(([, c]) => (tier === "complex" ? c > 0.25 : c < -0.25)).sort((a, b) => Math.abs(b[1]) - Math.abs(a[1]));
+  return { tier, signals: toward.slice(0, 3).map(([k]) => shownSignal(k)), p, unsure: Math.abs(p - WEIGHTS.threshold) < 0.15 };
 }
 
 /** Can this model answer with `n` choices? Anthropic and fixed-sampling models give exactly one. */
