@@ -121,10 +121,11 @@ export const DEFAULTS = {
   response_ttl_ms: 86_400_000, // how long a Responses answer is kept for previous_response_id / item_reference (0: never kept)
   max_kept_responses: 10_000,  // the most Responses answers kept at once; the oldest go first
   loop_guard: { max_repeats: 8, window_s: 60 }, // the same request from one session more often than this is refused (0: off)
+  session_ttl_ms: 300_000,   // how long a session keeps its warm model after its last turn (Anthropic's cache lasts 5 minutes; 0: no sessions)
 };
 
 /** The top-level settings a config file may change (the rest of DEFAULTS are fixed). */
-const SETTINGS = ["threshold", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms", "response_ttl_ms", "max_kept_responses"] as const;
+const SETTINGS = ["threshold", "session_ttl_ms", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms", "response_ttl_ms", "max_kept_responses"] as const;
 
 // ============================================================================================
 // 2. Types: the OpenAI-shaped hub every adapter translates to and from, the resolved config,
@@ -1243,7 +1244,7 @@ function subjectOf(b: Budget, who: Identity): string | null | undefined {
   return null;
 }
 
-const dollars = (x: number) => `$${x.toFixed(x < 10 ? 4 : 2)}`;
+const dollars = (x: number) => `$${x >= 10 ? x.toFixed(2) : x >= 0.01 || x === 0 ? x.toFixed(4) : x.toPrecision(2)}`;
 const SPENDS_KEPT = 10_000;
 
 /**
@@ -1666,9 +1667,10 @@ function byModelName(config: Config, name: string, resolved: string): Route {
  * a named model goes first, then its tier; "auto" or no model is classified; "provider/model" is
  * sent exactly there. Candidates that cannot honour `n` are left out.
  */
-export function route(req: ChatRequest, config: Config, headerHint?: string, only?: Only, cheap?: string): Route {
+export function route(req: ChatRequest, config: Config, headerHint?: string, opts: RouteOpts = {}): Route {
   if (headerHint !== undefined && headerHint !== "simple" && headerHint !== "complex")
     throw bad(`Header x-tokenwatch-complexity must be "simple" or "complex"; got ${shown(headerHint)}.`);
+  const { only, cheap, warm } = opts;
   const hint = req.complexity ?? (headerHint as Tier | undefined);
   const name = req.model ?? "auto";
   let r = name.includes("/") ? pinned(req, config, name, hint) : undefined;
@@ -1683,10 +1685,74 @@ export function route(req: ChatRequest, config: Config, headerHint?: string, onl
   }
   if (!r && name === "auto") {
     const c = classify(req);
-    r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || "no sign of complex work"})`, candidates: tierOrder(config, c.tier) };
-  }
+    r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || (c.tier === "simple" ? "no sign of complex work" : "its wording")})`, candidates: tierOrder(config, c.tier) };
+    if (warm) r = keepWarm(lockTier(r, warm.state, config), warm);
+  } else if (r && warm && !name.includes("/") && (hint || cheap)) r = keepWarm(r, warm); // a hint orders a tier: the warm model may still lead it
   r ??= config.named.get(name) ?? byModelName(config, name, config.aliases.get(name) ?? name);
   return keepOnly(withN(r, req.n ?? 1), only);
+}
+
+/** What route() may also weigh: the providers that can serve it (`only`), a budget's soft cap (`cheap`), the session's warm cache (`warm`). */
+export type RouteOpts = { only?: Only; cheap?: string; warm?: Warm };
+
+// ---- sessions: keep the model that holds the warm cache ----
+
+/** A session's state: the model holding its prompt cache, the prompt it cached (tokens), whether a turn needed the capable tier. */
+export type SessionState = { model: string; prefix: number; capable: boolean; at: number };
+/** A session's state and this request's size, for keepWarm. */
+export type Warm = { state: SessionState; prompt: number; output: number };
+
+/** What a request would cost on a model, its first `cached` prompt tokens read from that model's cache. */
+const turnCost = (m: Model, prompt: number, cached: number, output: number) =>
+  costUsd(m, { input: prompt - Math.min(cached, prompt), cached: Math.min(cached, prompt), cache_write: 0, output });
+
+/** Once a turn of a session needed the capable tier, the classifier's later "simple" does not take it back down. */
+function lockTier(r: Route, s: SessionState, config: Config): Route {
+  if (!s.capable || r.complexity === "complex") return r;
+  return { complexity: "complex", reason: `${r.reason.replace(/^auto: simple/, "auto: complex, as an earlier turn of this session needed the capable tier; this turn alone would be simple")}`, candidates: tierOrder(config, "complex") };
+}
+
+/**
+ * Keep the model that holds the session's cache at the head of the candidates while it is the cheaper
+ * choice: its cached prefix priced at its cache-read rate, against the first candidate at full price. A
+ * move happens only when the other is cheaper, or is forced later (saturated, failing). The reason says which.
+ */
+export function keepWarm(r: Route, w: Warm): Route {
+  const m = r.candidates.find((c) => c.key === w.state.model);
+  if (!m) return { ...r, reason: `${r.reason}; moved: ${w.state.model}, which holds this session's cache, is not a candidate for this turn` };
+  const first = r.candidates[0];
+  const warmCost = turnCost(m, w.prompt, w.state.prefix, w.output);
+  if (first === m) return { ...r, reason: `${r.reason}; kept for cache on ${m.id}` };
+  const coldCost = turnCost(first, w.prompt, 0, w.output);
+  if (warmCost > coldCost) return { ...r, reason: `${r.reason}; moved: ${first.id} at full price (about ${dollars(coldCost)}) is cheaper than ${m.id} with its cache (about ${dollars(warmCost)})` };
+  return { ...r, reason: `${r.reason}; kept for cache on ${m.id}: about ${dollars(warmCost)} with ${w.state.prefix.toLocaleString("en-US")} tokens cached, against ${dollars(coldCost)} on ${first.id}`, candidates: [m, ...r.candidates.filter((c) => c !== m)] };
+}
+
+/**
+ * The sessions seen lately and their warm model, bounded (the oldest go first) and forgotten once the
+ * providers' prompt cache would have expired (Anthropic's lasts 5 minutes from its last use).
+ */
+export class Sessions {
+  #map = new Map<string, SessionState>();
+  #ttl: number; #max: number;
+  constructor(ttlMs: number, max = 10_000) { this.#ttl = ttlMs; this.#max = max; }
+
+  get(id: string, t: number): SessionState | undefined {
+    const s = this.#map.get(id);
+    if (s && t - s.at > this.#ttl) { this.#map.delete(id); return undefined; }
+    return s;
+  }
+
+  /** After an answer: the model that answered holds the cache now, of this turn's whole prompt. */
+  remember(id: string, model: Model, prompt: number, capable: boolean, t: number): void {
+    if (this.#ttl <= 0) return;
+    const was = this.#map.get(id);
+    this.#map.delete(id); // re-inserted last: the Map's order is the order of use
+    if (this.#map.size >= this.#max) this.#map.delete(this.#map.keys().next().value!);
+    this.#map.set(id, { model: model.key, prefix: prompt, capable: capable || (was?.capable ?? false), at: t });
+  }
+
+  get size(): number { return this.#map.size; }
 }
 
 /** A request only some providers can serve (Anthropic's server tools, OpenAI's built-in tools), and why. */
@@ -3781,7 +3847,8 @@ function saturated(route: Route, until: number, t: number): TwError {
 }
 
 function routingHeaders(m: Model, route: Route): Record<string, string> {
-  const h: Record<string, string> = { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity };
+  // the reason too: the Anthropic and Responses formats have no place for it in their bodies (printable ASCII, as headers must be)
+  const h: Record<string, string> = { "x-tokenwatch-provider": m.provider.id, "x-tokenwatch-model": m.id, "x-tokenwatch-complexity": route.complexity, "x-tokenwatch-reason": route.reason.replace(/[^\x20-\x7E]/g, "?").slice(0, 1000) };
   if (route.budget) h["x-tokenwatch-budget"] = route.budget;
   return h;
 }
@@ -4304,7 +4371,7 @@ export class Router {
   #config: Config; #deps: Deps; #store: Store; #now: () => number;
   readonly budgets: Budgets;
   readonly metrics: Metrics;
-  #dispatcher: Dispatcher; #budget: BodyBudget; #view: StatsSource; #loops: LoopGuard;
+  #dispatcher: Dispatcher; #budget: BodyBudget; #view: StatsSource; #loops: LoopGuard; #sessions: Sessions;
   #active = 0; // requests being answered: what a clean shutdown waits for
   #routes: Map<string, Handler>;
 
@@ -4316,6 +4383,7 @@ export class Router {
     // a budget's spend is the log's: every row queued so far is written before it is read
     this.budgets = new Budgets(config.budgets, (scope, since) => { this.#store.flush(); return this.#store.spend(scope, since); });
     this.#loops = new LoopGuard(config.loop_guard);
+    this.#sessions = new Sessions(config.session_ttl_ms);
     this.metrics = new Metrics(config);
     this.#view = { config, store: this.#store, limiter: this.limiter, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now(), budgets: this.budgets, metrics: this.metrics, inflight: () => this.#active };
     const stats: Handler = ({ res, url }) => {
@@ -4401,6 +4469,8 @@ export class Router {
         row.stream = p.stream;
         const r = this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; });
         await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
+        const m = r.candidates.find((c) => c.provider.id === row.provider && c.id === row.model);
+        if (m && row.status === 200) this.#sessions.remember(row.session!, m, row.input_tokens, r.complexity === "complex", this.#now());
       } catch (e) {
         const err = this.#asTwError(e);
         recorded ??= this.#record(row, err);
@@ -4427,11 +4497,17 @@ export class Router {
     this.#loops.check(who, p.hub, p.text, t);
     const cheap = this.budgets.softCap(who, t);
     const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
-    const r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), only, cheap);
+    const prompt = promptEstimate(p.text.length), state = this.#sessions.get(who.session, t);
+    const warm = state && { state, prompt, output: this.limiter.outputEstimate(state.model, askedOutput(p.hub), config.default_max_tokens) };
+    let r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), { only, cheap, warm });
     row.complexity = r.complexity;
     const m = r.candidates[0];
+    if (state?.model === m.key) { // the warm model leads: say so now if it cannot take this turn (it will be passed over)
+      const blocked = this.#dispatcher.resting(m, t) ? "resting" : this.limiter.assess(m, { input: prompt, output: warm!.output }, t).why;
+      if (blocked) r = { ...r, reason: `${r.reason}; moved: ${m.id} holds the cache but is ${blocked === "cooling" || blocked === "resting" ? "cooling down" : `saturated (${blocked})`}` };
+    }
     const output = this.limiter.outputEstimate(m.key, askedOutput(p.hub), config.default_max_tokens);
-    const estimate = m.priced ? costUsd(m, { input: promptEstimate(p.text.length), cached: 0, cache_write: 0, output }) : 0;
+    const estimate = m.priced ? turnCost(m, prompt, state?.model === m.key ? state.prefix : 0, output) : 0;
     held(this.budgets.admit(who, estimate, t));
     return r;
   }
