@@ -121,11 +121,13 @@ export const DEFAULTS = {
   response_ttl_ms: 86_400_000, // how long a Responses answer is kept for previous_response_id / item_reference (0: never kept)
   max_kept_responses: 10_000,  // the most Responses answers kept at once; the oldest go first
   loop_guard: { max_repeats: 8, window_s: 60 }, // the same request from one session more often than this is refused (0: off)
+  classifier: "heuristic" as "heuristic" | "model", // "model": when the classifier is unsure, ask the cheapest model for a one-word verdict
+  classifier_timeout_ms: 2_000, // how long that second opinion may take; past it the classifier's verdict stands
   session_ttl_ms: 300_000,   // how long a session keeps its warm model after its last turn (Anthropic's cache lasts 5 minutes; 0: no sessions)
 };
 
 /** The top-level settings a config file may change (the rest of DEFAULTS are fixed). */
-const SETTINGS = ["threshold", "session_ttl_ms", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms", "response_ttl_ms", "max_kept_responses"] as const;
+const SETTINGS = ["threshold", "classifier_timeout_ms", "session_ttl_ms", "max_wait_ms", "timeout_ms", "max_body_bytes", "max_inflight_body_bytes", "max_answer_bytes", "cooldown_ms", "min_cooldown_ms", "max_cooldown_ms", "auth_cooldown_ms", "response_ttl_ms", "max_kept_responses"] as const;
 
 // ============================================================================================
 // 2. Types: the OpenAI-shaped hub every adapter translates to and from, the resolved config,
@@ -159,7 +161,7 @@ export type ProviderConfig = {
 
 export type ConfigFile = Partial<Record<(typeof SETTINGS)[number], number>> & {
   providers?: Record<string, Partial<ProviderConfig>>; aliases?: Record<string, string>;
-  keys?: Record<string, KeyConfig>; budgets?: BudgetConfig[]; loop_guard?: Partial<LoopGuardConfig>;
+  keys?: Record<string, KeyConfig>; budgets?: BudgetConfig[]; loop_guard?: Partial<LoopGuardConfig>; classifier?: "heuristic" | "model";
 };
 
 /** A TokenWatch key handed to one agent: its name, or its name and its own budget (section 5). */
@@ -638,7 +640,7 @@ function closingQuote(text: string, open: number): number {
 
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
-const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases", "keys", "budgets", "loop_guard"]);
+const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases", "keys", "budgets", "loop_guard", "classifier"]);
 const BUDGET_KEYS = new Set(["name", "agent", "per", "period", "soft", "hard"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "dimensions", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", ...DIMENSIONS, "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
@@ -750,6 +752,7 @@ export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown)
   need(f.providers === undefined || isObj(f.providers), "providers", "must be an object keyed by provider name");
   need(f.aliases === undefined || (isObj(f.aliases) && Object.values(f.aliases).every((v) => typeof v === "string")), "aliases", "must map names to model names");
   checkAccounts(f);
+  need(f.classifier === undefined || f.classifier === "heuristic" || f.classifier === "model", "classifier", "must be \"heuristic\" (the default) or \"model\" (ask the cheapest model when the heuristic is unsure)");
   const providers: Record<string, ProviderConfig> = structuredClone(base);
   for (const [id, over] of Object.entries((f.providers ?? {}) as Record<string, unknown>)) {
     need(isObj(over), `providers.${id}`, "must be an object");
@@ -832,7 +835,7 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
     ...DEFAULTS, ...given, max_wait_ms: maxWait ?? settings.max_wait_ms ?? DEFAULTS.max_wait_ms,
     providers, models, aliases: aliasMap, simpleOrder, complexOrder, keys, named: new Map(),
     agentKeys: Object.entries(settings.keys ?? {}).map(([key, v]) => ({ digest: digest(key), agent: typeof v === "string" ? v : v.agent })),
-    budgets: budgetsOf(settings), loop_guard: { ...DEFAULTS.loop_guard, ...settings.loop_guard },
+    budgets: budgetsOf(settings), loop_guard: { ...DEFAULTS.loop_guard, ...settings.loop_guard }, classifier: settings.classifier ?? DEFAULTS.classifier,
   };
   for (const name of new Set([...names, ...aliasMap.keys()])) {
     try { config.named.set(name, byModelName(config, name, aliasMap.get(name) ?? name)); } catch { /* an alias of nothing: route() answers 404 */ }
@@ -1490,6 +1493,17 @@ function readRequest(req: ChatRequest): Reading {
   return { ask, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
 }
 
+/** What the cheapest model is shown for a second opinion: the ask, what it follows up, the tool run's end; never the pasted material. */
+export function verdictRequest(req: ChatRequest): ChatRequest {
+  const r = readRequest(req);
+  const parts = [`The request:\n${r.ask.slice(0, 2000)}`];
+  if (r.followup && r.context) parts.push(`It follows up on:\n${r.context.slice(0, 1000)}`);
+  if (r.last !== undefined) parts.push(`The last tool result ends with:\n${tail(r.last, 600)}`);
+  return { messages: [{ role: "system", content: VERDICT_PROMPT }, { role: "user", content: parts.join("\n\n") }], max_tokens: 5 };
+}
+
+const VERDICT_PROMPT = "You route requests to a cheap or a capable language model. Answer with one word. \"complex\": a small, cheap model would fail or be clearly worse at it (finding the cause of a bug or a symptom, design, planning, proofs, estimates, judgement under constraints, non-trivial code, reviewing for subtle defects, weighing sources). \"simple\": a cheap model does it as well (a lookup, reformatting, extraction, translation, a summary, a mechanical edit, small talk, reporting a passing run).";
+
 /** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
 export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
   const r = readRequest(req), f: Record<string, number> = {};
@@ -1684,7 +1698,7 @@ export function route(req: ChatRequest, config: Config, headerHint?: string, opt
     if (name !== "auto" && !config.named.has(name)) byModelName(config, name, config.aliases.get(name) ?? name); // still 404 an unknown name
   }
   if (!r && name === "auto") {
-    const c = classify(req);
+    const c = opts.verdict ?? classify(req);
     r = { complexity: c.tier, reason: `auto: ${c.tier} (${c.signals.join(", ") || (c.tier === "simple" ? "no sign of complex work" : "its wording")})`, candidates: tierOrder(config, c.tier) };
     if (warm) r = keepWarm(lockTier(r, warm.state, config), warm);
   } else if (r && warm && !name.includes("/") && (hint || cheap)) r = keepWarm(r, warm); // a hint orders a tier: the warm model may still lead it
@@ -1693,7 +1707,7 @@ export function route(req: ChatRequest, config: Config, headerHint?: string, opt
 }
 
 /** What route() may also weigh: the providers that can serve it (`only`), a budget's soft cap (`cheap`), the session's warm cache (`warm`). */
-export type RouteOpts = { only?: Only; cheap?: string; warm?: Warm };
+export type RouteOpts = { only?: Only; cheap?: string; warm?: Warm; verdict?: { tier: Tier; signals: string[] } };
 
 // ---- sessions: keep the model that holds the warm cache ----
 
@@ -3726,7 +3740,7 @@ export type Client = { gone: boolean; stop?: () => void };
  * `commit` finishes its log row and resolves once the row is on disk: the dispatcher awaits it before
  * the answer's last byte, so no answered request's row can be lost to a crash.
  */
-export type Job = { entry: Entry; p: Parsed; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void> };
+export type Job = { entry: Entry; p: Parsed; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void>; overhead?: number };
 
 export type DispatchDeps = { limiter: Limiter; fetch: typeof fetch; now: () => number };
 
@@ -3958,6 +3972,37 @@ export class Dispatcher {
     });
   }
 
+  // ---- a second opinion on routing ----
+
+  /**
+   * Ask the cheapest enabled model with room for a one-word verdict on a request ("classifier": "model").
+   * Bounded by classifier_timeout_ms; on a timeout, an error or an answer that is neither word, no `tier`:
+   * the classifier's own verdict stands. Its cost comes back to be logged against the request.
+   */
+  async opinion(req: ChatRequest): Promise<{ tier: Tier | undefined; model: Model; cost: number } | undefined> {
+    const t = this.#now(), ask = verdictRequest(req);
+    for (const m of this.#config.simpleOrder) {
+      if (this.resting(m, t)) continue;
+      const v = this.#limiter.reserve(m, { input: promptEstimate(JSON.stringify(ask).length), output: 5 }, t);
+      if (!v.ok) continue;
+      let usage: Usage | undefined, tier: Tier | undefined;
+      try {
+        const up = ADAPTERS[m.provider.kind].build(ask, m, 5);
+        const resp = await this.#fetch(up.url, { method: "POST", headers: up.headers, body: up.body, redirect: "manual", signal: AbortSignal.timeout(this.#config.classifier_timeout_ms) });
+        if (resp.ok) {
+          const a = ADAPTERS[m.provider.kind].parse(parseJson(await readCapped(resp, 65_536)), m, this.#now());
+          usage = a.usage;
+          const word = /\b(simple|complex)\b/i.exec(answerText(a))?.[1]?.toLowerCase();
+          tier = word === "simple" || word === "complex" ? word : undefined;
+        } else await resp.body?.cancel();
+      } catch { /* too slow or unreachable: the classifier's verdict stands */ }
+      this.#limiter.settle(v.reservation, usage && countedOf(m.provider.kind, usage), this.#now());
+      const cost = usage && m.priced ? costUsd(m, usage) : 0;
+      return { tier, model: m, cost };
+    }
+    return undefined;
+  }
+
   // ---- one attempt at one candidate ----
 
   /** The failure of one attempt, its reservation handed back (unless told not to). */
@@ -4045,7 +4090,8 @@ export class Dispatcher {
     const u = usage ?? fallback;
     this.#limiter.settle(r.reservation, countedOf(r.m.provider.kind, u), this.#now());
     const cost = r.m.priced ? costUsd(r.m, u) : 0;
-    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + writes(u), output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: writes(u), cost_usd: cost });
+    // the row's cost is the request's: its answer, and a second opinion on its routing if one was asked (already on the row)
+    Object.assign(r.job.row, { provider: r.m.provider.id, model: r.m.id, input_tokens: u.input + u.cached + writes(u), output_tokens: u.output, cached_tokens: u.cached, cache_write_tokens: writes(u), cost_usd: cost + (r.job.overhead ?? 0) });
     return { usage: u, cost };
   }
 
@@ -4467,8 +4513,9 @@ export class Router {
         p = entry.parse(parseBody(text), text, req.headers);
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
-        const r = this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; });
-        await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit });
+        const second = await this.#secondOpinion(p, req, row);
+        const r = this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; }, second);
+        await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit, overhead: row.cost_usd });
         const m = r.candidates.find((c) => c.provider.id === row.provider && c.id === row.model);
         if (m && row.status === 200) this.#sessions.remember(row.session!, m, row.input_tokens, r.complexity === "complex", this.#now());
       } catch (e) {
@@ -4489,7 +4536,21 @@ export class Router {
    * a soft cap routes to the cheap tier, a hard cap refuses. The route, and the budgets' hold (`held`), all
    * in one synchronous step: two requests cannot both take a budget's last dollars.
    */
-  #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void): Route {
+  /**
+   * With "classifier": "model", a request left to the classifier that it is unsure about gets the cheapest
+   * model's verdict; its cost goes on the request's row. Undefined otherwise, and when that model gave none.
+   */
+  async #secondOpinion(p: Parsed, req: IncomingMessage, row: Row): Promise<RouteOpts["verdict"]> {
+    if (this.#config.classifier !== "model" || (p.hub.model ?? "auto") !== "auto" || p.hub.complexity || header(req, "x-tokenwatch-complexity")) return undefined;
+    const own = classify(p.hub);
+    if (!own.unsure) return undefined;
+    const o = await this.#dispatcher.opinion(p.hub);
+    row.cost_usd = o?.cost ?? 0;
+    if (!o?.tier) return undefined;
+    return { tier: o.tier, signals: [`second opinion of ${o.model.id}: ${o.tier}; the classifier was unsure (${own.tier}, p = ${own.p.toFixed(2)}${own.signals.length ? `: ${own.signals.join(", ")}` : ""})`] };
+  }
+
+  #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void, verdict?: RouteOpts["verdict"]): Route {
     const t = this.#now(), config = this.#config;
     const who = identify(req.headers, p.body, p.hub, keyAgent);
     row.agent = who.agent;
@@ -4499,7 +4560,7 @@ export class Router {
     const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
     const prompt = promptEstimate(p.text.length), state = this.#sessions.get(who.session, t);
     const warm = state && { state, prompt, output: this.limiter.outputEstimate(state.model, askedOutput(p.hub), config.default_max_tokens) };
-    let r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), { only, cheap, warm });
+    let r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), { only, cheap, warm, verdict });
     row.complexity = r.complexity;
     const m = r.candidates[0];
     if (state?.model === m.key) { // the warm model leads: say so now if it cannot take this turn (it will be passed over)

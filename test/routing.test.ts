@@ -1,12 +1,14 @@
-// Sessions and the warm prompt cache: an agent session sends the same prefix every turn, and moving it to another
-// model throws that cache away. Unit tests of the rules with an injected clock (keep the warm model while it is the
-// cheaper choice, never drop a session's tier on the classifier's say-so, expire with the cache), then a ten-turn
-// agent session through the Anthropic mock, compared with the same turns routed one by one.
+// Auto routing beyond one request's words. Sessions and the warm prompt cache: an agent session sends the same prefix
+// every turn, and moving it to another model throws that cache away. Unit tests of the rules with an injected clock
+// (keep the warm model while it is the cheaper choice, never drop a session's tier on the classifier's say-so, expire
+// with the cache), then a ten-turn agent session through the Anthropic mock, compared with the same turns routed one
+// by one. And the optional second opinion ("classifier": "model") through HTTP with the OpenAI SDK.
 
 import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import Anthropic from "@anthropic-ai/sdk";
-import { buildConfig, start, PROVIDERS, route, keepWarm, Sessions } from "../tokenwatch.ts";
+import OpenAI from "openai";
+import { buildConfig, start, PROVIDERS, route, keepWarm, Sessions, classify } from "../tokenwatch.ts";
 import type { Running, Row, ChatRequest, Model, SessionState } from "../tokenwatch.ts";
 import { startMock } from "./mocks.ts";
 import type { Flavor, Mock } from "./mocks.ts";
@@ -79,7 +81,7 @@ const TURNS = [
 ];
 
 type Env = { tw: Running; mocks: Record<Flavor, Mock>; close(): Promise<void> };
-async function setup(): Promise<Env> {
+async function setup(file: Record<string, unknown> = {}, tables = true): Promise<Env> {
   const [openai, kimi, anthropic] = await Promise.all([startMock("openai"), startMock("kimi"), startMock("anthropic")]);
   const mocks = { openai, kimi, anthropic };
   const e: Record<string, string> = {};
@@ -89,7 +91,7 @@ async function setup(): Promise<Env> {
     kimi: { models: { "kimi-k2.5": PROVIDERS.kimi.models["kimi-k2.5"] } },
     openai: { models: {} },
   };
-  const tw = await start({ config: buildConfig({ env: e, file: { providers } }), env: e });
+  const tw = await start({ config: buildConfig({ env: e, file: { ...(tables ? { providers } : {}), ...file } }), env: e });
   return { tw, mocks, close: async () => { await tw.close(1000); await Promise.all(Object.values(mocks).map((m) => m.close())); } };
 }
 
@@ -131,5 +133,50 @@ describe("sessions: a ten-turn agent session keeps its warm cache", () => {
       console.log(`ten turns: $${cost(a.rows).toFixed(5)} kept for cache, $${cost(b.rows).toFixed(5)} routed turn by turn: ${(100 * saved).toFixed(1)}% saved`);
       assert.ok(saved > 0.1, `kept for cache costs less: ${cost(a.rows)} against ${cost(b.rows)}`);
     } finally { await kept.close(); await alone.close(); }
+  });
+});
+
+// ============================================================================================
+describe("auto routing: a second opinion when the classifier is unsure", () => {
+  const unsure = "update the pricing page copy for the new plan";
+  const sure = "Translate 'good morning' into German";
+
+  it("asks the cheapest model for a one-word verdict, follows it, and logs its cost against the request", async () => {
+    assert.equal(classify({ messages: [{ role: "user", content: unsure }] }).unsure, true, "the request the test needs: one the classifier is unsure about");
+    const e = await setup({ classifier: "model" }, false);
+    e.mocks.openai.queue({ type: "reply", text: "complex", usage: { input: 300, output: 1 } });
+    try {
+      const client = new OpenAI({ baseURL: `${e.tw.url}/v1`, apiKey: "unused", maxRetries: 0 });
+      const pasted = "SECRET-PASTED-MATERIAL ".repeat(20);
+      const { data, response } = await client.chat.completions.create({ model: "auto", messages: [{ role: "user", content: `${unsure}:\n\n\`\`\`\n${pasted}\n\`\`\`` }] }).withResponse();
+      assert.equal(response.headers.get("x-tokenwatch-complexity"), "complex");
+      assert.equal(response.headers.get("x-tokenwatch-model"), "claude-sonnet-5");
+      assert.match(response.headers.get("x-tokenwatch-reason") ?? "", /^auto: complex \(second opinion of gpt-4o-mini: complex; the classifier was unsure \(simple, p = 0\.\d\d/);
+      const asked = e.mocks.openai.requests.find((r) => r.path.endsWith("/chat/completions"))!;
+      assert.equal(asked.body.model, "gpt-4o-mini");
+      assert.equal(asked.body.max_completion_tokens, 5);
+      assert.match(asked.body.messages[0].content, /Answer with one word/);
+      assert.ok(!JSON.stringify(asked.body).includes("SECRET-PASTED-MATERIAL"), "the verdict sees the ask, not what was pasted");
+      e.tw.store.flush();
+      const row = e.tw.store.recent(1)[0];
+      const verdict = (300 * 0.15 + 1 * 0.6) / 1e6;
+      assert.ok(Math.abs(row.cost_usd - ((data.usage as unknown as { cost_usd: number }).cost_usd + verdict)) < 1e-12, "the row's cost: the answer's and the verdict's");
+    } finally { await e.close(); }
+  });
+
+  it("keeps the classifier's verdict when the verdict does not come in time, and asks nothing when the classifier is sure", async () => {
+    const e = await setup({ classifier: "model", classifier_timeout_ms: 300 }, false);
+    e.mocks.openai.queue({ type: "hang" });
+    try {
+      const client = new OpenAI({ baseURL: `${e.tw.url}/v1`, apiKey: "unused", maxRetries: 0 });
+      const slow = await client.chat.completions.create({ model: "auto", messages: [{ role: "user", content: unsure }] }).withResponse();
+      assert.equal(slow.response.headers.get("x-tokenwatch-complexity"), "simple", "the heuristic's verdict stands");
+      assert.doesNotMatch(slow.response.headers.get("x-tokenwatch-reason") ?? "", /second opinion/);
+      const before = e.mocks.openai.requests.length + e.mocks.kimi.requests.length + e.mocks.anthropic.requests.length;
+      await client.chat.completions.create({ model: "auto", messages: [{ role: "user", content: sure }] });
+      assert.equal(e.mocks.openai.requests.length + e.mocks.kimi.requests.length + e.mocks.anthropic.requests.length, before + 1, "a sure verdict asks no one");
+      await client.chat.completions.create({ model: "auto", complexity: "simple", messages: [{ role: "user", content: unsure }] } as OpenAI.ChatCompletionCreateParamsNonStreaming);
+      assert.equal(e.mocks.openai.requests.length + e.mocks.kimi.requests.length + e.mocks.anthropic.requests.length, before + 2, "nor does a hint");
+    } finally { await e.close(); }
   });
 });
