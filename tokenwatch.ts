@@ -1734,6 +1734,7 @@ function lockTier(r: Route, s: SessionState, config: Config): Route {
 export function keepWarm(r: Route, w: Warm): Route {
   const m = r.candidates.find((c) => c.key === w.state.model);
   if (!m) return { ...r, reason: `${r.reason}; moved: ${w.state.model}, which holds this session's cache, is not a candidate for this turn` };
+  if (r.complexity === "complex" && m.tier !== "complex") return { ...r, reason: `${r.reason}; moved: ${m.id}, which holds this session's cache, is not a capable model` };
   const first = r.candidates[0];
   const warmCost = turnCost(m, w.prompt, w.state.prefix, w.output);
   if (first === m) return { ...r, reason: `${r.reason}; kept for cache on ${m.id}` };

@@ -48,6 +48,10 @@ describe("sessions: the rules (pure, injected clock)", () => {
     const fresh = route(ask("thanks, that works"), config, undefined, { warm: { ...warm, state: { ...warm.state, capable: false } } });
     assert.equal(fresh.complexity, "simple");
     assert.equal(route(ask("thanks", { model: "gpt-4o" }), config, undefined, { warm }).candidates[0].id, "gpt-4o", "a named model is not moved");
+    const cheapWarm = { ...warm, state: state("openai/gpt-4o-mini", 20_000) };
+    const hard = route(ask("thanks", { complexity: "complex" }), config, undefined, { warm: cheapWarm });
+    assert.equal(hard.candidates[0].id, "claude-sonnet-5", "a cheap model's cache does not jump ahead of the capable tier");
+    assert.match(hard.reason, /moved: gpt-4o-mini, which holds this session's cache, is not a capable model/);
   });
 
   it("forgets a session once the cache would have expired, and holds a bounded number", () => {
