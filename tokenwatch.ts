@@ -21,8 +21,8 @@
 //           GET /v1/models   GET /   GET /stats   GET /health
 //
 // The file reads top to bottom: 1 the table you edit, 2 types, 3 pure helpers, 4 limiter, 5 agents,
-// budgets and the loop guard, 6 selector, 7 provider adapters, 8 client entries, 9 store, 10 dispatcher,
-// 11 HTTP edge, 12 stats view, /metrics and dashboard, 13 main.
+// budgets and the loop guard, 6 shared state in Redis, 7 selector, 8 provider adapters, 9 client entries,
+// 10 store, 11 dispatcher, 12 HTTP edge, 13 stats view, /metrics and dashboard, 14 main.
 
 import http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
@@ -30,10 +30,13 @@ import type { Duplex } from "node:stream";
 import { DatabaseSync } from "node:sqlite";
 import type { StatementSync } from "node:sqlite";
 import { mkdirSync, readFileSync, realpathSync, renameSync, statSync } from "node:fs";
-import { homedir } from "node:os";
+import { homedir, hostname } from "node:os";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { timingSafeEqual, createHash, randomUUID } from "node:crypto";
+import { connect as netConnect } from "node:net";
+import type { Socket } from "node:net";
+import { connect as tlsConnect } from "node:tls";
 import process from "node:process";
 
 export const VERSION = "1.0.0";
@@ -162,6 +165,7 @@ export type ProviderConfig = {
 export type ConfigFile = Partial<Record<(typeof SETTINGS)[number], number>> & {
   providers?: Record<string, Partial<ProviderConfig>>; aliases?: Record<string, string>;
   keys?: Record<string, KeyConfig>; budgets?: BudgetConfig[]; loop_guard?: Partial<LoopGuardConfig>; classifier?: "heuristic" | "model";
+  redis?: Partial<SharedConfig>;
 };
 
 /** A TokenWatch key handed to one agent: its name, or its name and its own budget (section 5). */
@@ -186,6 +190,7 @@ export type Config = typeof DEFAULTS & {
   providers: Provider[]; models: Model[]; aliases: Map<string, string>;
   simpleOrder: Model[]; complexOrder: Model[]; keys: string[];
   agentKeys: AgentKey[]; budgets: Budget[];
+  redis: SharedConfig | undefined; // limits and budgets shared with other instances (TOKENWATCH_REDIS_URL)
   named: Map<string, Route>;  // the route of each model name and alias, made once: most requests name a model
 };
 
@@ -640,7 +645,7 @@ function closingQuote(text: string, open: number): number {
 
 // ---- config validation: every mistake stops the start with one line naming the key ----
 
-const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases", "keys", "budgets", "loop_guard", "classifier"]);
+const CONFIG_KEYS = new Set([...SETTINGS, "providers", "aliases", "keys", "budgets", "loop_guard", "classifier", "redis"]);
 const BUDGET_KEYS = new Set(["name", "agent", "per", "period", "soft", "hard"]);
 const PROVIDER_KEYS = new Set(["name", "kind", "priority", "base_url", "dimensions", "api_key_env", "api_key", "max_tokens_field", "max_temperature", "reasoning_content", "prompt_cache", "responses", "models"]);
 const MODEL_KEYS = new Set(["input", "output", "cached_input", "cache_write", "cache_write_1h", "limit", ...DIMENSIONS, "tier", "pool", "max_tokens", "fixed_sampling", "eol"]);
@@ -728,6 +733,14 @@ function checkAccounts(f: Record<string, unknown>): void {
     "loop_guard", "must be like {\"max_repeats\": 8, \"window_s\": 60} (0 turns it off)");
 }
 
+/** Redis, when TOKENWATCH_REDIS_URL or the config names one: its URL, how long a call may take (10 ms), how many instances share the limits. */
+function redisOf(f: ConfigFile, env: Record<string, string | undefined>): SharedConfig | undefined {
+  const url = env.TOKENWATCH_REDIS_URL || f.redis?.url;
+  if (!url) return undefined;
+  need(/^rediss?:\/\/[^/]/.test(url), "TOKENWATCH_REDIS_URL", "must be a redis:// or rediss:// URL");
+  return { url, timeout_ms: f.redis?.timeout_ms ?? 10, instances: f.redis?.instances };
+}
+
 /** The budgets by name (each named after what it covers unless given one), a key's own budget among them. */
 function budgetsOf(f: ConfigFile): Budget[] {
   const named = (b: BudgetConfig): Budget => ({ ...b, name: b.name ?? `${b.agent ? `agent ${b.agent}` : b.per ? `each ${b.per}` : "all"} per ${b.period}` });
@@ -752,6 +765,13 @@ export function mergeConfig(base: Record<string, ProviderConfig>, file: unknown)
   need(f.providers === undefined || isObj(f.providers), "providers", "must be an object keyed by provider name");
   need(f.aliases === undefined || (isObj(f.aliases) && Object.values(f.aliases).every((v) => typeof v === "string")), "aliases", "must map names to model names");
   checkAccounts(f);
+  const r = f.redis;
+  need(r === undefined || (isObj(r) && Object.keys(r).every((k) => ["url", "timeout_ms", "instances"].includes(k))), "redis", "must be like {\"url\": \"redis://127.0.0.1:6379\", \"timeout_ms\": 10, \"instances\": 3}");
+  if (isObj(r)) {
+    need(r.url === undefined || (typeof r.url === "string" && /^rediss?:\/\/[^/]/.test(r.url)), "redis.url", "must be a redis:// or rediss:// URL");
+    need(r.timeout_ms === undefined || (isNum(r.timeout_ms) && (r.timeout_ms as number) > 0), "redis.timeout_ms", "must be a number of milliseconds above 0");
+    need(r.instances === undefined || (Number.isInteger(r.instances) && (r.instances as number) >= 1), "redis.instances", "must be a whole number >= 1: how many instances share the limits");
+  }
   need(f.classifier === undefined || f.classifier === "heuristic" || f.classifier === "model", "classifier", "must be \"heuristic\" (the default) or \"model\" (ask the cheapest model when the heuristic is unsure)");
   const providers: Record<string, ProviderConfig> = structuredClone(base);
   for (const [id, over] of Object.entries((f.providers ?? {}) as Record<string, unknown>)) {
@@ -835,7 +855,7 @@ export function buildConfig(opts: { file?: unknown; env?: Record<string, string 
     ...DEFAULTS, ...given, max_wait_ms: maxWait ?? settings.max_wait_ms ?? DEFAULTS.max_wait_ms,
     providers, models, aliases: aliasMap, simpleOrder, complexOrder, keys, named: new Map(),
     agentKeys: Object.entries(settings.keys ?? {}).map(([key, v]) => ({ digest: digest(key), agent: typeof v === "string" ? v : v.agent })),
-    budgets: budgetsOf(settings), loop_guard: { ...DEFAULTS.loop_guard, ...settings.loop_guard }, classifier: settings.classifier ?? DEFAULTS.classifier,
+    redis: redisOf(settings, env), budgets: budgetsOf(settings), loop_guard: { ...DEFAULTS.loop_guard, ...settings.loop_guard }, classifier: settings.classifier ?? DEFAULTS.classifier,
   };
   for (const name of new Set([...names, ...aliasMap.keys()])) {
     try { config.named.set(name, byModelName(config, name, aliasMap.get(name) ?? name)); } catch { /* an alias of nothing: route() answers 404 */ }
@@ -938,7 +958,7 @@ type Pool = {
 };
 
 /** A model's share of capacity taken by one request; hand it back with `settle` or `release`. */
-export type Reservation = { pool: string; key: string; estimate: Estimate; done: boolean };
+export type Reservation = { pool: string; key: string; estimate: Estimate; done: boolean; shared?: string /* its id in Redis */ };
 
 /** One dimension of a model as routing sees it now: what is used (counted here, or seen by the provider), of which limit. */
 export type DimensionView = {
@@ -960,7 +980,7 @@ export const configuredLimit = (m: Limits, d: Dimension): number | undefined => 
 /** How many recent answers a model's output estimate looks at. */
 const OUTPUTS_KEPT = 32;
 
-export class Limiter {
+export class Limiter implements Capacity {
   #pools = new Map<string, Pool>();
   #recent = new Map<string, { input: number[]; output: number[] }>(); // per model: its last answers' counted input and output
   #waiters = new Set<() => void>();
@@ -1069,17 +1089,35 @@ export class Limiter {
       this.#correct(p, r, counted.output);
       p.minute.add(now, { ...counted, requests: 0 });
       p.day?.add(now, { ...counted, requests: 0 });
-      let seen = this.#recent.get(r.key);
-      if (!seen) {
-        if (this.#recent.size >= 1024) this.#recent.clear(); // names outside the table come and go
-        this.#recent.set(r.key, (seen = { input: [], output: [] }));
-      }
-      seen.input.push(counted.input);
-      seen.output.push(counted.output);
-      if (seen.output.length > OUTPUTS_KEPT) { seen.input.shift(); seen.output.shift(); }
     }
+    this.learn(r.key, counted);
     this.#wake();
   }
+
+  /** Keep a model's latest answer sizes: what its output estimate and its typical request come from. */
+  learn(key: string, counted: Counts | undefined): void {
+    if (!counted) return;
+    let seen = this.#recent.get(key);
+    if (!seen) {
+      if (this.#recent.size >= 1024) this.#recent.clear(); // names outside the table come and go
+      this.#recent.set(key, (seen = { input: [], output: [] }));
+    }
+    seen.input.push(counted.input);
+    seen.output.push(counted.output);
+    if (seen.output.length > OUTPUTS_KEPT) { seen.input.shift(); seen.output.shift(); }
+  }
+
+  /** Wake the requests waiting for capacity (another limiter's reservation ended). */
+  nudge(): void { this.#wake(); }
+
+  /** What a pool's providers headers said and taught, for sharing them; undefined for a pool never seen. */
+  seenOf(pool: string): { seen: Partial<Record<Dimension, Observation>>; learned: Partial<Record<Dimension, number>> } | undefined {
+    const p = this.#pools.get(pool);
+    return p && { seen: p.seen, learned: p.learned };
+  }
+
+  /** Until when a pool rests (0: it does not). */
+  coolEnd(pool: string): number { return this.#pools.get(pool)?.coolUntil ?? 0; }
 
   release(r: Reservation, now: number): void { this.settle(r, undefined, now); }
 
@@ -1157,6 +1195,23 @@ export class Limiter {
     this.#waiters.clear();
     for (const w of all) w();
   }
+}
+
+/**
+ * What routing needs of a limiter: the local one decides in one synchronous step; the shared one
+ * (section 6) asks Redis, so its verdict may come as a promise.
+ */
+export interface Capacity {
+  reserve(m: Limits, e: Estimate, now: number): Verdict | Promise<Verdict>;
+  settle(r: Reservation, counted: Counts | undefined, now: number): void;
+  release(r: Reservation, now: number): void;
+  observe(pool: string, kind: Kind, get: HeaderGet, now: number, by?: Reservation, charged?: number): void;
+  cool(pool: string, until: number, now: number): void;
+  outputEstimate(key: string, asked: number | undefined, fallback: number): number;
+  typical(key: string, fallback: number): Estimate;
+  assess(m: Limits, e: Estimate, now: number): { why: "cooling" | Dimension | undefined };
+  headroom(m: Limits, now: number, typical?: Estimate): Headroom;
+  onNextChange(fn: () => void): () => void;
 }
 
 // ============================================================================================
@@ -1237,7 +1292,17 @@ export function periodOf(period: Period, t: number): { start: number; end: numbe
 type Spend = { budget: Budget; subject: string | null; start: number; end: number; spent: number; reserved: number };
 
 /** A request's hold on its budgets: the estimate it reserved on each, given back with its real cost at the end. */
-export type Ticket = { spends: Spend[]; estimate: number; done: boolean };
+export type Ticket = { spends: Spend[]; estimate: number; done: boolean; shared?: string /* its id in Redis */ };
+
+/** Where budgets keep their spend when instances share them (section 6): a spend's key there, and the calls. */
+export type BudgetLink = {
+  up(): boolean;
+  admit(spends: { key: string; hard: number; seed: number; expireAt: number }[], estimate: number, id: string): Promise<{ ok: boolean; over: number; figures: [number, number][] }>;
+  settle(keys: string[], id: string, cost: number): void;
+};
+
+/** A spend's key in Redis: the budget, its subject and its period. */
+const spendKey = (s: Spend) => `tw:budget:{${s.budget.name}}:${s.subject ?? ""}:${s.start}`;
 
 /** The subject a budget counts a request under, or undefined when the budget does not cover it. */
 function subjectOf(b: Budget, who: Identity): string | null | undefined {
@@ -1260,6 +1325,7 @@ export class Budgets {
   readonly list: Budget[];
   #spends = new Map<string, Spend>();
   #spendOf: SpendOf;
+  #link: BudgetLink | undefined;
   constructor(list: Budget[], spendOf: SpendOf) { this.list = list; this.#spendOf = spendOf; }
 
   /** The spend of a budget for a subject in the period of `t`: read from the log the first time, then kept up to date. */
@@ -1292,19 +1358,43 @@ export class Budgets {
   }
 
   /** Admit a request of `estimate` dollars, or refuse it (429) when a hard cap would be passed. One synchronous step. */
-  admit(who: Identity, estimate: number, t: number): Ticket {
+  admit(who: Identity, estimate: number, t: number): Ticket | Promise<Ticket> {
     const spends = this.#covering(who, t);
+    if (spends.length && this.#link?.up()) return this.#admitShared(spends, estimate, t);
+    return this.#admitLocal(spends, estimate, t);
+  }
+
+  /** Share the spend with other instances through Redis (section 6). */
+  share(link: BudgetLink): void { this.#link = link; }
+
+  /**
+   * The same check and hold, in Redis for every instance at once (one script). What Redis holds becomes this
+   * instance's view of the spend (soft caps and /stats read it). If Redis fails, this instance decides alone.
+   */
+  async #admitShared(spends: Spend[], estimate: number, t: number): Promise<Ticket> {
+    const id = randomUUID();
+    const keys = spends.map((s) => ({ key: spendKey(s), hard: s.budget.hard ?? -1, seed: s.spent, expireAt: Number.isFinite(s.end) ? s.end + 86_400_000 : 0 }));
+    let r: Awaited<ReturnType<BudgetLink["admit"]>>;
+    try { r = await this.#link!.admit(keys, estimate, id); } catch { return this.#admitLocal(spends, estimate, t); }
+    r.figures.forEach(([spent, reserved], i) => { spends[i].spent = spent; spends[i].reserved = reserved; });
+    if (!r.ok) throw budgetExceeded(spends[r.over], estimate, t);
+    for (const s of spends) s.reserved += estimate;
+    return { spends, estimate, done: false, shared: id };
+  }
+
+  #admitLocal(spends: Spend[], estimate: number, t: number): Ticket {
     const over = spends.find((s) => s.budget.hard !== undefined && s.spent + s.reserved + estimate > s.budget.hard);
     if (over) throw budgetExceeded(over, estimate, t);
     for (const s of spends) s.reserved += estimate;
     return { spends, estimate, done: false };
   }
 
-  /** The request is over: its estimate leaves, its real cost stays. */
+  /** The request is over: its estimate leaves, its real cost stays (in Redis too, when shared). */
   settle(ticket: Ticket, cost: number): void {
     if (ticket.done) return;
     ticket.done = true;
     for (const s of ticket.spends) { s.reserved -= ticket.estimate; s.spent += cost; }
+    if (ticket.shared) this.#link?.settle(ticket.spends.map(spendKey), ticket.shared, cost);
   }
 
   /** Each budget's current spends (the subjects seen this period, busiest first), with the caps and a projection to the period's end. */
@@ -1372,7 +1462,497 @@ export class LoopGuard {
 }
 
 // ============================================================================================
-// 6. Selector: from a request and the config to an ordered list of candidates with the reason.
+// 6. Shared state: several TokenWatch instances with one set of provider limits and budgets, kept in
+//    Redis (or Valkey). A small RESP client over node:net / node:tls (AUTH, SELECT, pipelining, EVALSHA
+//    with SCRIPT LOAD on NOSCRIPT, reconnect with backoff), and Lua scripts that check and reserve in
+//    one atomic step. When Redis is down or slow, each instance falls back to its local limiter.
+// ============================================================================================
+
+/** A reply as RESP2 gives it: a status or bulk string, an integer, nil, or an array of replies. An error reply is thrown. */
+export type Reply = string | number | null | Reply[];
+
+export class RedisError extends Error {}
+
+/** One RESP value from `buf` at `at`, and where the next begins; undefined when the bytes are not all there yet. */
+export function parseReply(buf: Buffer, at = 0): { value: Reply | RedisError; next: number } | undefined {
+  if (at >= buf.length) return undefined;
+  const eol = buf.indexOf("\r\n", at);
+  if (eol < 0) return undefined;
+  const type = buf[at], line = buf.toString("utf8", at + 1, eol), next = eol + 2;
+  switch (type) {
+    case 0x2b: return { value: line, next };                      // +OK
+    case 0x2d: return { value: new RedisError(line), next };      // -ERR …
+    case 0x3a: return { value: Number(line), next };              // :42
+    case 0x24: {                                                  // $5\r\nhello
+      const n = Number(line);
+      if (n < 0) return { value: null, next };
+      if (buf.length < next + n + 2) return undefined;
+      return { value: buf.toString("utf8", next, next + n), next: next + n + 2 };
+    }
+    case 0x2a: {                                                  // *2\r\n…
+      const n = Number(line);
+      if (n < 0) return { value: null, next };
+      const items: Reply[] = [];
+      let p = next;
+      for (let i = 0; i < n; i++) {
+        const r = parseReply(buf, p);
+        if (!r) return undefined;
+        items.push(r.value instanceof RedisError ? r.value.message : r.value);
+        p = r.next;
+      }
+      return { value: items, next: p };
+    }
+    default: throw new RedisError(`Unexpected byte ${type} in a Redis reply: the server does not speak RESP2`);
+  }
+}
+
+/** A command in RESP: an array of bulk strings. */
+export function encodeCommand(args: readonly (string | number)[]): Buffer {
+  const parts: Buffer[] = [Buffer.from(`*${args.length}\r\n`)];
+  for (const a of args) {
+    const b = Buffer.from(String(a));
+    parts.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from("\r\n"));
+  }
+  return Buffer.concat(parts);
+}
+
+/** A Lua script known by its SHA-1, loaded on the first NOSCRIPT. */
+export type Script = { source: string; sha: string };
+export const script = (source: string): Script => ({ source, sha: createHash("sha1").update(source).digest("hex") });
+
+type Pending = { resolve: (r: Reply) => void; reject: (e: Error) => void; timer?: ReturnType<typeof setTimeout>; done: boolean };
+
+/**
+ * A Redis connection: commands are written as they come and their replies matched in order (pipelining
+ * for free). `redis://[user:password@]host:port/db` or `rediss://` for TLS. A command that gets no reply
+ * within its timeout is rejected (its reply, when it comes, is dropped). A broken connection fails what is
+ * pending; the next command reconnects, no sooner than a backoff that doubles up to 2 s.
+ */
+export class Redis {
+  #url: URL;
+  #sock: Socket | undefined;
+  #ready: Promise<void> | undefined;
+  #pending: Pending[] = [];
+  #buf: Buffer = Buffer.alloc(0);
+  #backoff = 0;
+  #retryAt = 0;
+  #closed = false;
+  constructor(url: string) {
+    this.#url = new URL(url);
+    if (!/^rediss?:$/.test(this.#url.protocol)) throw new ConfigError(`Redis URL ${shown(url)} must start with redis:// or rediss://`);
+  }
+
+  get connected(): boolean { return this.#sock !== undefined && this.#ready !== undefined; }
+
+  /** Send a command; its reply, or a RedisError (an error reply, a timeout, a broken connection). */
+  async call(args: readonly (string | number)[], timeoutMs: number): Promise<Reply> {
+    await withTimeout(this.#connect(timeoutMs), timeoutMs, "connecting to Redis");
+    return this.#send(args, timeoutMs);
+  }
+
+  /** Run a script by its SHA, loading it first when the server does not know it (a restart, a SCRIPT FLUSH). */
+  async eval(s: Script, keys: readonly string[], args: readonly (string | number)[], timeoutMs: number): Promise<Reply> {
+    const run = () => this.call(["EVALSHA", s.sha, keys.length, ...keys, ...args], timeoutMs);
+    try { return await run(); } catch (e) {
+      if (!(e instanceof RedisError) || !e.message.startsWith("NOSCRIPT")) throw e;
+      await this.call(["SCRIPT", "LOAD", s.source], timeoutMs);
+      return run();
+    }
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#sock?.destroy();
+  }
+
+  #send(args: readonly (string | number)[], timeoutMs: number): Promise<Reply> {
+    const sock = this.#sock;
+    if (!sock) return Promise.reject(new RedisError("Redis is not connected"));
+    return new Promise((resolve, reject) => {
+      const p: Pending = { resolve, reject, done: false };
+      p.timer = setTimeout(() => { p.done = true; reject(new RedisError(`Redis did not answer ${String(args[0])} within ${timeoutMs} ms`)); }, timeoutMs);
+      this.#pending.push(p);
+      sock.write(encodeCommand(args));
+    });
+  }
+
+  #connect(timeoutMs: number): Promise<void> {
+    if (this.#ready) return this.#ready;
+    if (this.#closed) return Promise.reject(new RedisError("Redis client closed"));
+    if (Date.now() < this.#retryAt) return Promise.reject(new RedisError(`Redis is unreachable; next try in ${this.#retryAt - Date.now()} ms`));
+    const u = this.#url, port = Number(u.port || 6379), host = u.hostname.replace(/^\[|\]$/g, "");
+    const sock = u.protocol === "rediss:" ? tlsConnect({ host, port, servername: host }) : netConnect({ host, port });
+    sock.setNoDelay(true);
+    this.#sock = sock;
+    this.#buf = Buffer.alloc(0);
+    sock.on("data", (d: Buffer) => this.#onData(d));
+    sock.on("error", () => {}); // the close that follows says it
+    sock.on("close", () => this.#onClose(sock));
+    const ready = (async () => {
+      await new Promise<void>((done, fail) => { sock.once(u.protocol === "rediss:" ? "secureConnect" : "connect", done); sock.once("close", () => fail(new RedisError(`Cannot connect to Redis at ${host}:${port}`))); });
+      const user = decodeURIComponent(u.username), password = decodeURIComponent(u.password);
+      if (password) await this.#send(user ? ["AUTH", user, password] : ["AUTH", password], timeoutMs);
+      const db = u.pathname.replace(/^\//, "");
+      if (db) await this.#send(["SELECT", db], timeoutMs);
+      this.#backoff = 0;
+    })();
+    this.#ready = ready;
+    ready.catch(() => { if (this.#sock === sock) sock.destroy(); });
+    return ready;
+  }
+
+  #onData(d: Buffer): void {
+    this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
+    let at = 0;
+    for (let r = parseReply(this.#buf, at); r; r = parseReply(this.#buf, at)) {
+      at = r.next;
+      const p = this.#pending.shift();
+      if (!p || p.done) continue; // timed out already: its reply is dropped
+      p.done = true;
+      clearTimeout(p.timer);
+      if (r.value instanceof RedisError) p.reject(r.value); else p.resolve(r.value);
+    }
+    this.#buf = at ? this.#buf.subarray(at) : this.#buf;
+  }
+
+  #onClose(sock: Socket): void {
+    if (this.#sock !== sock) return;
+    this.#sock = undefined;
+    this.#ready = undefined;
+    this.#backoff = Math.min(2000, Math.max(50, this.#backoff * 2));
+    this.#retryAt = Date.now() + this.#backoff;
+    for (const p of this.#pending.splice(0)) if (!p.done) { p.done = true; clearTimeout(p.timer); p.reject(new RedisError("The connection to Redis broke")); }
+  }
+}
+
+/** A promise, or a RedisError after `ms`. */
+function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: ReturnType<typeof setTimeout>;
+  return Promise.race([p, new Promise<never>((_, fail) => { timer = setTimeout(() => fail(new RedisError(`Timed out ${what} (${ms} ms)`)), ms); })]).finally(() => clearTimeout(timer));
+}
+
+// ---- the limits in Redis ----
+
+/**
+ * Check every dimension of one pool and reserve in the same call. Keys: the minute window (a field per
+ * second and count: `<sec>r`, `t`, `i`, `o`), the day window (per hour: `r`, `t`), the requests in flight
+ * (id -> "input,output,expiry": a crashed instance's expire on their own), the cooldown, what the
+ * provider's headers said (dimension -> "used,at,reset") and the limits they taught. ARGV: now, threshold,
+ * input, output, id, ttl, dry (1: only look), then the seven limits in DIMENSIONS order (0: none).
+ * Returns {1 or 0, the blocking dimension or "cooling", until (ms, -1 unknown), {dimension, used, limit, blocks}…}.
+ */
+const RESERVE = script(`
+local now, th, ein, eout, id, ttl, dry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]), ARGV[7] == '1'
+local dims = {'rpm', 'tpm', 'itpm', 'otpm', 'concurrency', 'rpd', 'tpd'}
+local limits = {}
+for j = 1, 7 do limits[j] = tonumber(ARGV[7 + j]) end
+local learned = redis.call('HGETALL', KEYS[6])
+for i = 1, #learned, 2 do for j = 1, 7 do if dims[j] == learned[i] then limits[j] = tonumber(learned[i + 1]) end end end
+local fin, fout, fcount = 0, 0, 0
+local fly = redis.call('HGETALL', KEYS[3])
+for i = 1, #fly, 2 do
+  local a, b, e = string.match(fly[i + 1], '([^,]+),([^,]+),([^,]+)')
+  if tonumber(e) < now then redis.call('HDEL', KEYS[3], fly[i]) else fin = fin + tonumber(a); fout = fout + tonumber(b); fcount = fcount + 1 end
+end
+local function window(key, unit, span)
+  local at = math.floor(now / unit)
+  local sums, list = {r = 0, t = 0, i = 0, o = 0}, {}
+  local w = redis.call('HGETALL', key)
+  for i = 1, #w, 2 do
+    local s, k = string.match(w[i], '(%d+)(%a)')
+    s = tonumber(s)
+    if s <= at - span then redis.call('HDEL', key, w[i]) else
+      local v = tonumber(w[i + 1]); sums[k] = sums[k] + v; list[#list + 1] = {s, k, v}
+    end
+  end
+  table.sort(list, function(x, y) return x[1] < y[1] end)
+  return sums, list, at
+end
+local m, mlist = window(KEYS[1], 1000, 60)
+local d, dlist = window(KEYS[2], 3600000, 24)
+local function freeAt(list, k, need, unit, span)
+  local got = 0
+  for _, x in ipairs(list) do if x[2] == k then got = got + x[3]; if got >= need then return (x[1] + span) * unit end end end
+  return -1
+end
+local seen = {}
+local sv = redis.call('HGETALL', KEYS[5])
+for i = 1, #sv, 2 do
+  local u, at, rs = string.match(sv[i + 1], '([^,]+),([^,]+),([^,]+)')
+  u, at, rs = tonumber(u), tonumber(at), tonumber(rs)
+  if rs > now then seen[sv[i]] = {u * math.min(1, (rs - now) / math.max(1, rs - at)), rs} end
+end
+local idle = fcount == 0 and m.r == 0 and m.t == 0
+local cool = tonumber(redis.call('GET', KEYS[4]) or '0')
+local why, untilv = nil, -1
+if cool > now then why, untilv = 'cooling', cool end
+local figures = {}
+for j = 1, 7 do
+  local lim = limits[j]
+  if lim and lim > 0 then
+    local name, here, take, flying, list, k, unit, span = dims[j], 0, 0, 0, mlist, 'r', 1000, 60
+    if name == 'rpm' then here, take = m.r, 1
+    elseif name == 'tpm' then here, take, flying, k = m.t, ein + eout, fin + fout, 't'
+    elseif name == 'itpm' then here, take, flying, k = m.i, ein, fin, 'i'
+    elseif name == 'otpm' then here, take, flying, k = m.o, eout, fout, 'o'
+    elseif name == 'concurrency' then take, flying, list = 1, fcount, nil
+    elseif name == 'rpd' then here, take, list, unit, span = d.r, 1, dlist, 3600000, 24
+    else here, take, flying, k, list, unit, span = d.t, ein + eout, fin + fout, 't', dlist, 3600000, 24 end
+    local s = seen[name]
+    local sused = s and s[1] or 0
+    local used = math.max(here, sused) + flying
+    local need = used + take - th * lim
+    local blocks = need > 0 and ((not idle) or sused > 0)
+    figures[#figures + 1] = {name, tostring(used), tostring(lim), blocks and 1 or 0}
+    if blocks and not why then
+      why = name
+      if sused > here then untilv = s[2] elseif list and need <= here then untilv = freeAt(list, k, need, unit, span) end
+    end
+  end
+end
+if why or dry then return {why and 0 or 1, why or '', tostring(untilv), figures} end
+local sec, hour = math.floor(now / 1000), math.floor(now / 3600000)
+redis.call('HINCRBY', KEYS[1], sec .. 'r', 1)
+redis.call('PEXPIRE', KEYS[1], 120000)
+if limits[6] or limits[7] then redis.call('HINCRBY', KEYS[2], hour .. 'r', 1); redis.call('PEXPIRE', KEYS[2], 90000000) end
+redis.call('HSET', KEYS[3], id, ein .. ',' .. eout .. ',' .. (now + ttl))
+redis.call('PEXPIRE', KEYS[3], ttl * 2)
+return {1, '', '-1', figures}
+`);
+
+/** The request is over: its reservation leaves, what the provider counted goes into the windows. ARGV: now, id, tokens, input, output. */
+const SETTLE = script(`
+local now = tonumber(ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[2])
+local sec, hour = math.floor(now / 1000), math.floor(now / 3600000)
+for i, k in ipairs({'t', 'i', 'o'}) do
+  local v = tonumber(ARGV[2 + i])
+  if v > 0 then redis.call('HINCRBY', KEYS[1], sec .. k, v) end
+end
+redis.call('PEXPIRE', KEYS[1], 120000)
+if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then redis.call('HINCRBY', KEYS[2], hour .. 't', ARGV[3]) end
+return 1
+`);
+
+/** Rest a pool until ARGV[2] (ms), unless it already rests longer. ARGV: now, until. */
+const COOL = script(`
+local now, u = tonumber(ARGV[1]), tonumber(ARGV[2])
+if u > tonumber(redis.call('GET', KEYS[1]) or '0') and u > now then redis.call('SET', KEYS[1], ARGV[2], 'PX', math.floor(u - now)) end
+return 1
+`);
+
+/**
+ * Budgets: check every budget a request falls under and hold its estimate, in one call. Each key is a hash:
+ * `spent` (seeded from the instance's log when Redis has none) and a field per request in flight (estimate and
+ * expiry: a crashed instance's go on their own). ARGV: now, estimate, id, ttl, then per key: hard (-1: none),
+ * seed, expire-at (0: never). Returns {1 or 0, the index of the budget that refused, {spent, in flight} per key}.
+ */
+const BUDGET_ADMIT = script(`
+local now, est, id, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local figures = {}
+for i, key in ipairs(KEYS) do
+  local hard, seed = tonumber(ARGV[2 + 3 * i]), ARGV[3 + 3 * i]
+  redis.call('HSETNX', key, 'spent', seed)
+  local all, spent, held = redis.call('HGETALL', key), 0, 0
+  for j = 1, #all, 2 do
+    if all[j] == 'spent' then spent = tonumber(all[j + 1]) else
+      local e, x = string.match(all[j + 1], '([^,]+),([^,]+)')
+      if tonumber(x) < now then redis.call('HDEL', key, all[j]) else held = held + tonumber(e) end
+    end
+  end
+  figures[i] = {tostring(spent), tostring(held)}
+  if hard >= 0 and spent + held + est > hard then return {0, i - 1, figures} end
+end
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, 't:' .. id, est .. ',' .. (now + ttl))
+  local exp = tonumber(ARGV[4 + 3 * i])
+  if exp > 0 then redis.call('PEXPIREAT', key, exp) end
+end
+return {1, -1, figures}
+`);
+
+/** A request's hold on its budgets ends: its estimate leaves, its cost is added. ARGV: id, cost. */
+const BUDGET_SETTLE = script(`
+for _, key in ipairs(KEYS) do
+  redis.call('HDEL', key, 't:' .. ARGV[1])
+  if tonumber(ARGV[2]) > 0 then redis.call('HINCRBYFLOAT', key, 'spent', ARGV[2]) end
+end
+return 1
+`);
+
+/** A pool's keys; the braces keep them in one Redis Cluster slot. */
+const poolKeys = (pool: string) => ["min", "day", "fly", "cool", "seen", "learned"].map((k) => `tw:{${pool}}:${k}`);
+
+export type SharedConfig = { url: string; timeout_ms: number; instances?: number };
+
+/** Which limiter decides now, for /stats, /metrics and the dashboard. */
+export type SharedStatus = { mode: "redis" | "local"; since: number; reason: string | null; instances: { id: string; host: string; pid: number; mode: string; seen_s: number }[]; share: string };
+
+/**
+ * The limiter when several instances share limits through Redis: each verdict is one Lua call, and while
+ * Redis answers, the windows, reservations, cooldowns and learned limits are the shared ones. When a call
+ * fails or takes longer than timeout_ms, this instance decides alone with its local limiter, on its share
+ * of each limit (limit / instances when `instances` is set), and goes back to Redis once a ping answers.
+ */
+export class SharedLimiter implements Capacity {
+  readonly local: Limiter;
+  readonly status: SharedStatus;
+  readonly id = randomUUID().slice(0, 8);
+  #redis: Redis;
+  #cfg: SharedConfig;
+  #threshold: number;
+  #snapshots = new Map<string, { at: number; dimensions: DimensionView[]; why: string; until: number }>();
+  #shares = new Map<string, Limits>();
+  #timer: ReturnType<typeof setInterval> | undefined;
+  #models: Model[] = [];
+
+  constructor(cfg: SharedConfig, threshold: number, local: Limiter) {
+    this.#cfg = cfg;
+    this.#threshold = threshold;
+    this.local = local;
+    this.#redis = new Redis(cfg.url);
+    this.status = { mode: "redis", since: Date.now(), reason: null, instances: [], share: cfg.instances ? `1/${cfg.instances} of each limit` : "the whole of each limit (set redis.instances to divide it)" };
+  }
+
+  /** Start the heartbeat (and the figures /stats reads) for these models; stop() ends it. */
+  start(models: Model[]): void {
+    this.#models = models;
+    void this.#beat();
+    this.#timer = setInterval(() => void this.#beat(), 2000);
+    this.#timer.unref?.();
+  }
+
+  stop(): void { clearInterval(this.#timer); this.#redis.close(); }
+
+  reserve(m: Limits, e: Estimate, now: number): Verdict | Promise<Verdict> {
+    if (this.status.mode === "local") return this.local.reserve(this.#share(m), e, now);
+    return this.#reserveShared(m, e, now);
+  }
+
+  async #reserveShared(m: Limits, e: Estimate, now: number): Promise<Verdict> {
+    const id = `${this.id}:${randomUUID().slice(0, 12)}`;
+    try {
+      const r = await this.#redis.eval(RESERVE, poolKeys(m.pool), [now, this.#threshold, e.input, e.output, id, 10 * 60_000, 0, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], this.#cfg.timeout_ms) as Reply[];
+      const v = this.#verdictOf(m, r, now);
+      if (!v.ok) return v;
+      return { ...v, reservation: { pool: m.pool, key: m.key, estimate: e, done: false, shared: id } };
+    } catch (err) {
+      this.#fallBack(err as Error);
+      return this.local.reserve(this.#share(m), e, now);
+    }
+  }
+
+  #verdictOf(m: Limits, r: Reply[], now: number): Verdict {
+    const dimensions = (r[3] as string[][]).map(([dimension, used, limit, blocks]) => {
+      const lim = Number(limit), u = Number(used), d = dimension as Dimension;
+      return { dimension: d, used: u, limit: lim, configured: configuredLimit(m, d) ?? null, learned: lim !== configuredLimit(m, d) ? lim : null, percent: Math.round((u / lim) * 1000) / 10, blocks: Number(blocks) === 1, free_at: null };
+    });
+    const until = Number(r[2]);
+    this.#snapshots.set(m.pool, { at: now, dimensions, why: String(r[1]), until });
+    if (r[0] === 1) return { ok: true, reservation: undefined as never, dimensions };
+    return { ok: false, why: r[1] as "cooling" | Dimension, until: until > 0 ? until : undefined, dimensions };
+  }
+
+  settle(r: Reservation, counted: Counts | undefined, now: number): void {
+    if (!r.shared) return this.local.settle(r, counted, now);
+    if (r.done) return;
+    r.done = true;
+    this.local.learn(r.key, counted);
+    const c = counted ?? { tokens: 0, input: 0, output: 0 };
+    this.#fireAndForget(SETTLE, poolKeys(r.pool), [now, r.shared, c.tokens, c.input, c.output]);
+    this.local.nudge();
+  }
+
+  release(r: Reservation, now: number): void { this.settle(r, undefined, now); }
+
+  observe(pool: string, kind: Kind, get: HeaderGet, now: number, by?: Reservation, charged = 0): void {
+    this.local.observe(pool, kind, get, now, by, charged);
+    if (this.status.mode === "local") return;
+    const seen = this.local.seenOf(pool);
+    if (!seen) return;
+    const [, , , , seenKey, learnedKey] = poolKeys(pool);
+    for (const [d, o] of Object.entries(seen.seen)) void this.#redis.call(["HSET", seenKey, d, `${o.used},${o.at},${o.reset}`], this.#cfg.timeout_ms).catch(() => {});
+    for (const [d, l] of Object.entries(seen.learned)) void this.#redis.call(["HSET", learnedKey, d, l], this.#cfg.timeout_ms).catch(() => {});
+    for (const k of [seenKey, learnedKey]) void this.#redis.call(["PEXPIRE", k, 86_400_000], this.#cfg.timeout_ms).catch(() => {});
+  }
+
+  cool(pool: string, until: number, now: number): void {
+    this.local.cool(pool, until, now);
+    const end = this.local.coolEnd(pool);
+    if (this.status.mode === "redis" && end > now) this.#fireAndForget(COOL, [poolKeys(pool)[3]], [now, end]);
+  }
+
+  outputEstimate(key: string, asked: number | undefined, fallback: number): number { return this.local.outputEstimate(key, asked, fallback); }
+  typical(key: string, fallback: number): Estimate { return this.local.typical(key, fallback); }
+  assess(m: Limits, e: Estimate, now: number) { return this.local.assess(this.#share(m), e, now); }
+  onNextChange(fn: () => void): () => void { return this.local.onNextChange(fn); }
+
+  /** The shared figures while Redis answers (refreshed every 2 s and on every verdict), else this instance's own. */
+  headroom(m: Limits, now: number, typical?: Estimate): Headroom {
+    const s = this.#snapshots.get(m.pool), local = this.local.headroom(this.#share(m), now, typical);
+    if (this.status.mode === "local" || !s || now - s.at > 5000) return local;
+    const top = s.dimensions.reduce<DimensionView | undefined>((a, d) => (!a || d.percent > a.percent ? d : a), undefined);
+    const blocked = s.why !== "" && s.why !== "cooling";
+    return { ...local, percent: top?.percent ?? 0, saturated: blocked, binding: blocked ? (s.why as Dimension) : top && top.percent > 0 ? top.dimension : null, dimensions: s.dimensions.map((d) => ({ ...d, free_at: d.blocks && s.until > 0 ? s.until : null })) };
+  }
+
+  /** The budgets' way to Redis: the same connection, timeout and fallback as the limits. */
+  budgetLink(): BudgetLink {
+    return {
+      up: () => this.status.mode === "redis",
+      admit: async (spends, estimate, id) => {
+        const args = [Date.now(), estimate, id, 10 * 60_000, ...spends.flatMap((s) => [s.hard, s.seed, s.expireAt])];
+        try {
+          const r = await this.#redis.eval(BUDGET_ADMIT, spends.map((s) => s.key), args, this.#cfg.timeout_ms) as Reply[];
+          return { ok: r[0] === 1, over: Number(r[1]), figures: (r[2] as string[][]).map(([a, b]) => [Number(a), Number(b)] as [number, number]) };
+        } catch (e) { this.#fallBack(e as Error); throw e; }
+      },
+      settle: (keys, id, cost) => this.#fireAndForget(BUDGET_SETTLE, keys, [id, cost]),
+    };
+  }
+
+  /** A model's limits divided by the number of instances, while this one decides alone. */
+  #share(m: Limits): Limits {
+    const n = this.#cfg.instances;
+    if (!n || n <= 1) return m;
+    let s = this.#shares.get(m.key);
+    if (!s) {
+      s = { ...m, limit: undefined };
+      for (const d of DIMENSIONS) { const l = configuredLimit(m, d); if (l !== undefined) (s as Record<string, unknown>)[d] = Math.max(1, Math.floor(l / n)); }
+      this.#shares.set(m.key, s);
+    }
+    return s;
+  }
+
+  #fireAndForget(s: Script, keys: string[], args: (string | number)[]): void {
+    this.#redis.eval(s, keys, args, Math.max(this.#cfg.timeout_ms, 1000)).catch((e: Error) => this.#fallBack(e));
+  }
+
+  #fallBack(e: Error): void {
+    if (this.status.mode === "local") return;
+    Object.assign(this.status, { mode: "local", since: Date.now(), reason: e.message });
+  }
+
+  /** Every 2 s: this instance's heartbeat, the live instances, the shared figures of each model; a ping back to Redis when it decides alone. */
+  async #beat(): Promise<void> {
+    const t = Date.now(), ms = Math.max(this.#cfg.timeout_ms, 1000);
+    try {
+      const me = JSON.stringify({ host: hostname(), pid: process.pid, mode: this.status.mode });
+      await Promise.all([this.#redis.call(["ZADD", "tw:instances", t, this.id], ms), this.#redis.call(["HSET", "tw:instance-info", this.id, me], ms), this.#redis.call(["ZREMRANGEBYSCORE", "tw:instances", "-inf", t - 6000], ms)]);
+      if (this.status.mode === "local") Object.assign(this.status, { mode: "redis", since: t, reason: null });
+      const live = (await this.#redis.call(["ZRANGE", "tw:instances", 0, -1, "WITHSCORES"], ms)) as string[];
+      const ids = live.filter((_, i) => i % 2 === 0), info = ids.length ? ((await this.#redis.call(["HMGET", "tw:instance-info", ...ids], ms)) as (string | null)[]) : [];
+      this.status.instances = ids.map((id, i) => ({ id, ...(JSON.parse(info[i] ?? "{}") as { host: string; pid: number; mode: string }), seen_s: Math.round((t - Number(live[2 * i + 1])) / 1000) }));
+      for (const m of this.#models) {
+        const e = this.local.typical(m.key, DEFAULTS.default_max_tokens);
+        this.#verdictOf(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], ms) as Reply[], t);
+      }
+    } catch (e) { this.#fallBack(e as Error); }
+  }
+}
+
+// ============================================================================================
+// 7. Selector: from a request and the config to an ordered list of candidates with the reason.
 //    Pure: headroom is checked later, candidate by candidate, as the router walks the list.
 // ============================================================================================
 
@@ -1788,9 +2368,9 @@ function withN(r: Route, n: number): Route {
 }
 
 // ============================================================================================
-// 7. Adapters: one small object per upstream `kind`. Each builds the upstream request from the hub
+// 8. Adapters: one small object per upstream `kind`. Each builds the upstream request from the hub
 //    request (OpenAI-shaped), and turns the upstream's answers, errors and stream events into hub
-//    answers and hub events, which the entries (section 8) encode for their clients. No fetch here.
+//    answers and hub events, which the entries (section 9) encode for their clients. No fetch here.
 // ============================================================================================
 
 export type UpstreamRequest = { url: string; headers: Record<string, string>; body: string };
@@ -2320,7 +2900,7 @@ function anthropicHeaders(m: Model, client: { version?: string; beta?: string } 
 export const ADAPTERS: Record<Kind, Adapter> = { openai: openaiAdapter, anthropic: anthropicAdapter };
 
 // ============================================================================================
-// 8. Entries: one small object per client format. Each reads its client's body into the hub request
+// 9. Entries: one small object per client format. Each reads its client's body into the hub request
 //    and encodes hub answers, hub events and errors for its client. Its passthrough lane sends the
 //    client's own body to an upstream that speaks the same format, and that upstream's bytes back.
 // ============================================================================================
@@ -3246,7 +3826,7 @@ function responsesEntry(lookup: ResponseLookup, config: Config): Entry {
 /** The entries that need nothing but their code; the Responses entry also reads the response store (the Router makes it). */
 export const ENTRIES = { chat: chatEntry, messages: messagesEntry };
 // ============================================================================================
-// 9. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
+// 10. Store: node:sqlite in WAL mode behind a small interface. Rows are queued and written in one
 //    transaction per tick, so no request waits on the disk; a failed write keeps its rows and retries.
 // ============================================================================================
 
@@ -3724,7 +4304,7 @@ export class Store {
 }
 
 // ============================================================================================
-// 10. Dispatcher: one request's way through its candidates, shared by every route that calls an
+// 11. Dispatcher: one request's way through its candidates, shared by every route that calls an
 //    upstream. Reserve capacity, attempt, fail over, wait for capacity, settle the limiter with the
 //    real usage. It calls upstreams with fetch and writes the answer into the client's response.
 // ============================================================================================
@@ -3743,7 +4323,7 @@ export type Client = { gone: boolean; stop?: () => void };
  */
 export type Job = { entry: Entry; p: Parsed; route: Route; row: Row; res: ServerResponse; client: Client; attempts: Attempt[]; commit: () => Promise<void>; overhead?: number };
 
-export type DispatchDeps = { limiter: Limiter; fetch: typeof fetch; now: () => number };
+export type DispatchDeps = { limiter: Capacity; fetch: typeof fetch; now: () => number };
 
 const CLIENT_GONE = new TwError(499, "client_closed", "The client closed the connection.");
 
@@ -3889,7 +4469,7 @@ export class Dispatcher {
   /** "provider/model" -> until when that model is refused to this key (a 403: no access to the model) */
   readonly refused = new Map<string, number>();
   #config: Config;
-  #limiter: Limiter;
+  #limiter: Capacity;
   #fetch: typeof fetch;
   #now: () => number;
   #watchdog: Watchdog;
@@ -3918,7 +4498,7 @@ export class Dispatcher {
       const t = this.#now();
       const open = route.candidates.filter((m) => !spent.has(m) && !this.resting(m, t));
       if (!open.length) break;
-      const pick = this.#pick(open, prompt, asked, t);
+      const pick = await this.#pick(open, prompt, asked, t);
       if ("wait" in pick) {
         if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
         await this.#capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
@@ -3950,11 +4530,12 @@ export class Dispatcher {
    * Reserve the first candidate with room for this request (its prompt, and the output it asks for or
    * the model's recent answers suggest); otherwise say when to look again (and whether only cooldowns block).
    */
-  #pick(open: Model[], prompt: number, asked: number | undefined, t: number): { model: Model; reservation: Reservation; passed: string[] } | { wait: number; allCooling: boolean } {
+  async #pick(open: Model[], prompt: number, asked: number | undefined, t: number): Promise<{ model: Model; reservation: Reservation; passed: string[] } | { wait: number; allCooling: boolean }> {
     let wait = Infinity, allCooling = true;
     const passed: string[] = []; // the candidates before it without room, and which limit stopped each
     for (const m of open) {
-      const v = this.#limiter.reserve(m, { input: prompt, output: this.#limiter.outputEstimate(m.key, asked, this.#config.default_max_tokens) }, t);
+      const asking = this.#limiter.reserve(m, { input: prompt, output: this.#limiter.outputEstimate(m.key, asked, this.#config.default_max_tokens) }, t);
+      const v = asking instanceof Promise ? await asking : asking; // the local limiter answers at once: no turn of the event loop
       if (v.ok) return { model: m, reservation: v.reservation, passed };
       passed.push(v.why === "cooling" ? `${m.id} cooling down` : `${m.id} saturated (${v.why})`);
       if (v.why !== "cooling") allCooling = false;
@@ -3984,7 +4565,7 @@ export class Dispatcher {
     const t = this.#now(), ask = verdictRequest(req);
     for (const m of this.#config.simpleOrder) {
       if (this.resting(m, t)) continue;
-      const v = this.#limiter.reserve(m, { input: promptEstimate(JSON.stringify(ask).length), output: 5 }, t);
+      const v = await this.#limiter.reserve(m, { input: promptEstimate(JSON.stringify(ask).length), output: 5 }, t);
       if (!v.ok) continue;
       let usage: Usage | undefined, tier: Tier | undefined;
       try {
@@ -4236,7 +4817,7 @@ async function drainRest(body: AsyncIterator<Uint8Array>, ac: AbortController): 
 }
 
 // ============================================================================================
-// 11. HTTP edge: the `Router`, with the routes as a table: auth, the Host check, reading bodies, one
+// 12. HTTP edge: the `Router`, with the routes as a table: auth, the Host check, reading bodies, one
 //    thin handler per route, and `#record(row)`, the one step that finishes a log row.
 // ============================================================================================
 
@@ -4398,7 +4979,7 @@ function modelList(config: Config) {
 }
 
 /** GET /api/limits: the live limiter view only (no store query, unlike /stats). */
-const limitsView = (config: Config, limiter: Limiter, t: number) =>
+const limitsView = (config: Config, limiter: Capacity, t: number) =>
   ({ threshold: config.threshold, models: config.models.map((m) => ({ provider: m.provider.id, model: m.id, ...headroomOf(limiter, m, t, config.default_max_tokens) })) });
 
 /** What every route that may call an upstream checks first: no loop back into TokenWatch, a JSON body. */
@@ -4410,11 +4991,14 @@ function checkUpstreamRoute(req: IncomingMessage): void {
 
 /**
  * The HTTP side of TokenWatch: the route table, and what each route does with a request. Calling the
- * upstreams is the dispatcher's (section 10); this holds what is shared across requests: the limiter, the
+ * upstreams is the dispatcher's (section 11); this holds what is shared across requests: the limiter, the
  * body budget, the count of requests being answered.
  */
 export class Router {
   readonly limiter: Limiter;
+  /** What decides capacity: the local limiter, or with Redis the shared one around it. */
+  readonly capacity: Capacity;
+  readonly shared: SharedLimiter | undefined;
   #config: Config; #deps: Deps; #store: Store; #now: () => number;
   readonly budgets: Budgets;
   readonly metrics: Metrics;
@@ -4425,14 +5009,18 @@ export class Router {
   constructor(config: Config, deps: Deps) {
     this.#config = config; this.#deps = deps; this.#store = deps.store; this.#now = deps.now ?? Date.now;
     this.limiter = new Limiter(config.threshold, { min: config.min_cooldown_ms, max: config.max_cooldown_ms });
-    this.#dispatcher = new Dispatcher(config, { limiter: this.limiter, fetch: deps.fetch ?? fetch, now: this.#now });
+    this.shared = config.redis && new SharedLimiter(config.redis, config.threshold, this.limiter);
+    this.shared?.start(config.models.filter((m) => m.provider.enabled));
+    this.capacity = this.shared ?? this.limiter;
+    this.#dispatcher = new Dispatcher(config, { limiter: this.capacity, fetch: deps.fetch ?? fetch, now: this.#now });
     this.#budget = new BodyBudget(config.max_inflight_body_bytes);
     // a budget's spend is the log's: every row queued so far is written before it is read
     this.budgets = new Budgets(config.budgets, (scope, since) => { this.#store.flush(); return this.#store.spend(scope, since); });
+    if (this.shared) this.budgets.share(this.shared.budgetLink());
     this.#loops = new LoopGuard(config.loop_guard);
     this.#sessions = new Sessions(config.session_ttl_ms);
     this.metrics = new Metrics(config);
-    this.#view = { config, store: this.#store, limiter: this.limiter, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now(), budgets: this.budgets, metrics: this.metrics, inflight: () => this.#active };
+    this.#view = { config, store: this.#store, limiter: this.capacity, shared: this.shared, authDown: this.#dispatcher.authDown, refused: this.#dispatcher.refused, started: this.#now(), budgets: this.budgets, metrics: this.metrics, inflight: () => this.#active };
     const stats: Handler = ({ res, url }) => {
       const w = url.searchParams.get("window") ?? "24h";
       if (!Object.hasOwn(STATS_WINDOWS, w)) throw bad(`?window= must be one of 1h, 24h, 7d, all; got ${shown(w)}.`, "window");
@@ -4446,7 +5034,7 @@ export class Router {
       "GET /v1/models": ({ res }) => sendJson(res, 200, modelList(config)),
       "GET /stats": stats,
       "GET /api/stats": stats,
-      "GET /api/limits": ({ res }) => sendJson(res, 200, limitsView(config, this.limiter, this.#now())),
+      "GET /api/limits": ({ res }) => sendJson(res, 200, limitsView(config, this.capacity, this.#now())),
       "GET /metrics": ({ res }) => { const text = metricsText(this.#view, this.#now()); res.writeHead(200, { "content-type": "text/plain; version=0.0.4; charset=utf-8", "cache-control": "no-store", "content-length": String(Buffer.byteLength(text)) }); res.end(text); },
       "GET /health": ({ res }) => sendJson(res, 200, { status: "ok" }),
       "GET /": ({ res }) => { res.writeHead(200, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store", "content-security-policy": DASHBOARD_CSP }); res.end(DASHBOARD_HTML); },
@@ -4515,7 +5103,7 @@ export class Router {
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
         const second = await this.#secondOpinion(p, req, row);
-        const r = this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; }, second);
+        const r = await this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; }, second);
         await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit, overhead: row.cost_usd });
         const m = r.candidates.find((c) => c.provider.id === row.provider && c.id === row.model);
         if (m && row.status === 200) this.#sessions.remember(row.session!, m, row.input_tokens, r.complexity === "complex", this.#now());
@@ -4551,7 +5139,7 @@ export class Router {
     return { tier: o.tier, signals: [`second opinion of ${o.model.id}: ${o.tier}; the classifier was unsure (${own.tier}, p = ${own.p.toFixed(2)}${own.signals.length ? `: ${own.signals.join(", ")}` : ""})`] };
   }
 
-  #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void, verdict?: RouteOpts["verdict"]): Route {
+  async #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void, verdict?: RouteOpts["verdict"]): Promise<Route> {
     const t = this.#now(), config = this.#config;
     const who = identify(req.headers, p.body, p.hub, keyAgent);
     row.agent = who.agent;
@@ -4560,17 +5148,18 @@ export class Router {
     const cheap = this.budgets.softCap(who, t);
     const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
     const prompt = promptEstimate(p.text.length), state = this.#sessions.get(who.session, t);
-    const warm = state && { state, prompt, output: this.limiter.outputEstimate(state.model, askedOutput(p.hub), config.default_max_tokens) };
+    const warm = state && { state, prompt, output: this.capacity.outputEstimate(state.model, askedOutput(p.hub), config.default_max_tokens) };
     let r = route(p.hub, config, header(req, "x-tokenwatch-complexity"), { only, cheap, warm, verdict });
     row.complexity = r.complexity;
     const m = r.candidates[0];
     if (state?.model === m.key) { // the warm model leads: say so now if it cannot take this turn (it will be passed over)
-      const blocked = this.#dispatcher.resting(m, t) ? "resting" : this.limiter.assess(m, { input: prompt, output: warm!.output }, t).why;
+      const blocked = this.#dispatcher.resting(m, t) ? "resting" : this.capacity.assess(m, { input: prompt, output: warm!.output }, t).why;
       if (blocked) r = { ...r, reason: `${r.reason}; moved: ${m.id} holds the cache but is ${blocked === "cooling" || blocked === "resting" ? "cooling down" : `saturated (${blocked})`}` };
     }
-    const output = this.limiter.outputEstimate(m.key, askedOutput(p.hub), config.default_max_tokens);
+    const output = this.capacity.outputEstimate(m.key, askedOutput(p.hub), config.default_max_tokens);
     const estimate = m.priced ? turnCost(m, prompt, state?.model === m.key ? state.prefix : 0, output) : 0;
-    held(this.budgets.admit(who, estimate, t));
+    const ticket = this.budgets.admit(who, estimate, t);
+    held(ticket instanceof Promise ? await ticket : ticket); // local budgets answer at once: check and hold in one step
     return r;
   }
 
@@ -4648,6 +5237,9 @@ export class Router {
     }
   };
 
+  /** Stop what runs in the background (the shared limiter's heartbeat and its Redis connection). */
+  stop(): void { this.shared?.stop(); }
+
   /** Wait (up to `ms`) for the requests in flight to finish: the first half of a clean shutdown. */
   async drain(ms: number): Promise<boolean> {
     const deadline = Date.now() + ms;
@@ -4660,7 +5252,7 @@ export class Router {
 export const createRouter = (config: Config, deps: Deps): Router => new Router(config, deps);
 
 // ============================================================================================
-// 12. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
+// 13. Dashboard: the /stats view (what the page and scripts read) and one self-contained page (no
 //     external assets) that refreshes itself from /stats.
 // ============================================================================================
 
@@ -4668,7 +5260,7 @@ export const STATS_WINDOWS: Record<string, number> = { "1h": 3_600_000, "24h": 8
 
 /** What the stats view reads: the config, the log, the live limiter, the providers at rest. */
 type StatsSource = {
-  config: Config; store: Store; limiter: Limiter; authDown: Map<string, number>; refused: Map<string, number>; started: number;
+  config: Config; store: Store; limiter: Capacity; shared?: SharedLimiter; authDown: Map<string, number>; refused: Map<string, number>; started: number;
   budgets: Budgets; metrics: Metrics; inflight: () => number;
 };
 
@@ -4683,7 +5275,7 @@ function p50p95(xs: number[]): (number | null)[] {
  * configured and the learned limit, percent, whether it blocks and when it frees), the one that binds,
  * and `saturated` exactly when routing would not send it a typical request now (the same verdict).
  */
-export function headroomOf(limiter: Limiter, m: Model, t: number, defaultMax: number) {
+export function headroomOf(limiter: Capacity, m: Model, t: number, defaultMax: number) {
   const h = limiter.headroom(m, t, limiter.typical(m.key, defaultMax));
   const secs = (at: number | null) => (at && at > t ? Math.ceil((at - t) / 1000) : 0);
   const binding = h.dimensions.find((d) => d.dimension === h.binding);
@@ -4736,6 +5328,9 @@ function seriesOf(store: Store, t: number, minutes: number, bucket: number) {
 
 const rowOut = (r: Row) => ({ ts: r.ts, entry: r.entry, provider: r.provider, model: r.model, requested_model: r.requested_model, complexity: r.complexity, status: r.status, input_tokens: r.input_tokens, output_tokens: r.output_tokens, cached_tokens: r.cached_tokens, cost_usd: r.cost_usd, latency_ms: r.latency_ms, ttft_ms: r.ttft_ms, stream: Boolean(r.stream), attempts: r.attempts, error: r.error });
 
+/** A Redis URL without its password, for /stats. */
+const redactedUrl = (url: string) => url.replace(/\/\/([^@/]*)@/, (_, auth: string) => `//${auth.includes(":") ? `${auth.split(":")[0]}:***` : "***"}@`);
+
 /** The whole /stats answer for a window ("1h", "24h", "7d", "all"): totals over all history, the rest over the window. */
 export function statsView(src: StatsSource, w: string, t: number) {
   const { config, store } = src;
@@ -4761,6 +5356,7 @@ export function statsView(src: StatsSource, w: string, t: number) {
     sessions: store.topSessions(since).map((x) => ({ ...x, agent: x.agent || null, cost_usd: round12(x.cost_usd) })),
     budgets: src.budgets.view(t),
     loop_guard: config.loop_guard,
+    shared: src.shared ? { ...src.shared.status, redis: redactedUrl(config.redis!.url) } : null,
     series: { minute: seriesOf(store, t, 60, 1), hour: seriesOf(store, t, 24 * 60, 60) },
     recent: store.recent(50).map(rowOut),
     errors: store.errors(since, 50).map((r) => ({ ts: r.ts, provider: r.provider, model: r.model, status: r.status, kind: r.error_kind, message: r.error })),
@@ -4909,6 +5505,10 @@ export function metricsText(src: StatsSource, t: number): string {
     ...gauge("tokenwatch_budget_spent_usd", "Spend in this period, in US dollars: the budget's own, or for a per-agent or per-session budget its largest subject's.", spent),
     ...gauge("tokenwatch_budget_cap_usd", "Each budget's caps in US dollars: soft moves to the cheap tier, hard refuses.", caps),
     ...gauge("tokenwatch_store_rows_pending", "Log rows waiting to be written.", [[{}, store.pending]]),
+    ...(src.shared ? [
+      ...gauge("tokenwatch_shared_limits", "1 while the limits and budgets shared through Redis decide, 0 while this instance decides alone (Redis down or slow).", [[{}, src.shared.status.mode === "redis" ? 1 : 0]]),
+      ...gauge("tokenwatch_shared_instances", "Instances whose heartbeat Redis holds.", [[{}, src.shared.status.instances.length]]),
+    ] : []),
     `# HELP tokenwatch_store_write_errors_total Failed writes to the SQLite log (their rows stayed queued for the retry).`, `# TYPE tokenwatch_store_write_errors_total counter`, `tokenwatch_store_write_errors_total ${store.writeErrors}`,
     `# HELP tokenwatch_store_rows_set_aside_total Log rows that could not be written even alone, and were set aside.`, `# TYPE tokenwatch_store_rows_set_aside_total counter`, `tokenwatch_store_rows_set_aside_total ${store.setAsideCount}`,
     "",
@@ -5648,7 +6248,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 </html>`;
 
 // ============================================================================================
-// 13. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
+// 14. main(): flags and environment, validation, listen, banner, clean shutdown. Guarded so that
 //     importing this file (the tests do) starts nothing.
 // ============================================================================================
 
@@ -5792,6 +6392,7 @@ export async function start(opts: {
     await router.drain(drainMs);
     server.closeAllConnections();
     await router.drain(1_000); // the requests just cut off log their rows before the store closes
+    router.stop();
     store.close();
   })());
   return { url: `http://${shown}:${port}`, port, server, store, router, config: opts.config, close };
