@@ -5676,7 +5676,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
   </section>
   <div id="empty-slot"></div>
   <section id="headroom" class="card" hidden>
-    <div class="hd"><h2>Headroom now</h2><span class="cap">Sliding minute &middot; bars show the full limit, marker at the <span id="hr-th">80%</span> routing threshold</span></div>
+    <div class="hd"><h2>Headroom now <span id="shared" class="tag" hidden></span></h2><span class="cap">Sliding minute &middot; bars show the full limit, marker at the <span id="hr-th">80%</span> routing threshold</span></div>
     <div id="hr-body"></div>
   </section>
   <section id="budgets" class="card" hidden>
@@ -5920,6 +5920,7 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
 
     renderEmpty(empty);
     renderHeadroom(d);
+    renderShared(d.shared);
     renderBudgets(d.budgets || []);
     if (empty) return;
     drawCharts();
@@ -5930,6 +5931,19 @@ pre{margin:6px 0 0;padding:12px 14px;background:var(--soft);border-radius:8px;ov
     renderErrors(d.error_groups || []);
     renderRecent(d.recent || []);
     renderAgents(d);
+  }
+
+  /* ---------- shared limits ---------- */
+  function renderShared(sh) {
+    var t = $("shared");
+    t.hidden = !sh;
+    if (!sh) return;
+    var live = (sh.instances || []).length, redis = sh.mode === "redis";
+    t.className = "tag" + (redis ? "" : " amber");
+    t.setAttribute("data-mode", str(sh.mode));
+    t.textContent = redis ? "Shared through Redis" + DOT + live + " instance" + (live === 1 ? "" : "s") + " live" : "Redis unreachable: this instance decides alone";
+    t.title = (redis ? "Limits and budgets are shared with: " + (sh.instances || []).map(function (i) { return str(i.host) + " (pid " + str(i.pid) + ")"; }).join(", ")
+      : "Since " + fmtTime(sh.since) + ": " + str(sh.reason) + DOT + "on " + str(sh.share)) + DOT + str(sh.redis);
   }
 
   /* ---------- budgets, agents and sessions ---------- */

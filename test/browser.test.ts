@@ -13,6 +13,8 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { createServer } from "node:net";
 import type { Browser, BrowserContext, BrowserContextOptions, Page } from "playwright-core";
 import { buildConfig, start } from "../tokenwatch.ts";
 import type { Running, ConfigFile } from "../tokenwatch.ts";
@@ -291,6 +293,23 @@ describe("9. Dashboard in a real browser", { skip: SKIP }, () => {
     const html = await p.content();
     assert.ok(!html.includes(CI) && !html.includes(KEY), "no key on the page");
     await context.close();
+  });
+
+  it("says when limits are shared through Redis, and how many instances are live", async () => {
+    if (!existsSync("/usr/bin/redis-server")) throw new Error("Cannot check the shared-limits tag: /usr/bin/redis-server is missing. Install it with \"apt-get install redis-server\" (.ci/run does).");
+    const port = await new Promise<number>((done) => { const s = createServer().listen(0, "127.0.0.1", () => { const p = (s.address() as { port: number }).port; s.close(() => done(p)); }); });
+    const server = spawn("/usr/bin/redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: ["ignore", "pipe", "inherit"] });
+    let out = "";
+    for await (const c of server.stdout!) { out += c; if (out.includes("Ready to accept connections")) break; }
+    try {
+      const tw = await startTw(mocks, { TOKENWATCH_REDIS_URL: `redis://127.0.0.1:${port}` });
+      opened.push(tw);
+      const { context, page: p } = await open(tw.url);
+      await p.goto(`${tw.url}/`);
+      await p.locator('#shared[data-mode="redis"]').waitFor(WAIT);
+      assert.match(await p.locator("#shared").textContent() ?? "", /Shared through Redis · 1 instance live/);
+      await context.close();
+    } finally { server.kill("SIGKILL"); }
   });
 
   it("made no request to any other host, and logged no console error or exception", () => {
