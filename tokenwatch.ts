@@ -1786,7 +1786,7 @@ const poolKeys = (pool: string) => ["min", "day", "fly", "cool", "seen", "learne
 export type SharedConfig = { url: string; timeout_ms: number; instances?: number };
 
 /** Which limiter decides now, for /stats, /metrics and the dashboard. */
-export type SharedStatus = { mode: "redis" | "local"; since: number; reason: string | null; instances: { id: string; host: string; pid: number; mode: string; seen_s: number }[]; share: string };
+export type SharedStatus = { mode: "redis" | "local"; since: number; reason: string | null; fallbacks: number; instances: { id: string; host: string; pid: number; mode: string; seen_s: number }[]; share: string };
 
 /**
  * The limiter when several instances share limits through Redis: each verdict is one Lua call, and while
@@ -1805,13 +1805,14 @@ export class SharedLimiter implements Capacity {
   #shares = new Map<string, Limits>();
   #timer: ReturnType<typeof setInterval> | undefined;
   #models: Model[] = [];
+  #failures = 0; // calls that failed in a row
 
   constructor(cfg: SharedConfig, threshold: number, local: Limiter) {
     this.#cfg = cfg;
     this.#threshold = threshold;
     this.local = local;
     this.#redis = new Redis(cfg.url);
-    this.status = { mode: "redis", since: Date.now(), reason: null, instances: [], share: cfg.instances ? `1/${cfg.instances} of each limit` : "the whole of each limit (set redis.instances to divide it)" };
+    this.status = { mode: "redis", since: Date.now(), reason: null, fallbacks: 0, instances: [], share: cfg.instances ? `1/${cfg.instances} of each limit` : "the whole of each limit (set redis.instances to divide it)" };
   }
 
   /** Start the heartbeat (and the figures /stats reads) for these models; stop() ends it. */
@@ -1833,13 +1834,23 @@ export class SharedLimiter implements Capacity {
     const id = `${this.id}:${randomUUID().slice(0, 12)}`;
     try {
       const r = await this.#redis.eval(RESERVE, poolKeys(m.pool), [now, this.#threshold, e.input, e.output, id, 10 * 60_000, 0, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], this.#cfg.timeout_ms) as Reply[];
+      this.#failures = 0;
       const v = this.#verdictOf(m, r, now);
       if (!v.ok) return v;
       return { ...v, reservation: { pool: m.pool, key: m.key, estimate: e, done: false, shared: id } };
     } catch (err) {
-      this.#fallBack(err as Error);
+      // Redis may still run the reservation (it was sent, its reply was late): the release, sent after it on the
+      // same connection, runs after it. This request is decided here alone; a few failures in a row, and all are.
+      this.#fireAndForget(SETTLE, poolKeys(m.pool), [now, id, 0, 0, 0]);
+      this.#failed(err as Error);
       return this.local.reserve(this.#share(m), e, now);
     }
+  }
+
+  /** One call failed: three in a row, or a connection that broke, and this instance decides alone until its heartbeat reaches Redis. */
+  #failed(e: Error): void {
+    this.#failures++;
+    if (this.#failures >= 3 || /connect|broke|unreachable|closed/i.test(e.message)) this.#fallBack(e);
   }
 
   #verdictOf(m: Limits, r: Reply[], now: number): Verdict {
@@ -1905,7 +1916,7 @@ export class SharedLimiter implements Capacity {
         try {
           const r = await this.#redis.eval(BUDGET_ADMIT, spends.map((s) => s.key), args, this.#cfg.timeout_ms) as Reply[];
           return { ok: r[0] === 1, over: Number(r[1]), figures: (r[2] as string[][]).map(([a, b]) => [Number(a), Number(b)] as [number, number]) };
-        } catch (e) { this.#fallBack(e as Error); throw e; }
+        } catch (e) { this.#fireAndForget(BUDGET_SETTLE, spends.map((s) => s.key), [id, 0]); this.#failed(e as Error); throw e; } // a late hold, released after it
       },
       settle: (keys, id, cost) => this.#fireAndForget(BUDGET_SETTLE, keys, [id, cost]),
     };
@@ -1925,12 +1936,12 @@ export class SharedLimiter implements Capacity {
   }
 
   #fireAndForget(s: Script, keys: string[], args: (string | number)[]): void {
-    this.#redis.eval(s, keys, args, Math.max(this.#cfg.timeout_ms, 1000)).catch((e: Error) => this.#fallBack(e));
+    this.#redis.eval(s, keys, args, Math.max(this.#cfg.timeout_ms, 1000)).catch((e: Error) => this.#failed(e));
   }
 
   #fallBack(e: Error): void {
     if (this.status.mode === "local") return;
-    Object.assign(this.status, { mode: "local", since: Date.now(), reason: e.message });
+    Object.assign(this.status, { mode: "local", since: Date.now(), reason: e.message, fallbacks: this.status.fallbacks + 1 });
   }
 
   /** Every 2 s: this instance's heartbeat, the live instances, the shared figures of each model; a ping back to Redis when it decides alone. */
@@ -1939,6 +1950,7 @@ export class SharedLimiter implements Capacity {
     try {
       const me = JSON.stringify({ host: hostname(), pid: process.pid, mode: this.status.mode });
       await Promise.all([this.#redis.call(["ZADD", "tw:instances", t, this.id], ms), this.#redis.call(["HSET", "tw:instance-info", this.id, me], ms), this.#redis.call(["ZREMRANGEBYSCORE", "tw:instances", "-inf", t - 6000], ms)]);
+      this.#failures = 0;
       if (this.status.mode === "local") Object.assign(this.status, { mode: "redis", since: t, reason: null });
       const live = (await this.#redis.call(["ZRANGE", "tw:instances", 0, -1, "WITHSCORES"], ms)) as string[];
       const ids = live.filter((_, i) => i % 2 === 0), info = ids.length ? ((await this.#redis.call(["HMGET", "tw:instance-info", ...ids], ms)) as (string | null)[]) : [];

@@ -3,6 +3,7 @@
 //   npm run bench              full run: about six minutes
 //   npm run bench -- --quick   a short run for a first look (its verdicts are noisier)
 //   add --no-rate-headers      the mock's answers carry no rate-limit headers (to see what reading them costs)
+//   npm run bench -- --redis-only   only what sharing the limits through Redis adds (needs /usr/bin/redis-server)
 //
 // On loopback: a mock OpenAI-compatible upstream (bench/mock.ts: instant, or 50 ms late), TokenWatch in
 // front of it with SQLite logging to a real file, and the bare reference proxy (bench/bare.ts: the least
@@ -15,9 +16,9 @@
 // table prints medians and a verdict per target.
 
 import http from "node:http";
-import { fork, spawnSync } from "node:child_process";
+import { fork, spawn, spawnSync } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { availableParallelism, cpus, tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
@@ -262,8 +263,8 @@ function placement(mode: "split" | "float", procs: Proc[]): void {
   for (const p of procs) pin(p.child.pid!, mode === "split" ? "1" : ALL_CORES);
 }
 
-async function spawnProxy(role: "tokenwatch" | "bare" | "ackfirst", upstream: string, db: string): Promise<Proc> {
-  const child = fork(new URL("./child.ts", import.meta.url), [role, upstream, db], { execArgv: ["--expose-gc", "--no-warnings"], stdio: ["ignore", "inherit", "inherit", "ipc"] });
+async function spawnProxy(role: "tokenwatch" | "bare" | "ackfirst" | "redis", upstream: string, db: string, redis?: string): Promise<Proc> {
+  const child = fork(new URL("./child.ts", import.meta.url), [role, upstream, db, ...(redis ? [redis] : [])], { execArgv: ["--expose-gc", "--no-warnings"], stdio: ["ignore", "inherit", "inherit", "ipc"] });
   const proc: Proc = { child, url: "", samples: [] };
   await new Promise<void>((done, fail) => {
     child.once("exit", (code) => fail(new Error(`${role} exited with ${code}`)));
@@ -322,6 +323,15 @@ async function main(): Promise<void> {
   const elapsed = () => `${Math.round((performance.now() - started) / 1000)} s`;
   log(`machine: ${CORES} cores, ${cpus()[0]?.model ?? "unknown CPU"}, Node ${process.version}; upstream answers ${NO_RATE_HEADERS ? "without" : "with"} rate-limit headers; ${pinning ? "under load the proxies run on core 1, mock and load generator on core 0" : "nothing pinned (taskset or a second core missing)"}`);
 
+  if (process.argv.includes("--redis-only")) {
+    const r = await redisPhase(targets, mock.url, dir, [bare, tw], elapsed);
+    if (r) process.stdout.write(`\n${redisTable(r)}\n`);
+    for (const p of [bare, tw]) p.child.send({ type: "close" });
+    await Promise.all([bare, tw].map((p) => new Promise((res) => p.child.once("exit", res))));
+    await mock.close();
+    rmSync(dir, { recursive: true, force: true });
+    return;
+  }
   placement("split", [bare, tw]);
   const open: Record<string, number> = {};
   for (const t of proxies) { await latency(t, "fast", true, 300); open[t.name] = await openStreams(t, mock); } // fresh processes, warmed
@@ -357,6 +367,7 @@ async function main(): Promise<void> {
 
   const formats = await formatsPhase(targets, [bare, tw], elapsed);
   const commit = await groupCommitPhase(targets, mock.url, dir, [bare, tw], elapsed);
+  const redis = await redisPhase(targets, mock.url, dir, [bare, tw], elapsed);
 
   const end = { bare: (await sampleOf(proxies[0], true))!, tokenwatch: (await sampleOf(proxies[1], true))! };
   const here = (f: string) => new URL(f, import.meta.url).pathname;
@@ -364,6 +375,7 @@ async function main(): Promise<void> {
   log(`done in ${elapsed()}; rows written: bare ${end.bare.written}, TokenWatch ${end.tokenwatch.written}; TokenWatch in flight ${end.tokenwatch.inflight}, rows pending ${end.tokenwatch.pending}`);
   process.stdout.write(`\n${table(f, json, stream, shared, { bare: end.bare.maxRss, tokenwatch: end.tokenwatch.maxRss }, { bare: open.bare, tokenwatch: open.tokenwatch }, end.tokenwatch, strip)}\n`);
   process.stdout.write(`\n${formatsTable(formats, shared)}\n\n${commitTable(commit)}\n`);
+  process.stdout.write(redis ? `\n${redisTable(redis)}\n` : "\nRedis: not measured (no /usr/bin/redis-server)\n");
   for (const p of [bare, tw]) p.child.send({ type: "close" });
   await Promise.all([bare, tw].map((p) => new Promise((r) => p.child.once("exit", r))));
   await mock.close();
@@ -400,6 +412,59 @@ async function formatsPhase(targets: Target[], procs: Proc[], elapsed: () => str
 }
 
 type CommitFigures = { p50: Fig; sp50: Fig; json: Shared; stream: Shared };
+
+/** A redis-server of the benchmark's own on a free loopback port, no persistence; undefined when none is installed. */
+async function startRedisServer(): Promise<{ url: string; stop(): void } | undefined> {
+  if (!existsSync("/usr/bin/redis-server")) return undefined;
+  const port = await new Promise<number>((done) => { const s = http.createServer().listen(0, "127.0.0.1", () => { const p = (s.address() as { port: number }).port; s.close(() => done(p)); }); });
+  const proc = spawn("/usr/bin/redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], { stdio: ["ignore", "pipe", "inherit"] });
+  let out = "";
+  for await (const c of proc.stdout!) { out += c; if (out.includes("Ready to accept connections")) break; }
+  return { url: `redis://127.0.0.1:${port}`, stop: () => proc.kill("SIGKILL") };
+}
+
+/**
+ * What sharing the limits through Redis adds: TokenWatch with its local limiter side by side with the same
+ * build whose every verdict is a Lua call to a local redis-server (and every settle another, not awaited),
+ * both in fresh processes, warmed alike: latency one client at a time, then throughput side by side.
+ */
+async function redisPhase(targets: Target[], upstream: string, dir: string, procs: Proc[], elapsed: () => string): Promise<CommitFigures & { mode: string } | undefined> {
+  const redis = await startRedisServer();
+  if (!redis) { log("Redis: skipped (no /usr/bin/redis-server: apt-get install redis-server)"); return undefined; }
+  const [local, shared] = [await spawnProxy("tokenwatch", upstream, join(dir, "local.db")), await spawnProxy("redis", upstream, join(dir, "shared.db"), redis.url)];
+  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(local.url), child: local }, { name: "tokenwatch", url: new URL(shared.url), child: shared }];
+  for (const p of procs) pin(p.child.pid!, "0");
+  placement("float", [local, shared]);
+  for (const t of pair.slice(1)) await latency(t, "fast", false, 200);
+  const p50 = fig(), sp50 = fig();
+  for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
+    for (const t of round % 2 ? [pair[0], pair[2], pair[1]] : pair) {
+      p50[t.name].push(pct((await latency(t, "fast", false, PLAN.latencyN / 2)).total, 50));
+      sp50[t.name].push(pct((await latency(t, "fast", true, PLAN.latencyN / 2)).total, 50));
+    }
+  }
+  placement("split", [local, shared]);
+  const windows = Math.max(2, PLAN.windows / 2);
+  const out = { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows), mode: (await sampleOf(pair[2], false))?.shared ?? "unknown" };
+  log(`Redis: shared/local ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream); the shared instance ended in mode "${out.mode}", ${elapsed()}`);
+  for (const p of [local, shared]) p.child.send({ type: "close" });
+  await Promise.all([local, shared].map((p) => new Promise((r) => p.child.once("exit", r))));
+  redis.stop();
+  placement("split", procs);
+  return out;
+}
+
+function redisTable(c: CommitFigures & { mode: string }): string {
+  const head = ["limits shared through Redis (one Lua call per verdict)", "JSON", "stream"];
+  const lat = (x: Fig) => `+${ms(median(x.tokenwatch.map((v, i) => v - x.ackfirst[i])))} ms (${ms(median(x.tokenwatch))} vs ${ms(median(x.ackfirst))} with the local limiter)`;
+  const rows = [
+    ["latency p50, 1 client, added by Redis", lat(c.p50), lat(c.sp50)],
+    ["throughput side by side, vs the local limiter", `${median(c.json.ratios).toFixed(2)} ×`, `${median(c.stream.ratios).toFixed(2)} ×`],
+    ["CPU time per request (µs), Redis vs local", `${Math.round(median(c.json.cpu.tokenwatch))} vs ${Math.round(median(c.json.cpu.bare))}`, `${Math.round(median(c.stream.cpu.tokenwatch))} vs ${Math.round(median(c.stream.cpu.bare))}`],
+    ["the shared instance at the end (redis.timeout_ms 250 here)", c.mode, ""],
+  ];
+  return [head, head.map(() => "---"), ...rows].map((x) => `| ${x.join(" | ")} |`).join("\n");
+}
 
 /**
  * What committing each row before the answer's last byte costs: TokenWatch as it is, side by side with
