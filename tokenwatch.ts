@@ -17,6 +17,7 @@
 //           TOKENWATCH_CONFIG (JSON config file), TOKENWATCH_API_KEY (guards every route but /health)
 //           TOKENWATCH_MAX_WAIT_MS (30000: how long a request may wait for capacity)
 //           TOKENWATCH_ALLOWED_HOSTS (extra Host names to answer, comma-separated)
+//           TOKENWATCH_REDIS_URL (share limits and budgets with other instances through Redis)
 // Routes:   POST /v1/chat/completions   POST /v1/messages (+ /count_tokens)   POST /v1/responses
 //           GET /v1/models   GET /   GET /stats   GET /health
 //
@@ -6301,6 +6302,7 @@ Environment:
   TOKENWATCH_API_KEY       require this key (Bearer or x-api-key) on every route but /health
   TOKENWATCH_MAX_WAIT_MS   how long a request may wait for capacity (default 30000)
   TOKENWATCH_ALLOWED_HOSTS extra Host names to answer besides the listen address (comma-separated)
+  TOKENWATCH_REDIS_URL     share limits and budgets with other instances (redis:// or rediss://)
 
 Routes:
 ${ROUTE_DOCS.map(([route, doc]) => `  ${route.replace(/^GET /, "GET  ").padEnd(32)} ${doc}`).join("\n")}
