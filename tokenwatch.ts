@@ -6437,6 +6437,8 @@ function banner(r: Running, opts: Options, env: Record<string, string | undefine
     `  enabled    ${on.map((p) => (p.apiKey ? p.id : `${p.id} (${p.why})`)).join(", ") || "none: set a provider key (see --help) or every request fails"}`,
   ];
   if (off.length) lines.push(`  disabled   ${off.map((p) => `${p.id}: ${p.why}`).join("; ")}`);
+  const redis = r.config.redis;
+  if (redis) lines.push(`  shared     limits and budgets through ${redactedUrl(redis.url)}${redis.instances ? `; alone, this instance takes 1/${redis.instances} of each limit` : "; set redis.instances so that an instance alone takes only its share"}`);
   for (const p of r.config.providers) if (p.note) lines.push(`  note       ${p.note}`);
   for (const m of r.config.models) if (m.eol && Date.parse(m.eol) <= Date.now()) lines.push(`  warning    ${m.key} reached its end of life on ${m.eol}: requests to it will fail; remove it or alias it to a current model`);
   if (!LOOPBACK.test(opts.host) && !env.TOKENWATCH_API_KEY) lines.push(`  warning    listening on ${opts.host} without TOKENWATCH_API_KEY: anyone who can reach this port can spend your tokens`);
