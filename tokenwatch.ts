@@ -6470,6 +6470,8 @@ const SECOND_SIGNAL_EXIT = { SIGINT: 130, SIGTERM: 143 } as const; // 128 + the 
 
 async function main(argv: string[]): Promise<void> {
   const env = process.env as Record<string, string | undefined>;
+  // a closed terminal or pipe (`… | head`) must not crash a running router, nor stop it before its rows are written
+  for (const out of [process.stdout, process.stderr]) out.on("error", () => {});
   let opts: Options, config: Config;
   try {
     opts = parseOptions(argv, env);

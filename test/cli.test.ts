@@ -372,6 +372,20 @@ for (const rt of RUNTIMES) {
     });
 
     describe("signals", () => {
+      it("a closed stdout and stderr (a pipe into head, a closed terminal) do not keep SIGTERM from writing the rows and exiting 0", SLOW, async (t) => {
+        const bin = need(t, rt); if (!bin) return;
+        await withUpstream(rt, bin, async (up, start) => {
+          const p = start(["--port", "0", "--db", up.db]);
+          const port = await listening(p);
+          assert.equal((await chat(port)).status, 200);
+          p.child.stdout!.destroy();
+          p.child.stderr!.destroy();
+          p.child.kill("SIGTERM");
+          assert.deepEqual(await p.closed, { code: 0, signal: null });
+          assert.equal(rowsIn(up.db), 1);
+        });
+      });
+
       it("SIGTERM lets a request in flight finish with 200, writes its row and exits 0", SLOW, async (t) => {
         const bin = need(t, rt); if (!bin) return;
         await withUpstream(rt, bin, async (up, start) => {

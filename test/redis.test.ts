@@ -1,5 +1,5 @@
 // Several instances, one set of limits: the RESP client against a real redis-server (started here on a free loopback
-// port), then three TokenWatch instances sharing one Redis under a burst against a provider that answers 429 past its
+// port), then three TokenWatch processes sharing one Redis under a burst against a provider that answers 429 past its
 // limit (measured beside the same three instances without Redis), budgets counted once, and Redis killed and
 // restarted mid-burst. Without /usr/bin/redis-server these tests are skipped, except under CI (`CI` set), where that
 // is a failure: .ci/run installs Debian's redis-server.
@@ -8,12 +8,15 @@ import { describe, it, before } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import type { ChildProcess } from "node:child_process";
-import { existsSync } from "node:fs";
+import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { createServer } from "node:net";
 import { once } from "node:events";
 import OpenAI from "openai";
-import { buildConfig, start, PROVIDERS, Redis, RedisError, parseReply, encodeCommand, script } from "../tokenwatch.ts";
-import type { Running, Row } from "../tokenwatch.ts";
+import { PROVIDERS, Redis, RedisError, parseReply, encodeCommand, script } from "../tokenwatch.ts";
+import type { Row } from "../tokenwatch.ts";
 import { startMock } from "./mocks.ts";
 import type { Flavor, Mock } from "./mocks.ts";
 
@@ -35,7 +38,7 @@ async function startRedis(args: string[] = []) {
   const up = async () => {
     proc = spawn(REDIS, ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", ...args], { stdio: ["ignore", "pipe", "inherit"] });
     let out = "";
-    for await (const chunk of proc.stdout!) { out += chunk; if (out.includes("Ready to accept connections")) break; }
+    await new Promise<void>((done) => proc!.stdout!.on("data", (chunk) => { out += chunk; if (out.includes("Ready to accept connections")) done(); }));
   };
   await up();
   return {
@@ -118,14 +121,29 @@ describe("RESP client against a real redis-server", { skip: SKIP }, () => {
 });
 
 // ============================================================================================
-type Fleet = { instances: Running[]; mocks: Record<Flavor, Mock>; close(): Promise<void> };
+/** A TokenWatch process (`node tokenwatch.ts`, as users run it) and its database file. */
+type Instance = { url: string; db: string; proc: ChildProcess };
+type Fleet = { instances: Instance[]; mocks: Record<Flavor, Mock>; close(): Promise<void> };
 
-/** Three TokenWatch instances (each its own limiter, store and Redis connection) before one set of mocks. */
+const NODE = process.execPath, FILE = new URL("../tokenwatch.ts", import.meta.url).pathname;
+
+async function spawnInstance(env: Record<string, string>, config: string, db: string): Promise<Instance> {
+  const proc = spawn(NODE, ["--disable-warning=ExperimentalWarning", FILE, "--port", "0", "--db", db, "--config", config], { env: { PATH: process.env.PATH ?? "", ...env }, stdio: ["ignore", "pipe", "inherit"] });
+  let out = "";
+  const [url] = await new Promise<string[]>((done, fail) => {
+    proc.stdout!.on("data", (chunk) => { out += chunk; const m = /listening on (http:\/\/[^\s]+)\/v1\n/.exec(out); if (m) done([m[1]]); }); // read on to the end: its stdout stays open
+    proc.once("exit", () => fail(new Error(`TokenWatch did not start: ${out}`)));
+  });
+  return { url, db, proc };
+}
+
+/** Three TokenWatch processes (each its own limiter, log and Redis connection) before one set of mocks. */
 async function fleet(redisUrl: string | undefined, extra: Record<string, unknown> = {}): Promise<Fleet> {
   const [openai, kimi, anthropic] = await Promise.all([startMock("openai"), startMock("kimi"), startMock("anthropic")]);
   const mocks = { openai, kimi, anthropic };
   const env: Record<string, string> = redisUrl ? { TOKENWATCH_REDIS_URL: redisUrl } : {};
   for (const [name, m] of Object.entries(mocks)) { env[`${name.toUpperCase()}_API_KEY`] = m.key; env[`${name.toUpperCase()}_BASE_URL`] = m.url; }
+  const dir = mkdtempSync(join(tmpdir(), "tw-fleet-"));
   const file = {
     max_wait_ms: 0, redis: { timeout_ms: 250, instances: 3 }, loop_guard: { max_repeats: 0 }, session_ttl_ms: 0,
     // Kimi sends no rate-limit headers (as the real one): only a shared count keeps instances from overshooting it.
@@ -137,8 +155,15 @@ async function fleet(redisUrl: string | undefined, extra: Record<string, unknown
     },
     ...extra,
   };
-  const instances = await Promise.all([0, 1, 2].map(() => start({ config: buildConfig({ env, file }), env })));
-  return { instances, mocks, close: async () => { await Promise.all(instances.map((tw) => tw.close(1000))); await Promise.all(Object.values(mocks).map((m) => m.close())); } };
+  writeFileSync(join(dir, "config.json"), JSON.stringify(file));
+  const instances = await Promise.all([0, 1, 2].map((i) => spawnInstance(env, join(dir, "config.json"), join(dir, `tw-${i}.db`))));
+  return {
+    instances, mocks,
+    close: async () => {
+      await Promise.all(instances.map(async (x) => { if (x.proc.exitCode === null) { x.proc.kill("SIGTERM"); await once(x.proc, "exit"); } }));
+      await Promise.all(Object.values(mocks).map((m) => m.close()));
+    },
+  };
 }
 
 /** `n` simple requests spread over the instances, `width` at a time; the statuses the clients saw. */
@@ -160,7 +185,11 @@ async function burst(f: Fleet, n: number, width = 60, during?: (done: number) =>
 }
 
 const attempts = (m: Mock) => m.requests.filter((r) => r.path.endsWith("/chat/completions")).length;
-const rowsOf = (f: Fleet): Row[] => f.instances.flatMap((tw) => { tw.store.flush(); return tw.store.recent(100_000); });
+/** Every row the instances logged, read from their database files once they have stopped (SIGTERM writes every row). */
+async function rowsOf(f: Fleet): Promise<Pick<Row, "cost_usd" | "failover">[]> {
+  await f.close();
+  return f.instances.flatMap((x) => { const d = new DatabaseSync(x.db); try { return d.prepare("SELECT cost_usd, failover FROM requests").all() as never[]; } finally { d.close(); } });
+}
 
 describe("several instances share one Redis", { skip: SKIP }, () => {
   before(() => { if (!existsSync(REDIS)) throw new Error(`Cannot run the Redis tests: ${REDIS} is missing. Install it with "apt-get install redis-server" (.ci/run does).`); });
@@ -169,17 +198,20 @@ describe("several instances share one Redis", { skip: SKIP }, () => {
     const server = await startRedis();
     const budget = { budgets: [{ name: "everything", period: "day", hard: 1000 }] };
     const limit = 600, line = (what: string, n: number, refused: number) => `${what}: ${n} sent (${(n / limit).toFixed(2)}x the limit)${refused ? `, ${refused} refused with 429` : ""}`;
-    const refused = (f: Fleet) => rowsOf(f).filter((r) => /429/.test(r.failover ?? "")).length;
+    const refused = (rows: Pick<Row, "failover">[]) => rows.filter((r) => /429/.test(r.failover ?? "")).length;
     // 1. the provider answers 429 past its limit, as the issue's mock does
     const alone = await fleet(undefined, budget), shared = await fleet(server.url, budget);
     try {
       for (const f of [alone, shared]) f.mocks.kimi.rateLimits({ limits: { requests: limit }, enforce: true });
       const [a, s] = [await burst(alone, 3000), await burst(shared, 3000)];
       const sentAlone = attempts(alone.mocks.kimi), sentShared = attempts(shared.mocks.kimi);
-      console.log(`kimi-k2.5, ${limit} requests a minute, enforced: ${line("without Redis", sentAlone, refused(alone))}; ${line("with Redis", sentShared, refused(shared))}`);
+      await burst(shared, 3, 1); // one more verdict, so that instance 0's view is Redis' latest
+      const view = await (await fetch(`${shared.instances[0].url}/stats`)).json();
+      const [rowsAlone, rowsShared] = [await rowsOf(alone), await rowsOf(shared)];
+      console.log(`kimi-k2.5, ${limit} requests a minute, enforced: ${line("without Redis", sentAlone, refused(rowsAlone))}; ${line("with Redis", sentShared, refused(rowsShared))}`);
       assert.ok(sentShared <= limit * 1.05, `with Redis: ${sentShared} sent against a limit of ${limit}`);
-      assert.equal(refused(shared), 0, "with Redis no request met a 429 at all");
-      assert.ok(refused(alone) > 0, "without Redis the instances ran into the provider's 429s (then cooled the model down and failed over)");
+      assert.equal(refused(rowsShared), 0, "with Redis no request met a 429 at all");
+      assert.ok(refused(rowsAlone) > 0, "without Redis the instances ran into the provider's 429s (then cooled the model down and failed over)");
       assert.deepEqual([...new Set(s)], [200], "every request answered, with Redis");
       assert.deepEqual([...new Set(a)], [200], "and without (the 429s were failed over to the other model)");
 
@@ -187,11 +219,9 @@ describe("several instances share one Redis", { skip: SKIP }, () => {
       const keys = (await redis.call(["KEYS", "tw:budget:*"], 1000)) as string[];
       assert.equal(keys.length, 1);
       const spent = Number(await redis.call(["HGET", keys[0], "spent"], 1000));
-      const total = rowsOf(shared).reduce((x, r) => x + r.cost_usd, 0);
+      const total = rowsShared.reduce((x, r) => x + r.cost_usd, 0);
       assert.ok(total > 0 && Math.abs(spent - total) < 1e-9, `Redis holds the three instances' spend once: ${spent} against ${total} in their logs`);
       redis.close();
-      await burst(shared, 3, 1); // one more verdict, so that instance 0's view is Redis' latest
-      const view = await (await fetch(`${shared.instances[0].url}/stats`)).json();
       assert.equal(view.shared.mode, "redis");
       assert.equal(view.shared.instances.length, 3, "each instance's heartbeat is live");
       assert.ok(view.budgets[0].spends[0].spent_usd > (total / 3) * 1.5, "an instance's view of the budget includes the others' spend");
