@@ -432,9 +432,23 @@ async function redisPhase(targets: Target[], upstream: string, dir: string, proc
   const redis = await startRedisServer();
   if (!redis) { log("Redis: skipped (no /usr/bin/redis-server: apt-get install redis-server)"); return undefined; }
   const [local, shared] = [await spawnProxy("tokenwatch", upstream, join(dir, "local.db")), await spawnProxy("redis", upstream, join(dir, "shared.db"), redis.url)];
-  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(local.url), child: local }, { name: "tokenwatch", url: new URL(shared.url), child: shared }];
+  const out = await comparePair(targets, procs, local, shared);
+  const mode = (await sampleOf({ name: "tokenwatch", url: new URL(shared.url), child: shared }, false))?.shared ?? "unknown";
+  log(`Redis: shared/local ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream); the shared instance ended in mode "${mode}", ${elapsed()}`);
+  await closeAll([local, shared], procs);
+  redis.stop();
+  return { ...out, mode };
+}
+
+/**
+ * Two fresh builds compared, warmed alike, while the main proxies sit out on the load generator's core:
+ * latency one client at a time in rounds that alternate which goes first, then throughput side by side.
+ * `base` is reported under "ackfirst" (and "bare" in the CPU figures), `other` under "tokenwatch".
+ */
+async function comparePair(targets: Target[], procs: Proc[], base: Proc, other: Proc): Promise<CommitFigures> {
+  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(base.url), child: base }, { name: "tokenwatch", url: new URL(other.url), child: other }];
   for (const p of procs) pin(p.child.pid!, "0");
-  placement("float", [local, shared]);
+  placement("float", [base, other]);
   for (const t of pair.slice(1)) await latency(t, "fast", false, 200);
   const p50 = fig(), sp50 = fig();
   for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
@@ -443,15 +457,16 @@ async function redisPhase(targets: Target[], upstream: string, dir: string, proc
       sp50[t.name].push(pct((await latency(t, "fast", true, PLAN.latencyN / 2)).total, 50));
     }
   }
-  placement("split", [local, shared]);
+  placement("split", [base, other]);
   const windows = Math.max(2, PLAN.windows / 2);
-  const out = { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows), mode: (await sampleOf(pair[2], false))?.shared ?? "unknown" };
-  log(`Redis: shared/local ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream); the shared instance ended in mode "${out.mode}", ${elapsed()}`);
-  for (const p of [local, shared]) p.child.send({ type: "close" });
-  await Promise.all([local, shared].map((p) => new Promise((r) => p.child.once("exit", r))));
-  redis.stop();
+  return { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows) };
+}
+
+/** Close the compared pair and put the main proxies back where they were. */
+async function closeAll(pair: Proc[], procs: Proc[]): Promise<void> {
+  for (const p of pair) p.child.send({ type: "close" });
+  await Promise.all(pair.map((p) => new Promise((r) => p.child.once("exit", r))));
   placement("split", procs);
-  return out;
 }
 
 function redisTable(c: CommitFigures & { mode: string }): string {
@@ -473,23 +488,9 @@ function redisTable(c: CommitFigures & { mode: string }): string {
  */
 async function groupCommitPhase(targets: Target[], upstream: string, dir: string, procs: Proc[], elapsed: () => string): Promise<CommitFigures> {
   const [ack, durable] = [await spawnProxy("ackfirst", upstream, join(dir, "ackfirst.db")), await spawnProxy("tokenwatch", upstream, join(dir, "durable.db"))];
-  const pair: Target[] = [targets[0], { name: "ackfirst", url: new URL(ack.url), child: ack }, { name: "tokenwatch", url: new URL(durable.url), child: durable }];
-  for (const p of procs) pin(p.child.pid!, "0"); // the main proxies sit this one out on the load generator's core
-  placement("float", [ack, durable]);
-  const p50 = fig(), sp50 = fig();
-  for (let round = 0; round < Math.max(1, PLAN.rounds / 2); round++) {
-    for (const t of round % 2 ? [pair[0], pair[2], pair[1]] : pair) {
-      p50[t.name].push(pct((await latency(t, "fast", false, PLAN.latencyN / 2)).total, 50));
-      sp50[t.name].push(pct((await latency(t, "fast", true, PLAN.latencyN / 2)).total, 50));
-    }
-  }
-  placement("split", [ack, durable]);
-  const windows = Math.max(2, PLAN.windows / 2);
-  const out = { p50, sp50, json: await sideBySide(pair, false, CHAT, windows), stream: await sideBySide(pair, true, CHAT, windows) };
+  const out = await comparePair(targets, procs, ack, durable);
   log(`group commit: TokenWatch/answer-first ${median(out.json.ratios).toFixed(2)} (JSON), ${median(out.stream.ratios).toFixed(2)} (stream), ${elapsed()}`);
-  for (const p of [ack, durable]) p.child.send({ type: "close" });
-  await Promise.all([ack, durable].map((p) => new Promise((r) => p.child.once("exit", r))));
-  placement("split", procs);
+  await closeAll([ack, durable], procs);
   return out;
 }
 
