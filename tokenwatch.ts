@@ -1424,7 +1424,10 @@ function budgetExceeded(s: Spend, estimate: number, t: number): TwError {
   const secs = resets ? Math.max(1, Math.ceil((s.end - t) / 1000)) : undefined;
   const whose = s.subject ? ` for ${b.per === "session" ? "session" : "agent"} ${s.subject}` : "";
   const when = resets ? `It resets at ${new Date(s.end).toISOString()} (in ${secs} s)` : "It is a total, and never resets";
-  return new TwError(429, "budget_exceeded", `Budget "${b.name}"${whose} is spent: ${dollars(s.spent)} spent and ${dollars(s.reserved)} in flight of its hard cap of ${dollars(b.hard!)}${b.period === "total" ? "" : ` per ${b.period}`}, and this request would cost about ${dollars(estimate)}. ${when}; to go on now, raise "hard" of budget "${b.name}" in the config and restart TokenWatch.`, { headers: secs ? { "retry-after": String(secs) } : {} });
+  const cap = `${dollars(b.hard!)}${b.period === "total" ? "" : ` per ${b.period}`}`;
+  const message = `Budget "${b.name}"${whose} is spent: ${dollars(s.spent)} spent and ${dollars(s.reserved)} in flight of its hard cap of ${cap}, `
+    + `and this request would cost about ${dollars(estimate)}. ${when}; to go on now, raise "hard" of budget "${b.name}" in the config and restart TokenWatch.`;
+  return new TwError(429, "budget_exceeded", message, { headers: secs ? { "retry-after": String(secs) } : {} });
 }
 
 // ---- the loop guard ----
@@ -1998,29 +2001,116 @@ function words(latin: string, cjk = ""): RegExp {
 
 /** Kinds of task, as words say them: each a signal the model weighs, with the words a reason shows. */
 const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
-  ["cause", "asks for a cause", words("why|debug*|whats causing|what is causing|what's up with|what's going on|how come|causes?|caused|root cause|figure out|find out|investigate|diagnos*|track down|what's wrong|warum|wieso|weshalb|ursache|pourquoi|d'où vient|por qué|por que|porque|causa|perché|waarom|oorzaak|dlaczego|przyczyn*|почему|причин*|neden|sebep*", "为什么|为何|原因|怎么回事|なぜ|どうして|왜|원인")],
-  ["symptom", "describes a symptom", words("only when|only on|only for|sometimes|intermittent*|random*|flaky|flak*|occasional*|hangs?|hanging|stuck|freez*|leak*|slow*|spik*|off by|drift*|twice|duplicat*|race|deadlock*|timeouts?|crash*|doesn't work|does not work|not working|stopped working|broken|wrong|mismatch*|nondetermin*|sporadi*|weird|strange|oom|out of memory|memory|grows|growing|fuite|fuga|plante|se bloque|failing|fails|broke|breaks|regress*|started (failing|returning|throwing)|throws|throwing|returns the wrong|returns wrong|düşük|manchmal|nur wenn|langsam|hängt|parfois|seulement|lent|a veces|solo cuando|lento|às vezes|só quando|a volte|solo quando|иногда|только когда|медленн*|zawiesza*|soms", "有时|偶尔|只有在|很慢|卡住|時々|たまに|遅い|止まる|가끔|느려|멈춰")],
-  ["retry", "a fix did not work", words("still|again|didn't work|did not work|doesn't help|same error|keeps failing|immer noch|schon wieder|toujours|encore|sigue|todavía|ainda|ancora|всё ещё|все еще|снова|hâlâ|nadal", "还是|仍然|依然|まだ|また|여전히|아직")],
-  ["design", "asks for a design", words("design*|architect*|data model|model (it|this|that)|double-?book*|even when two|schema for|how should we structure|scal*|shard*|partition*|consisten*|trade-?offs?|approach*|entw[uü]rf*|architektur|concevoir|conception|diseñ*|arquitectura|projetar|progett*|спроектир*|архитектур*|tasarla*", "设计|架构|設計|アーキテクチャ|설계|아키텍처")],
-  ["plan", "asks for a plan", words("plan*|roadmap|migrat*|rollout|roll out|strateg*|phases?|cutover|zero-?downtime|sequence|planen|migrier*|planifi*|planific*|planej*|pianific*|план*|миграц*|stratej*", "计划|迁移|規划|計画|移行|계획|마이그레이션")],
-  ["proof", "asks for a proof or derivation", words("prove|proof|show that|derive|an argument|rigorous*|derivation|lemma|theorem|invariant|induction|big-?o|complexity|probabilit*|expected value|integral|converge*|beweis*|zeige|démontr*|preuve|demuestr*|demostr*|prova|provar|dimostr*|докаж*|доказ*|kanıtla*", "证明|推导|導出|証明|期待値|期望|概率|確率|확률|증명")],
-  ["estimate", "asks for an estimate", words("estimat*|how many [\\p{L} -]{0,40}(need|needed|would|will|could|should|to handle|to support|to serve)|how much will|how much would|how long will|capacity|back-of-the-envelope|fermi|sizing|forecast*|projection|will it finish|will it be done|done before|use more|cost more|more (water|energy|power|money|time|memory|storage) than|would it take|how long would|how long will|schätz*|wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*", "估算|估计|预估|推定|推測|多少|多久|見積|何台|いくつ|추정|예상|몇")],
-  ["judge", "asks for a judgement", words("should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|okay|safe|legal|fine) to|what breaks|what would break|what happens if|decide|decision|recommend*|pros and cons|worth it|risk*|legal*|liabil*|complian*|negotiat*|contract*|exception|weigh*|best option|which is better|gdpr|dsgvo|rgpd|privacy|datenschutz*|zulässig|erlaubt|rechtens|légal|muss ich|must i|do i have to|am i allowed|are we allowed|can they|hinnehmen|sollen wir|sollte ich|empfehl*|devrions|recommand*|deberíamos|debería|recomiend*|devemos|dovremmo|стоит ли|рекоменд*|önerir*", "应该|建议|べき|おすすめ|추천|해야")],
-  ["review", "asks to check correctness", words("review*|audit*|correct|correctly|safe|thread-?safe|sound|subtle|edge cases?|race condition|concurren*|lock-?free|vulnerab*|security|überprüf*|prüf*|korrekt|revis*|vérifi*|correcto|corretto|ревью|провер*|doğru mu", "审查|检查|正确|レビュー|正しい|리뷰|검토")],
-  ["build", "asks for non-trivial code", words("implement*|end to end|end-to-end|secure|securely|algorithm*|parser|compiler|interpreter|scheduler|rate limiter|distributed|crdt|consensus|optimi[sz]*|faster|speed up|performance|refactor*|rewrite|state machine|lock|cache invalidation|implementier*|implément*|implementa*|реализ*|uygula*", "实现|优化|実装|最適化|パーサ|구현|최적화|작성해")],
-  ["research", "asks to weigh sources", words("sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|études|estudios|fonti|источник*", "文献|论文|研究|論文|연구")],
-  ["translate", "asks for a translation", words("translat*|übersetz*|tradu*|vertaal*|przetłumacz*|переведи*|перевод*|çevir*|in english|into english|auf deutsch|en français|en español|em português|in italiano", "翻译|翻訳|번역|英訳|和訳")],
-  ["summarize", "asks for a summary", words("summar*|tl;?dr|recap|gist|key points|in one sentence|in a sentence|in one paragraph|zusammenfass*|fasse|résum*|resum*|riassum*|samenvat*|podsumuj*|кратко|резюм*|özetle*", "总结|概括|摘要|要約|まとめ|요약")],
-  ["extract", "asks to pick out data", words("extract*|pull out|list all|list the|list every|which line|what is the (value|id|name|date|total|number)|find the (line|id|value|number|date)|fields?|get me the|look up|lookup|grep|extrahier*|extrai*|extraire|estrai*|извлеки*|извлечь|çıkar*", "提取|抽出|추출")],
-  ["reformat", "asks to reformat", words("format*|convert*|turn (this|these|it) into|as a table|as json|as yaml|as csv|to json|to yaml|to csv|markdown|pretty-?print|sort (this|these|by)|indent*|camel ?case|snake ?case|bullet*|umwandeln|formatier*|convertir|converti*|converter|конверт*|преобраз*", "转换|格式|表格|変換|表に|변환|표로")],
-  ["mechanical", "asks for a mechanical edit", words("rename*|add (a |an )?(log|logging|comment|docstring|type|import|field|line|print)|remove (the|this|unused)|delete (the|this)|bump|version|typo*|spelling|sort imports|move (this|the)|commit|push|umbenenn*|renomm*|renombr*|renome*|rinomin*|переименуй*|tippfehler|faute de frappe|errata", "重命名|改名|名前を変更|이름을 바꿔|오타|誤字")],
-  ["classify", "asks to classify or tag", words("classif*|categori[sz]*|tag (these|each|them)|label (these|each|them)|sentiment|which category|klassifizier*|clasific*|классифиц*|sınıflandır*", "分类|分類|분류")],
-  ["lookup", "asks a quick question", words("what's a|what is a|what does|how do i|how to|how can i|which command|which flag|where is|is there a|syntax for|default port|command for|one-?liner|was ist|wie kann ich|qu'est-ce|comment faire|qué es|cómo|o que é|como faço|cos'è|come si|что такое|как сделать|nedir", "什么是|怎么|とは|どうやって|뭐야|어떻게")],
-  ["thanks", "small talk", words("thanks|thank you|thx|cheers|hi|hello|hey|good morning|danke|merci|gracias|obrigad[oa]|grazie|bedankt|dziękuję|спасибо|teşekkür*", "谢谢|ありがとう|감사|고마워")],
+  ["cause", "asks for a cause", words(
+    "why|debug*|whats causing|what is causing|what's up with|what's going on|how come|causes?|caused|" +
+    "root cause|figure out|find out|investigate|diagnos*|track down|what's wrong|warum|wieso|weshalb|" +
+    "ursache|pourquoi|d'où vient|por qué|por que|porque|causa|perché|waarom|oorzaak|dlaczego|przyczyn*|" +
+    "почему|причин*|neden|sebep*",
+    "为什么|为何|原因|怎么回事|なぜ|どうして|왜|원인")],
+  ["symptom", "describes a symptom", words(
+    "only when|only on|only for|sometimes|intermittent*|random*|flaky|flak*|occasional*|hangs?|hanging|" +
+    "stuck|freez*|leak*|slow*|spik*|off by|drift*|twice|duplicat*|race|deadlock*|timeouts?|crash*|" +
+    "doesn't work|does not work|not working|stopped working|broken|wrong|mismatch*|nondetermin*|sporadi*|" +
+    "weird|strange|oom|out of memory|memory|grows|growing|fuite|fuga|plante|se bloque|failing|fails|broke|" +
+    "breaks|regress*|started (failing|returning|throwing)|throws|throwing|returns the wrong|returns wrong|" +
+    "düşük|manchmal|nur wenn|langsam|hängt|parfois|seulement|lent|a veces|solo cuando|lento|às vezes|" +
+    "só quando|a volte|solo quando|иногда|только когда|медленн*|zawiesza*|soms",
+    "有时|偶尔|只有在|很慢|卡住|時々|たまに|遅い|止まる|가끔|느려|멈춰")],
+  ["retry", "a fix did not work", words(
+    "still|again|didn't work|did not work|doesn't help|same error|keeps failing|immer noch|schon wieder|" +
+    "toujours|encore|sigue|todavía|ainda|ancora|всё ещё|все еще|снова|hâlâ|nadal",
+    "还是|仍然|依然|まだ|また|여전히|아직")],
+  ["design", "asks for a design", words(
+    "design*|architect*|data model|model (it|this|that)|double-?book*|even when two|schema for|" +
+    "how should we structure|scal*|shard*|partition*|consisten*|trade-?offs?|approach*|entw[uü]rf*|" +
+    "architektur|concevoir|conception|diseñ*|arquitectura|projetar|progett*|спроектир*|архитектур*|" +
+    "tasarla*",
+    "设计|架构|設計|アーキテクチャ|설계|아키텍처")],
+  ["plan", "asks for a plan", words(
+    "plan*|roadmap|migrat*|rollout|roll out|strateg*|phases?|cutover|zero-?downtime|sequence|planen|" +
+    "migrier*|planifi*|planific*|planej*|pianific*|план*|миграц*|stratej*",
+    "计划|迁移|規划|計画|移行|계획|마이그레이션")],
+  ["proof", "asks for a proof or derivation", words(
+    "prove|proof|show that|derive|an argument|rigorous*|derivation|lemma|theorem|invariant|induction|" +
+    "big-?o|complexity|probabilit*|expected value|integral|converge*|beweis*|zeige|démontr*|preuve|" +
+    "demuestr*|demostr*|prova|provar|dimostr*|докаж*|доказ*|kanıtla*",
+    "证明|推导|導出|証明|期待値|期望|概率|確率|확률|증명")],
+  ["estimate", "asks for an estimate", words(
+    "estimat*|how many [\\p{L} -]{0,40}(need|needed|would|will|could|should|to handle|to support|" +
+    "to serve)|how much will|how much would|how long will|capacity|back-of-the-envelope|fermi|sizing|" +
+    "forecast*|projection|will it finish|will it be done|done before|use more|cost more|more (water|" +
+    "energy|power|money|time|memory|storage) than|would it take|how long would|how long will|schätz*|" +
+    "wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*",
+    "估算|估计|预估|推定|推測|多少|多久|見積|何台|いくつ|추정|예상|몇")],
+  ["judge", "asks for a judgement", words(
+    "should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|" +
+    "okay|safe|legal|fine) to|what breaks|what would break|what happens if|decide|decision|recommend*|" +
+    "pros and cons|worth it|risk*|legal*|liabil*|complian*|negotiat*|contract*|exception|weigh*|" +
+    "best option|which is better|gdpr|dsgvo|rgpd|privacy|datenschutz*|zulässig|erlaubt|rechtens|légal|" +
+    "muss ich|must i|do i have to|am i allowed|are we allowed|can they|hinnehmen|sollen wir|sollte ich|" +
+    "empfehl*|devrions|recommand*|deberíamos|debería|recomiend*|devemos|dovremmo|стоит ли|рекоменд*|" +
+    "önerir*",
+    "应该|建议|べき|おすすめ|추천|해야")],
+  ["review", "asks to check correctness", words(
+    "review*|audit*|correct|correctly|safe|thread-?safe|sound|subtle|edge cases?|race condition|" +
+    "concurren*|lock-?free|vulnerab*|security|überprüf*|prüf*|korrekt|revis*|vérifi*|correcto|corretto|" +
+    "ревью|провер*|doğru mu",
+    "审查|检查|正确|レビュー|正しい|리뷰|검토")],
+  ["build", "asks for non-trivial code", words(
+    "implement*|end to end|end-to-end|secure|securely|algorithm*|parser|compiler|interpreter|scheduler|" +
+    "rate limiter|distributed|crdt|consensus|optimi[sz]*|faster|speed up|performance|refactor*|rewrite|" +
+    "state machine|lock|cache invalidation|implementier*|implément*|implementa*|реализ*|uygula*",
+    "实现|优化|実装|最適化|パーサ|구현|최적화|작성해")],
+  ["research", "asks to weigh sources", words(
+    "sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|" +
+    "études|estudios|fonti|источник*",
+    "文献|论文|研究|論文|연구")],
+  ["translate", "asks for a translation", words(
+    "translat*|übersetz*|tradu*|vertaal*|przetłumacz*|переведи*|перевод*|çevir*|in english|into english|" +
+    "auf deutsch|en français|en español|em português|in italiano",
+    "翻译|翻訳|번역|英訳|和訳")],
+  ["summarize", "asks for a summary", words(
+    "summar*|tl;?dr|recap|gist|key points|in one sentence|in a sentence|in one paragraph|zusammenfass*|" +
+    "fasse|résum*|resum*|riassum*|samenvat*|podsumuj*|кратко|резюм*|özetle*",
+    "总结|概括|摘要|要約|まとめ|요약")],
+  ["extract", "asks to pick out data", words(
+    "extract*|pull out|list all|list the|list every|which line|what is the (value|id|name|date|total|" +
+    "number)|find the (line|id|value|number|date)|fields?|get me the|look up|lookup|grep|extrahier*|" +
+    "extrai*|extraire|estrai*|извлеки*|извлечь|çıkar*",
+    "提取|抽出|추출")],
+  ["reformat", "asks to reformat", words(
+    "format*|convert*|turn (this|these|it) into|as a table|as json|as yaml|as csv|to json|to yaml|to csv|" +
+    "markdown|pretty-?print|sort (this|these|by)|indent*|camel ?case|snake ?case|bullet*|umwandeln|" +
+    "formatier*|convertir|converti*|converter|конверт*|преобраз*",
+    "转换|格式|表格|変換|表に|변환|표로")],
+  ["mechanical", "asks for a mechanical edit", words(
+    "rename*|add (a |an )?(log|logging|comment|docstring|type|import|field|line|print)|remove (the|this|" +
+    "unused)|delete (the|this)|bump|version|typo*|spelling|sort imports|move (this|the)|commit|push|" +
+    "umbenenn*|renomm*|renombr*|renome*|rinomin*|переименуй*|tippfehler|faute de frappe|errata",
+    "重命名|改名|名前を変更|이름을 바꿔|오타|誤字")],
+  ["classify", "asks to classify or tag", words(
+    "classif*|categori[sz]*|tag (these|each|them)|label (these|each|them)|sentiment|which category|" +
+    "klassifizier*|clasific*|классифиц*|sınıflandır*",
+    "分类|分類|분류")],
+  ["lookup", "asks a quick question", words(
+    "what's a|what is a|what does|how do i|how to|how can i|which command|which flag|where is|is there a|" +
+    "syntax for|default port|command for|one-?liner|was ist|wie kann ich|qu'est-ce|comment faire|qué es|" +
+    "cómo|o que é|como faço|cos'è|come si|что такое|как сделать|nedir",
+    "什么是|怎么|とは|どうやって|뭐야|어떻게")],
+  ["thanks", "small talk", words(
+    "thanks|thank you|thx|cheers|hi|hello|hey|good morning|danke|merci|gracias|obrigad[oa]|grazie|bedankt|" +
+    "dziękuję|спасибо|teşekkür*",
+    "谢谢|ありがとう|감사|고마워")],
 ];
 
 /** A reply that only approves or continues what came before: it means what it approves. */
-const APPROVAL = /^\s*(?:y|yes|yep|yeah|ok|okay|sure|go|go ahead|do it|please do|proceed|continue|go on|keep going|next|sounds good|lgtm|ship it|approved|option \w|[1-9abc]|the (?:first|second|last) one|sí|si|dale|vale|hazlo|continúa|adelante|ja|mach|mach das|weiter|los|oui|vas-y|d'accord|sim|pode|continua|vai|sì|procedi|tak|dalej|да|давай|продолжай|evet|devam|はい|うん|続けて|お願い|どうぞ|好|好的|继续|可以|네|응|계속)[\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\s.!]*$/iu;
+const APPROVALS = [
+  "y", "yes", "yep", "yeah", "ok", "okay", "sure", "go", "go ahead", "do it", "please do", "proceed", "continue", "go on", "keep going", "next",
+  "sounds good", "lgtm", "ship it", "approved", "option \\w", "[1-9abc]", "the (?:first|second|last) one", "sí", "si", "dale", "vale",
+  "hazlo", "continúa", "adelante", "ja", "mach", "mach das", "weiter", "los", "oui", "vas-y", "d'accord", "sim", "pode", "continua", "vai", "sì",
+  "procedi", "tak", "dalej", "да", "давай", "продолжай", "evet", "devam", "はい", "うん", "続けて", "お願い", "どうぞ", "好", "好的", "继续", "可以", "네", "응", "계속",
+];
+const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!]*$`, "iu");
 
 /** Text that is pasted material rather than words to the model: code, logs, stack frames, tables. */
 const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at |File "|Traceback|\$ |>|#|\/\/|import |from |def |class |function |const |let |var |return |SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|\d{1,2}:\d{2}:\d{2}|[;{}]\s*$|^\s*[\w./-]+:\d+/;
@@ -2095,7 +2185,12 @@ export function verdictRequest(req: ChatRequest): ChatRequest {
   return { messages: [{ role: "system", content: VERDICT_PROMPT }, { role: "user", content: parts.join("\n\n") }], max_tokens: 5 };
 }
 
-const VERDICT_PROMPT = "You route requests to a cheap or a capable language model. Answer with one word. \"complex\": a small, cheap model would fail or be clearly worse at it (finding the cause of a bug or a symptom, design, planning, proofs, estimates, judgement under constraints, non-trivial code, reviewing for subtle defects, weighing sources). \"simple\": a cheap model does it as well (a lookup, reformatting, extraction, translation, a summary, a mechanical edit, small talk, reporting a passing run).";
+const VERDICT_PROMPT = [
+  "You route requests to a cheap or a capable language model.",
+  "Answer with one word.",
+  "\"complex\": a small, cheap model would fail or be clearly worse at it (finding the cause of a bug or a symptom, design, planning, proofs, estimates, judgement under constraints, non-trivial code, reviewing for subtle defects, weighing sources).",
+  "\"simple\": a cheap model does it as well (a lookup, reformatting, extraction, translation, a summary, a mechanical edit, small talk, reporting a passing run).",
+].join(" ");
 
 /** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
 export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
@@ -2178,7 +2273,21 @@ const WEIGHTS = {
     "tools declared": -0.258,
     "translate": -2.727,
   } as Record<string, number>,
-  hashed: "9wn3Du8I/Sz2Cv0TBRgADB/88RfhBxsI+PsFAPURJvTxAwL/GSL0B/sDJwIN+wk6FAoG3wb7FAAm/fr8DBruAe4U/wcM9Rz19fYEDAn57P0C7wcVCwYR9/AK/xUP+Or2/Q39CQIENBQjCRX7CvwMBvkUBvX2DPwT6goLCggYFvsI7P0B8hsQDv4A6BQT6wUrAP0BDwURCv0CDwD5IBDk9ewT+wTx6gD2AhcWBBL5EgoE9uX9G/od/vwA+Ar8/wUB+RH9/QQcAOj1+/P6ABX4APkFFgUY+gD3DwYXDfoNEAYX6xoC/v3o+vbxDhIVA/gG+/4Q+AMAAf/3Bv397gUZCgb+BQMKBf0MCxkP/esH/f3hCQsFBjr8CiEN1gJGDRISC/ocBAoN9iP8Cf0N+vsMFPIYBxoZAAv4/QQZBf8L6/4ODQAREPMABRnx+vb8BgEG+fMm4xcCAwkb8/n/FfYHDhYdFA8LLgMI+/cD+BsA9v4LARkH9wb+BuoWDAUDGA4FAP0P9PsZ6v4W8Ar5GDII+hYN/xcP+fr99w8PFPgP/fvu+RQIGgT4AP8mBOQgAgkI8gkABAMBDQv+//cA+BgCAQsB9QwGAAcV8f4J+wD8+QbvHAcC5wz8+BbxCvjlIRAQAAEPFu7zDAznBQkMDCrxAioB8xQd+g0JGwkBGvf0AgD9AAH8/eoICfwLFAcAGO8nCOgDDAbzAfkE3Rn2+/v6/fEWDwAF/wMEFBgODvIKAf0CEhYW8g8BLRMWDTfr3AAaBg//CAIJ8fboBfz19gYF+wsVBQke7fsC6QkAEQEGFO0N/gUE9AYP6BLoAw8FAxAM+gf+Ber01hYE+Q0NDAb9Ef7+BPgWD/wiAPABA/0d9+kBARD1AhEW/PkPFe0CBPUJABYcEBIGJPYDAfQOAAMAC/ojG/3+AgoR+/oB/gcFIP/9BPYBJAYaJQAG9v4A8gkP/hv29SAD+gX1GP/yEf7s/QUPAgYGJw0LCfoCAwcdCQYID/0N8wIGAQD5Af0WBv8H6h/1GvkAARoj+vwIA/4J/QkIGggBPQMKBgwHBfX6DBD9BAHxFPnyDQ0A5AD//h0BAAPx//QE+QT+Mv/0BQYNAgv6++gCAg4DCPkgB/QTMwQU7Rb8DwH9BAgCACX8JgkG+gYMAwv7BQkJ/AYQ/w8P6wIBAQD7Ahf+8xANAgb3JeUNBwIDDwL/Bfb8ARv4/SEM7ioF9fsm7QAMAwYOAPj+7QAP8RMPChAJ+X8U/PkFAA8DBP/7CP4EChICBgbl9hvzBfj55/wL6e4NBPXx9fYW/wEIGA4V/AXjEB/yIOwICw4CCvwc2PkG8v4OCvn4NQj3/gjxCBX5Cf3mBRgJEf4SEQ==",
+  hashed:
+    "9wn3Du8I/Sz2Cv0TBRgADB/88RfhBxsI+PsFAPURJvTxAwL/GSL0B/sDJwIN+wk6FAoG3wb7FAAm/fr8DBruAe4U/wcM9Rz19fYE" +
+    "DAn57P0C7wcVCwYR9/AK/xUP+Or2/Q39CQIENBQjCRX7CvwMBvkUBvX2DPwT6goLCggYFvsI7P0B8hsQDv4A6BQT6wUrAP0BDwUR" +
+    "Cv0CDwD5IBDk9ewT+wTx6gD2AhcWBBL5EgoE9uX9G/od/vwA+Ar8/wUB+RH9/QQcAOj1+/P6ABX4APkFFgUY+gD3DwYXDfoNEAYX" +
+    "6xoC/v3o+vbxDhIVA/gG+/4Q+AMAAf/3Bv397gUZCgb+BQMKBf0MCxkP/esH/f3hCQsFBjr8CiEN1gJGDRISC/ocBAoN9iP8Cf0N" +
+    "+vsMFPIYBxoZAAv4/QQZBf8L6/4ODQAREPMABRnx+vb8BgEG+fMm4xcCAwkb8/n/FfYHDhYdFA8LLgMI+/cD+BsA9v4LARkH9wb+" +
+    "BuoWDAUDGA4FAP0P9PsZ6v4W8Ar5GDII+hYN/xcP+fr99w8PFPgP/fvu+RQIGgT4AP8mBOQgAgkI8gkABAMBDQv+//cA+BgCAQsB" +
+    "9QwGAAcV8f4J+wD8+QbvHAcC5wz8+BbxCvjlIRAQAAEPFu7zDAznBQkMDCrxAioB8xQd+g0JGwkBGvf0AgD9AAH8/eoICfwLFAcA" +
+    "GO8nCOgDDAbzAfkE3Rn2+/v6/fEWDwAF/wMEFBgODvIKAf0CEhYW8g8BLRMWDTfr3AAaBg//CAIJ8fboBfz19gYF+wsVBQke7fsC" +
+    "6QkAEQEGFO0N/gUE9AYP6BLoAw8FAxAM+gf+Ber01hYE+Q0NDAb9Ef7+BPgWD/wiAPABA/0d9+kBARD1AhEW/PkPFe0CBPUJABYc" +
+    "EBIGJPYDAfQOAAMAC/ojG/3+AgoR+/oB/gcFIP/9BPYBJAYaJQAG9v4A8gkP/hv29SAD+gX1GP/yEf7s/QUPAgYGJw0LCfoCAwcd" +
+    "CQYID/0N8wIGAQD5Af0WBv8H6h/1GvkAARoj+vwIA/4J/QkIGggBPQMKBgwHBfX6DBD9BAHxFPnyDQ0A5AD//h0BAAPx//QE+QT+" +
+    "Mv/0BQYNAgv6++gCAg4DCPkgB/QTMwQU7Rb8DwH9BAgCACX8JgkG+gYMAwv7BQkJ/AYQ/w8P6wIBAQD7Ahf+8xANAgb3JeUNBwID" +
+    "DwL/Bfb8ARv4/SEM7ioF9fsm7QAMAwYOAPj+7QAP8RMPChAJ+X8U/PkFAA8DBP/7CP4EChICBgbl9hvzBfj55/wL6e4NBPXx9fYW" +
+    "/wEIGA4V/AXjEB/yIOwICw4CCvwc2PkG8v4OCvn4NQj3/gjxCBX5Cf3mBRgJEf4SEQ==",
 };
 // </weights>
 

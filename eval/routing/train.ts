@@ -94,7 +94,7 @@ const named = Object.fromEntries(names.map((n, i) => [n, Math.round(w[1 + i] * 1
 const words = w.slice(1 + N);
 const scale = Math.max(1e-9, ...words.map(Math.abs)) / 127;
 const packed = Buffer.from(Int8Array.from(words, (x) => Math.round(x / scale)).buffer).toString("base64");
-const block = `const WEIGHTS = {\n  bias: ${Math.round(w[0] * 1000) / 1000}, threshold: ${chosen.threshold}, scale: ${scale.toPrecision(6)},\n  named: {\n${Object.entries(named).map(([k, x]) => `    ${JSON.stringify(k)}: ${x},`).join("\n")}\n  } as Record<string, number>,\n  hashed: "${packed}",\n};`;
+const block = `const WEIGHTS = {\n  bias: ${Math.round(w[0] * 1000) / 1000}, threshold: ${chosen.threshold}, scale: ${scale.toPrecision(6)},\n  named: {\n${Object.entries(named).map(([k, x]) => `    ${JSON.stringify(k)}: ${x},`).join("\n")}\n  } as Record<string, number>,\n  hashed:\n    ${(packed.match(/.{1,100}/g) ?? [""]).map((c) => JSON.stringify(c)).join(" +\n    ")},\n};`;
 for (const [k, x] of Object.entries(named).sort((a, b) => b[1] - a[1])) console.log(`  ${x.toFixed(3).padStart(7)}  ${k}`);
 if (!process.argv.includes("--dry")) {
   const text = readFileSync(FILE, "utf8");
