@@ -4012,10 +4012,16 @@ CREATE TABLE IF NOT EXISTS rollup_session (
 ) WITHOUT ROWID;
 `;
 
-/** Indexes on columns an older database gains only in the migration: made after it. A budget reads its spend through them. */
+/**
+ * What a budget reads its spend through: the roll-up per agent and session, by agent or session and minute
+ * (a period starts on a whole minute, so the sum is exact). Indexing the roll-up, not the log, costs an insert
+ * nothing. The log's own indexes of an earlier build of version 2 are dropped.
+ */
 const INDEXES_V2 = `
-CREATE INDEX IF NOT EXISTS requests_agent_spend ON requests(agent, ts, cost_usd) WHERE agent IS NOT NULL;
-CREATE INDEX IF NOT EXISTS requests_session_spend ON requests(session, ts, cost_usd) WHERE session IS NOT NULL;
+DROP INDEX IF EXISTS requests_agent_spend;
+DROP INDEX IF EXISTS requests_session_spend;
+CREATE INDEX IF NOT EXISTS rollup_session_agent ON rollup_session(agent, minute, cost_usd);
+CREATE INDEX IF NOT EXISTS rollup_session_session ON rollup_session(session, minute, cost_usd);
 `;
 
 const INSERT_ROW = `INSERT INTO requests (ts, provider, model, requested_model, complexity, status, stream, input_tokens, output_tokens,
@@ -4335,15 +4341,32 @@ export class Store {
       this.#rollup.run(s.minute, ...values);
       this.#rollupHour.run(Math.floor(s.minute / 60), ...values);
     }
-    for (const r of rows) // a handful of agents and sessions per tick: SQLite's upsert sums them
-      this.#session.run(Math.floor(r.ts / 60_000), r.agent ?? "", r.session ?? "", 1, r.status >= 400 ? 1 : 0, r.input_tokens, r.output_tokens, r.cost_usd, r.ts);
+    this.#writeSessionRollups(rows);
+  }
+
+  /** One upsert per minute, agent and session in the batch: a tick holds many rows of few sessions. */
+  #writeSessionRollups(rows: Row[]): void {
+    const sums = new Map<string, [number, string, string, number, number, number, number, number, number]>();
+    for (const r of rows) {
+      const minute = Math.floor(r.ts / 60_000), agent = r.agent ?? "", session = r.session ?? "";
+      const key = `${minute}\0${agent}\0${session}`;
+      let x = sums.get(key);
+      if (!x) sums.set(key, (x = [minute, agent, session, 0, 0, 0, 0, 0, 0]));
+      x[3]++;
+      x[4] += r.status >= 400 ? 1 : 0;
+      x[5] += r.input_tokens;
+      x[6] += r.output_tokens;
+      x[7] += r.cost_usd;
+      x[8] = Math.max(x[8], r.ts);
+    }
+    for (const x of sums.values()) this.#session.run(...x);
   }
 
   /** What the log holds as spent since a time: everything, one agent's, or one session's (what a budget starts from). */
   spend(scope: { agent?: string; session?: string }, sinceMs: number): number {
     const [col, value] = scope.agent !== undefined ? ["agent", scope.agent] : scope.session !== undefined ? ["session", scope.session] : [undefined, undefined];
     if (!col) return this.totals(sinceMs).cost_usd;
-    return (this.#stmt(`SELECT ${COST_SUM} AS c FROM requests WHERE ${col} = ? AND ts >= ?`).get(value!, sinceMs) as { c: number }).c;
+    return (this.#stmt(`SELECT ${COST_SUM} AS c FROM rollup_session WHERE ${col} = ? AND minute >= ?`).get(value!, Math.floor(sinceMs / 60_000)) as { c: number }).c;
   }
 
   /** Requests, tokens and spend per agent since a time, busiest first ('' is the requests no agent was known for). */
@@ -5499,17 +5522,21 @@ const AGENT_LABELS = 50;
 type Histogram = { buckets: number[]; counts: number[]; sum: number; count: number };
 
 /** One label set as Prometheus writes it: `{a="x",b="y"}`, values escaped. */
-const labelText = (labels: Record<string, string>) =>
-  `{${Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`).join(",")}}`;
+const labelText = (names: readonly string[], values: readonly string[]) =>
+  `{${names.map((k, i) => `${k}="${values[i].replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/\n/g, "\\n")}"`).join(",")}}`;
+
+/** A metric family: its label names, and per label set (values joined by \u0001, a byte no label holds) its value. */
+type Family<T> = { labels: readonly string[]; series: Map<string, T> };
 
 /**
  * Counters and histograms since this process started, fed by every finished log row. Labels are
  * bounded sets: providers and models of the table (anything else is "other"), formats, statuses, and
- * agents (those of keys, the first AGENT_LABELS others); never a session id or free text.
+ * agents (those of keys, the first AGENT_LABELS others); never a session id or free text. Label text
+ * is escaped when /metrics is read, not per request.
  */
 export class Metrics {
-  #counters = new Map<string, Map<string, number>>();
-  #histograms = new Map<string, Map<string, Histogram>>();
+  #counters = new Map<string, Family<number>>();
+  #histograms = new Map<string, Family<Histogram>>();
   #agents = new Set<string>();
   #config: Config;
   constructor(config: Config) {
@@ -5517,19 +5544,19 @@ export class Metrics {
     for (const k of config.agentKeys) this.#agents.add(k.agent);
   }
 
-  #add(name: string, labels: Record<string, string>, by: number): void {
-    let m = this.#counters.get(name);
-    if (!m) this.#counters.set(name, (m = new Map()));
-    const key = labelText(labels);
-    m.set(key, (m.get(key) ?? 0) + by);
+  #add(name: string, labels: readonly string[], values: readonly string[], by: number): void {
+    let f = this.#counters.get(name);
+    if (!f) this.#counters.set(name, (f = { labels, series: new Map() }));
+    const key = values.join("\u0001");
+    f.series.set(key, (f.series.get(key) ?? 0) + by);
   }
 
-  #observe(name: string, buckets: number[], labels: Record<string, string>, x: number): void {
-    let m = this.#histograms.get(name);
-    if (!m) this.#histograms.set(name, (m = new Map()));
-    const key = labelText(labels);
-    let h = m.get(key);
-    if (!h) m.set(key, (h = { buckets, counts: buckets.map(() => 0), sum: 0, count: 0 }));
+  #observe(name: string, buckets: number[], labels: readonly string[], values: readonly string[], x: number): void {
+    let f = this.#histograms.get(name);
+    if (!f) this.#histograms.set(name, (f = { labels, series: new Map() }));
+    const key = values.join("\u0001");
+    let h = f.series.get(key);
+    if (!h) f.series.set(key, (h = { buckets, counts: buckets.map(() => 0), sum: 0, count: 0 }));
     for (let i = 0; i < buckets.length; i++) if (x <= buckets[i]) h.counts[i]++;
     h.sum += x;
     h.count++;
@@ -5550,32 +5577,32 @@ export class Metrics {
   }
 
   record(r: Row): void {
-    const provider = r.provider ?? "none", model = this.#model(r.provider, r.model), entry = r.entry;
-    this.#add("tokenwatch_requests_total", { provider, model, entry, status: String(r.status) }, 1);
-    if (r.status >= 400) this.#add("tokenwatch_errors_total", { provider, entry, kind: r.error_kind ?? "error" }, 1);
-    if (r.failover) this.#add("tokenwatch_failovers_total", { provider, model, entry }, 1);
-    const tokens = { input: r.input_tokens - r.cached_tokens - r.cache_write_tokens, output: r.output_tokens, cache_read: r.cached_tokens, cache_write: r.cache_write_tokens };
-    for (const [kind, n] of Object.entries(tokens)) if (n > 0) this.#add("tokenwatch_tokens_total", { provider, model, kind }, n);
-    if (r.cost_usd > 0) this.#add("tokenwatch_cost_usd_total", { provider, model }, r.cost_usd);
-    this.#add("tokenwatch_agent_requests_total", { agent: this.#agent(r.agent) }, 1);
-    if (r.cost_usd > 0) this.#add("tokenwatch_agent_cost_usd_total", { agent: this.#agent(r.agent) }, r.cost_usd);
+    const provider = r.provider ?? "none", model = this.#model(r.provider, r.model), entry = r.entry, agent = this.#agent(r.agent);
+    this.#add("tokenwatch_requests_total", ["provider", "model", "entry", "status"], [provider, model, entry, String(r.status)], 1);
+    if (r.status >= 400) this.#add("tokenwatch_errors_total", ["provider", "entry", "kind"], [provider, entry, r.error_kind ?? "error"], 1);
+    if (r.failover) this.#add("tokenwatch_failovers_total", ["provider", "model", "entry"], [provider, model, entry], 1);
+    const tokens: [string, number][] = [["input", r.input_tokens - r.cached_tokens - r.cache_write_tokens], ["output", r.output_tokens], ["cache_read", r.cached_tokens], ["cache_write", r.cache_write_tokens]];
+    for (const [kind, n] of tokens) if (n > 0) this.#add("tokenwatch_tokens_total", ["provider", "model", "kind"], [provider, model, kind], n);
+    if (r.cost_usd > 0) this.#add("tokenwatch_cost_usd_total", ["provider", "model"], [provider, model], r.cost_usd);
+    this.#add("tokenwatch_agent_requests_total", ["agent"], [agent], 1);
+    if (r.cost_usd > 0) this.#add("tokenwatch_agent_cost_usd_total", ["agent"], [agent], r.cost_usd);
     if (r.status === 200) {
-      this.#observe("tokenwatch_request_duration_seconds", DURATION_BUCKETS, { provider, model, entry }, r.latency_ms / 1000);
-      if (r.ttft_ms !== null) this.#observe("tokenwatch_time_to_first_token_seconds", TTFT_BUCKETS, { provider, model }, r.ttft_ms / 1000);
+      this.#observe("tokenwatch_request_duration_seconds", DURATION_BUCKETS, ["provider", "model", "entry"], [provider, model, entry], r.latency_ms / 1000);
+      if (r.ttft_ms !== null) this.#observe("tokenwatch_time_to_first_token_seconds", TTFT_BUCKETS, ["provider", "model"], [provider, model], r.ttft_ms / 1000);
     }
   }
 
   /** The counters and histograms in Prometheus' text format, after `help` says what each is. */
   render(help: Record<string, string>): string[] {
     const out: string[] = [];
-    for (const [name, m] of this.#counters) {
+    for (const [name, f] of this.#counters) {
       out.push(`# HELP ${name} ${help[name]}`, `# TYPE ${name} counter`);
-      for (const [labels, v] of m) out.push(`${name}${labels} ${round12(v)}`);
+      for (const [key, v] of f.series) out.push(`${name}${labelText(f.labels, key.split("\u0001"))} ${round12(v)}`);
     }
-    for (const [name, m] of this.#histograms) {
+    for (const [name, f] of this.#histograms) {
       out.push(`# HELP ${name} ${help[name]}`, `# TYPE ${name} histogram`);
-      for (const [labels, h] of m) {
-        const inner = labels.slice(1, -1);
+      for (const [key, h] of f.series) {
+        const labels = labelText(f.labels, key.split("\u0001")), inner = labels.slice(1, -1);
         h.buckets.forEach((b, i) => out.push(`${name}_bucket{${inner},le="${b}"} ${h.counts[i]}`));
         out.push(`${name}_bucket{${inner},le="+Inf"} ${h.count}`, `${name}_sum${labels} ${round12(h.sum)}`, `${name}_count${labels} ${h.count}`);
       }
@@ -5598,7 +5625,7 @@ const METRIC_HELP: Record<string, string> = {
 
 /** One gauge family: its help, its type line, and a sample per label set. */
 function gauge(name: string, help: string, samples: [Record<string, string>, number][]): string[] {
-  return [`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, ...samples.map(([l, v]) => `${name}${Object.keys(l).length ? labelText(l) : ""} ${Number.isFinite(v) ? round12(v) : "+Inf"}`)];
+  return [`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, ...samples.map(([l, v]) => `${name}${Object.keys(l).length ? labelText(Object.keys(l), Object.values(l)) : ""} ${Number.isFinite(v) ? round12(v) : "+Inf"}`)];
 }
 
 /** GET /metrics: the counters since start, and the live figures (limits, budgets, the store) as gauges. */
