@@ -2245,59 +2245,59 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -3.57, threshold: 0.37, scale: 0.00132672,
+  bias: -3.053, threshold: 0.39, scale: 0.00256924,
   named: {
-    "a run failed": -0.916,
-    "a run passed": -1.239,
-    "approval": 0.138,
-    "ask length": 3.831,
-    "build": 2.279,
-    "cause": 0.885,
-    "classify": -0.949,
-    "constraints": 1.12,
-    "design": 1.383,
-    "estimate": 2.204,
-    "extract": -0.503,
-    "failed after an edit": 0.335,
-    "failed repeatedly": 1.784,
-    "follows a long answer": 0.759,
-    "follows a plan": 2.128,
-    "follows code": 0.437,
-    "judge": 2.937,
-    "lookup": 0.17,
-    "mechanical": -0.62,
-    "numbered points": -3.264,
-    "plan": 0.969,
-    "proof": 3.169,
-    "questions": 1.069,
-    "read a file": 0.249,
-    "reformat": -0.891,
-    "research": 0.549,
-    "retry": 2.181,
-    "review": 3.704,
-    "short follow-up": -0.325,
-    "summarize": -0.257,
-    "symptom": 2.019,
-    "thanks": -2.205,
-    "tool steps": 2.308,
+    "a run failed": -0.595,
+    "a run passed": -0.875,
+    "approval": -0.385,
+    "ask length": 2.468,
+    "build": 1.546,
+    "cause": 0.856,
+    "classify": -1.019,
+    "constraints": 1.648,
+    "design": 1.594,
+    "estimate": 1.645,
+    "extract": -0.445,
+    "failed after an edit": 1.235,
+    "failed repeatedly": 1.592,
+    "follows a long answer": 0.931,
+    "follows a plan": 1.664,
+    "follows code": 0.099,
+    "judge": 2.015,
+    "lookup": -0.114,
+    "mechanical": -0.767,
+    "numbered points": -2.733,
+    "plan": 0.983,
+    "proof": 3.011,
+    "questions": 0.491,
+    "read a file": 0.169,
+    "reformat": -0.822,
+    "research": 0.62,
+    "retry": 1.698,
+    "review": 2.863,
+    "short follow-up": -0.232,
+    "summarize": -0.995,
+    "symptom": 1.63,
+    "thanks": -1.728,
+    "tool steps": 1.541,
     "tools declared": -0.258,
-    "translate": -2.727,
+    "translate": -2.539,
   } as Record<string, number>,
   hashed:
-    "9wn3Du8I/Sz2Cv0TBRgADB/88RfhBxsI+PsFAPURJvTxAwL/GSL0B/sDJwIN+wk6FAoG3wb7FAAm/fr8DBruAe4U/wcM9Rz19fYE" +
-    "DAn57P0C7wcVCwYR9/AK/xUP+Or2/Q39CQIENBQjCRX7CvwMBvkUBvX2DPwT6goLCggYFvsI7P0B8hsQDv4A6BQT6wUrAP0BDwUR" +
-    "Cv0CDwD5IBDk9ewT+wTx6gD2AhcWBBL5EgoE9uX9G/od/vwA+Ar8/wUB+RH9/QQcAOj1+/P6ABX4APkFFgUY+gD3DwYXDfoNEAYX" +
-    "6xoC/v3o+vbxDhIVA/gG+/4Q+AMAAf/3Bv397gUZCgb+BQMKBf0MCxkP/esH/f3hCQsFBjr8CiEN1gJGDRISC/ocBAoN9iP8Cf0N" +
-    "+vsMFPIYBxoZAAv4/QQZBf8L6/4ODQAREPMABRnx+vb8BgEG+fMm4xcCAwkb8/n/FfYHDhYdFA8LLgMI+/cD+BsA9v4LARkH9wb+" +
-    "BuoWDAUDGA4FAP0P9PsZ6v4W8Ar5GDII+hYN/xcP+fr99w8PFPgP/fvu+RQIGgT4AP8mBOQgAgkI8gkABAMBDQv+//cA+BgCAQsB" +
-    "9QwGAAcV8f4J+wD8+QbvHAcC5wz8+BbxCvjlIRAQAAEPFu7zDAznBQkMDCrxAioB8xQd+g0JGwkBGvf0AgD9AAH8/eoICfwLFAcA" +
-    "GO8nCOgDDAbzAfkE3Rn2+/v6/fEWDwAF/wMEFBgODvIKAf0CEhYW8g8BLRMWDTfr3AAaBg//CAIJ8fboBfz19gYF+wsVBQke7fsC" +
-    "6QkAEQEGFO0N/gUE9AYP6BLoAw8FAxAM+gf+Ber01hYE+Q0NDAb9Ef7+BPgWD/wiAPABA/0d9+kBARD1AhEW/PkPFe0CBPUJABYc" +
-    "EBIGJPYDAfQOAAMAC/ojG/3+AgoR+/oB/gcFIP/9BPYBJAYaJQAG9v4A8gkP/hv29SAD+gX1GP/yEf7s/QUPAgYGJw0LCfoCAwcd" +
-    "CQYID/0N8wIGAQD5Af0WBv8H6h/1GvkAARoj+vwIA/4J/QkIGggBPQMKBgwHBfX6DBD9BAHxFPnyDQ0A5AD//h0BAAPx//QE+QT+" +
-    "Mv/0BQYNAgv6++gCAg4DCPkgB/QTMwQU7Rb8DwH9BAgCACX8JgkG+gYMAwv7BQkJ/AYQ/w8P6wIBAQD7Ahf+8xANAgb3JeUNBwID" +
-    "DwL/Bfb8ARv4/SEM7ioF9fsm7QAMAwYOAPj+7QAP8RMPChAJ+X8U/PkFAA8DBP/7CP4EChICBgbl9hvzBfj55/wL6e4NBPXx9fYW" +
-    "/wEIGA4V/AXjEB/yIOwICw4CCvwc2PkG8v4OCvn4NQj3/gjxCBX5Cf3mBRgJEf4SEQ==",
+    "+PYJEPAACS/5EgAUBA8FFSARLxHaARQg+fr8BPgKDAjrCffxIBwEAQUTQBcUGwAiB+gB0xL7Av8ZBN4MEivwAuIa/QUB/xb97+7/" +
+    "ERDb8gr89BQb/P8TBQAT9yME7+v88hvoDgQDIy4c/hYEEwQFBwAi/v3hKAoH8P/4CR8RF+kk2vAO9xQVFAj3FgYLFxUi/O4BGRsD" +
+    "BxEJCvMGLBfb5AMY+wT86P7zAy0nABwAAg8FAvvtG/MmAfoVAQb2ERr8/CD//AoQCP0C7/Lw6hH97wUIHhgO9ADg/QwZF/YZB/ML" +
+    "9gEBAQPi7wLtCBQPDPwC7QIIASb8Afr08xj8+gUQIfsIFAAICf8HFBMTD9QH/wHhCw8D+EnzCScY5gNKAhwNCvMoERsF7xX3/RUX" +
+    "AAsADOoXGAkjEP/97AEoBQAA7Qb1DxAHFd7/HRz+Bu/++vAT9+Qg7xL6/PkS7Rb1EvsBBhoeJAjkRwQHBOz8AhkD9/YZ9hsNAQfy" +
+    "AwsRAwT2CPsRFPEI+vMX5/Y8/yPxED4Q8QUT/C0V+gEI6xX6A+L7BvTh9ykPLhD+A/Up/O4a9RP25g0FGhP9AOYM/frz/hEACwbu" +
+    "BRH0/RQi8AgNEAnw7gXoFQX36hQN+hrXAwP5DgcSDAYPIOsV7vvbCBQdBhwV7TkP9AsiHh7wFAcEFfjrGxnxBQz6/ebpERT7GvwA" +
+    "H/MLB/kJDhDrDOoD8AsD7wTzAO0bCvoBHPEDHw/8HOkDEfsCCgkP7QMTHisXEkj27AM2BQb9ABQN+AHrCfn0/T3v9xEBHAsc6v8K" +
+    "7P/+CQcMC/cjCgMaMP4h6g84/gwCCPkZ9/v/A9zz1isHAwf5FAkBBgXY+fcHBvYbBe/nEgM18/b2DwT7EfsdAPsTF+v7CCwF//9E" +
+    "FgryQAMLCf4NDQjtBgAXEA/9ChUnB+0J8woCLQID+gHzJAkYHwBE9f4HDgn32hb7Bh0c/AD6GQH2Hgnw+Q4Z+P4CFfMEAvcJ9RYW" +
+    "ChQGBOUBAvwNEQAI+wATCBIGAi8PGwYCDR0VDfMLDAUN/AcODhkWJQUCBA0FDvwDJPwI9grpDvX3ERP7zfIL9xoGB/vm++EHAP78" +
+    "UAbvCAIRDv0E/fcC9AUE/gEkEN0ZHA384RT8Cvn/GvH4AC4GGgwaAQMIAvz+DQP7CgcQDQsf8gUABPcI8hQB/wUEAf7rM/kKAvLw" +
+    "KfYDEOH49hT/Bx4P/RgJ/Acg4wT29xgU8Pn76wYG7AoNCQgRAH8M9O37/RgAAwn8CvL+/f8SCALZ8PgECx70GvES+eIN9+z/7uQP" +
+    "/SH4HQUn9RvmDCroJw/yC/8KBSUi5voL8fA4CfDxIQX11hHwEf7+CgTG//4mGPUODA==",
 };
 // </weights>
 

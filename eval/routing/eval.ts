@@ -5,6 +5,7 @@
 //   npm run eval:routing                      the held-out part: the figures the README reports
 //   npm run eval:routing -- --split train     the part the classifier was designed and trained on
 //   npm run eval:routing -- --split all --misses   every part, and list each miss with its reason
+//   npm run eval:routing -- --ids '2-'        only the ids that match (here: the second round of the set)
 
 import { classify, PROVIDERS, costUsd, promptEstimate } from "../../tokenwatch.ts";
 import { load, splitOf } from "./data.ts";
@@ -13,7 +14,8 @@ import type { Item } from "./data.ts";
 const args = process.argv.slice(2);
 const split = args.includes("--split") ? args[args.indexOf("--split") + 1] : "heldout";
 if (!["train", "heldout", "all"].includes(split)) throw new Error(`--split must be train, heldout or all; got ${split}`);
-const items = load().filter((i) => split === "all" || splitOf(i.id) === split);
+const only = args.includes("--ids") ? new RegExp(args[args.indexOf("--ids") + 1]) : undefined; // e.g. --ids '2-' for the second round
+const items = load().filter((i) => (split === "all" || splitOf(i.id) === split) && (!only || only.test(i.id)));
 
 // What each tier costs: the cheapest simple model of the table and the first complex one, at a typical output
 // (a simple answer 400 tokens, a complex one 1,200), the prompt at a token per four characters of the body.
