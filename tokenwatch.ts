@@ -1748,6 +1748,16 @@ if tonumber(ARGV[3]) > 0 and redis.call('EXISTS', KEYS[2]) == 1 then redis.call(
 return 1
 `);
 
+/** What an answer's rate-limit headers said, for every instance: ARGV: how many views, then dimension and "used,at,reset" each, then dimension and limit each. */
+const OBSERVE = script(`
+local n = tonumber(ARGV[1])
+for i = 2, 2 * n, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2 * n + 2, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], 86400000)
+if #ARGV > 2 * n + 1 then redis.call('PEXPIRE', KEYS[2], 86400000) end
+return 1
+`);
+
 /** Rest a pool until ARGV[2] (ms), unless it already rests longer. ARGV: now, until. */
 const COOL = script(`
 local now, u = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -1895,10 +1905,10 @@ export class SharedLimiter implements Capacity {
     if (this.status.mode === "local") return;
     const seen = this.local.seenOf(pool);
     if (!seen) return;
+    const views = Object.entries(seen.seen), limits = Object.entries(seen.learned);
+    if (!views.length && !limits.length) return;
     const [, , , , seenKey, learnedKey] = poolKeys(pool);
-    for (const [d, o] of Object.entries(seen.seen)) void this.#redis.call(["HSET", seenKey, d, `${o.used},${o.at},${o.reset}`], this.#cfg.timeout_ms).catch(() => {});
-    for (const [d, l] of Object.entries(seen.learned)) void this.#redis.call(["HSET", learnedKey, d, l], this.#cfg.timeout_ms).catch(() => {});
-    for (const k of [seenKey, learnedKey]) void this.#redis.call(["PEXPIRE", k, 86_400_000], this.#cfg.timeout_ms).catch(() => {});
+    this.#fireAndForget(OBSERVE, [seenKey, learnedKey], [views.length, ...views.flatMap(([d, o]) => [d, `${o.used},${o.at},${o.reset}`]), ...limits.flat()]);
   }
 
   cool(pool: string, until: number, now: number): void {

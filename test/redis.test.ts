@@ -221,11 +221,14 @@ describe("several instances share one Redis", { skip: SKIP }, () => {
       const spent = Number(await redis.call(["HGET", keys[0], "spent"], 1000));
       const total = rowsShared.reduce((x, r) => x + r.cost_usd, 0);
       assert.ok(total > 0 && Math.abs(spent - total) < 1e-9, `Redis holds the three instances' spend once: ${spent} against ${total} in their logs`);
+      const pool = "tw:{anthropic/haiku}"; // Anthropic counts its limits per model class: the table's pool "haiku"
+      assert.ok(Number(await redis.call(["HLEN", `${pool}:seen`], 1000)) >= 3, "what Anthropic's rate-limit headers said is shared (requests, input and output tokens)");
+      assert.match(String(await redis.call(["HGET", `${pool}:learned`, "rpm"], 1000)), /^\d+$/, "and the limits they taught");
       redis.close();
       assert.equal(view.shared.mode, "redis");
       assert.equal(view.shared.instances.length, 3, "each instance's heartbeat is live");
       assert.ok(view.budgets[0].spends[0].spent_usd > (total / 3) * 1.5, "an instance's view of the budget includes the others' spend");
-    } finally { await alone.close(); await shared.close(); }
+    } catch (e) { await server.stop(); throw e; } finally { await alone.close(); await shared.close(); }
     // 2. a provider that only counts (the share each instance would take if nothing refused it)
     const alone2 = await fleet(undefined), shared2 = await fleet(server.url);
     try {
