@@ -1300,7 +1300,8 @@ export function periodOf(period: Period, t: number): { start: number; end: numbe
 }
 
 /** What one budget holds for one subject in one period: the spend settled, and the estimates of requests in flight. */
-type Spend = { budget: Budget; subject: string | null; start: number; end: number; spent: number; reserved: number };
+/** `unsynced`: costs settled here that Redis does not hold yet (spent while it was down), pushed with the next shared admit. */
+type Spend = { budget: Budget; subject: string | null; start: number; end: number; spent: number; reserved: number; unsynced: number };
 
 /** A request's hold on its budgets: the estimate it reserved on each, given back with its real cost at the end. */
 export type Ticket = { spends: Spend[]; estimate: number; done: boolean; shared?: string /* its id in Redis */ };
@@ -1308,12 +1309,13 @@ export type Ticket = { spends: Spend[]; estimate: number; done: boolean; shared?
 /** Where budgets keep their spend when instances share them (section 6): a spend's key there, and the calls. */
 export type BudgetLink = {
   up(): boolean;
-  admit(spends: { key: string; hard: number; seed: number; expireAt: number }[], estimate: number, id: string): Promise<{ ok: boolean; over: number; figures: [number, number][] }>;
-  settle(keys: string[], id: string, cost: number): void;
+  admit(spends: { key: string; hard: number; seed: number; expireAt: number; add: number }[], estimate: number, id: string): Promise<{ ok: boolean; over: number; figures: [number, number][] }>;
+  /** Resolves false when Redis did not take the cost. */
+  settle(keys: string[], id: string, cost: number): Promise<boolean>;
 };
 
 /** A spend's key in Redis: the budget, its subject and its period. */
-const spendKey = (s: Spend) => `tw:budget:{${s.budget.name}}:${s.subject ?? ""}:${s.start}`;
+const spendKey = (s: Spend) => `tw:{budgets}:${s.budget.name}:${s.subject ?? ""}:${s.start}`; // one hash tag: a request's budgets in one Cluster slot
 
 /** The subject a budget counts a request under, or undefined when the budget does not cover it. */
 function subjectOf(b: Budget, who: Identity): string | null | undefined {
@@ -1347,7 +1349,7 @@ export class Budgets {
     if (s) return s;
     if (this.#spends.size >= SPENDS_KEPT) this.#evict();
     const scope = b.agent !== undefined || b.per === "agent" ? { agent: subject! } : b.per === "session" ? { session: subject! } : {};
-    this.#spends.set(key, (s = { budget: b, subject, start, end, spent: this.#spendOf(scope, start), reserved: 0 }));
+    this.#spends.set(key, (s = { budget: b, subject, start, end, spent: this.#spendOf(scope, start), reserved: 0, unsynced: 0 }));
     return s;
   }
 
@@ -1384,10 +1386,11 @@ export class Budgets {
    */
   async #admitShared(spends: Spend[], estimate: number, t: number): Promise<Ticket> {
     const id = randomUUID();
-    const keys = spends.map((s) => ({ key: spendKey(s), hard: s.budget.hard ?? -1, seed: s.spent, expireAt: Number.isFinite(s.end) ? s.end + 86_400_000 : 0 }));
+    const keys = spends.map((s) => ({ key: spendKey(s), hard: s.budget.hard ?? -1, seed: s.spent, expireAt: Number.isFinite(s.end) ? s.end + 86_400_000 : 0, add: s.unsynced }));
     let r: Awaited<ReturnType<BudgetLink["admit"]>>;
     try { r = await this.#link!.admit(keys, estimate, id); } catch { return this.#admitLocal(spends, estimate, t); }
-    r.figures.forEach(([spent, reserved], i) => { spends[i].spent = spent; spends[i].reserved = reserved; });
+    // Redis' spend is the one that counts now, the costs spent here while it was away added to it; holds stay this instance's own
+    r.figures.forEach(([spent], i) => { spends[i].spent = spent; spends[i].unsynced = 0; });
     if (!r.ok) throw budgetExceeded(spends[r.over], estimate, t);
     for (const s of spends) s.reserved += estimate;
     return { spends, estimate, done: false, shared: id };
@@ -1405,7 +1408,10 @@ export class Budgets {
     if (ticket.done) return;
     ticket.done = true;
     for (const s of ticket.spends) { s.reserved -= ticket.estimate; s.spent += cost; }
-    if (ticket.shared) this.#link?.settle(ticket.spends.map(spendKey), ticket.shared, cost);
+    const unsynced = () => { for (const s of ticket.spends) s.unsynced += cost; };
+    if (!this.#link || cost <= 0) return;
+    if (!ticket.shared) return unsynced(); // admitted here alone: Redis gets the cost with the next shared admit
+    void this.#link.settle(ticket.spends.map(spendKey), ticket.shared, cost).then((ok) => { if (!ok) unsynced(); });
   }
 
   /** Each budget's current spends (the subjects seen this period, busiest first), with the caps and a projection to the period's end. */
@@ -1584,7 +1590,11 @@ export class Redis {
     if (!sock) return Promise.reject(new RedisError("Redis is not connected"));
     return new Promise((resolve, reject) => {
       const p: Pending = { resolve, reject, done: false };
-      p.timer = setTimeout(() => { p.done = true; reject(new RedisError(`Redis did not answer ${String(args[0])} within ${timeoutMs} ms`)); }, timeoutMs);
+      p.timer = setTimeout(() => {
+        p.done = true;
+        reject(new RedisError(`Redis did not answer ${String(args[0])} within ${timeoutMs} ms`));
+        if (timeoutMs >= 1000) sock.destroy(); // a second without an answer: a dead or half-open connection, open a new one
+      }, timeoutMs);
       this.#pending.push(p);
       sock.write(encodeCommand(args));
     });
@@ -1597,6 +1607,7 @@ export class Redis {
     const u = this.#url, port = Number(u.port || 6379), host = u.hostname.replace(/^\[|\]$/g, "");
     const sock = u.protocol === "rediss:" ? tlsConnect({ host, port, servername: host }) : netConnect({ host, port });
     sock.setNoDelay(true);
+    sock.setKeepAlive(true, 5000);
     this.#sock = sock;
     this.#buf = Buffer.alloc(0);
     sock.on("data", (d: Buffer) => this.#onData(d));
@@ -1616,6 +1627,10 @@ export class Redis {
   }
 
   #onData(d: Buffer): void {
+    try { this.#read(d); } catch { this.#sock?.destroy(); } // not Redis on the other end: drop the connection, fail what is pending
+  }
+
+  #read(d: Buffer): void {
     this.#buf = this.#buf.length ? Buffer.concat([this.#buf, d]) : d;
     let at = 0;
     for (let r = parseReply(this.#buf, at); r; r = parseReply(this.#buf, at)) {
@@ -1767,16 +1782,17 @@ return 1
 
 /**
  * Budgets: check every budget a request falls under and hold its estimate, in one call. Each key is a hash:
- * `spent` (seeded from the instance's log when Redis has none) and a field per request in flight (estimate and
- * expiry: a crashed instance's go on their own). ARGV: now, estimate, id, ttl, then per key: hard (-1: none),
- * seed, expire-at (0: never). Returns {1 or 0, the index of the budget that refused, {spent, in flight} per key}.
+ * `spent` (seeded from the instance's view when Redis has none) and a field per request in flight (estimate
+ * and expiry: a crashed instance's go on their own). ARGV: now, estimate, id, ttl, then per key: hard (-1:
+ * none), seed, expire-at (0: never), and what the instance spent while Redis was away (added unless it seeded).
+ * Returns {1 or 0, the index of the budget that refused, {spent, in flight} per key}.
  */
 const BUDGET_ADMIT = script(`
 local now, est, id, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local figures = {}
 for i, key in ipairs(KEYS) do
-  local hard, seed = tonumber(ARGV[2 + 3 * i]), ARGV[3 + 3 * i]
-  redis.call('HSETNX', key, 'spent', seed)
+  local hard, seed, add = tonumber(ARGV[1 + 4 * i]), ARGV[2 + 4 * i], tonumber(ARGV[4 + 4 * i])
+  if redis.call('HSETNX', key, 'spent', seed) == 0 and add > 0 then redis.call('HINCRBYFLOAT', key, 'spent', add) end
   local all, spent, held = redis.call('HGETALL', key), 0, 0
   for j = 1, #all, 2 do
     if all[j] == 'spent' then spent = tonumber(all[j + 1]) else
@@ -1789,7 +1805,7 @@ for i, key in ipairs(KEYS) do
 end
 for i, key in ipairs(KEYS) do
   redis.call('HSET', key, 't:' .. id, est .. ',' .. (now + ttl))
-  local exp = tonumber(ARGV[4 + 3 * i])
+  local exp = tonumber(ARGV[3 + 4 * i])
   if exp > 0 then redis.call('PEXPIREAT', key, exp) end
 end
 return {1, -1, figures}
@@ -1936,13 +1952,13 @@ export class SharedLimiter implements Capacity {
     return {
       up: () => this.status.mode === "redis",
       admit: async (spends, estimate, id) => {
-        const args = [Date.now(), estimate, id, 10 * 60_000, ...spends.flatMap((s) => [s.hard, s.seed, s.expireAt])];
+        const args = [Date.now(), estimate, id, 10 * 60_000, ...spends.flatMap((s) => [s.hard, s.seed, s.expireAt, s.add])];
         try {
           const r = await this.#redis.eval(BUDGET_ADMIT, spends.map((s) => s.key), args, this.#cfg.timeout_ms) as Reply[];
           return { ok: r[0] === 1, over: Number(r[1]), figures: (r[2] as string[][]).map(([a, b]) => [Number(a), Number(b)] as [number, number]) };
         } catch (e) { this.#fireAndForget(BUDGET_SETTLE, spends.map((s) => s.key), [id, 0]); this.#failed(e as Error); throw e; } // a late hold, released after it
       },
-      settle: (keys, id, cost) => this.#fireAndForget(BUDGET_SETTLE, keys, [id, cost]),
+      settle: (keys, id, cost) => this.#redis.eval(BUDGET_SETTLE, keys, [id, cost], Math.max(this.#cfg.timeout_ms, 1000)).then(() => true, (e: Error) => { this.#failed(e); return false; }),
     };
   }
 
@@ -1952,6 +1968,7 @@ export class SharedLimiter implements Capacity {
     if (!n || n <= 1) return m;
     let s = this.#shares.get(m.key);
     if (!s) {
+      if (this.#shares.size >= 1024) this.#shares.clear(); // names outside the table come and go
       s = { ...m, limit: undefined };
       for (const d of DIMENSIONS) { const l = configuredLimit(m, d); if (l !== undefined) (s as Record<string, unknown>)[d] = Math.max(1, Math.floor(l / n)); }
       this.#shares.set(m.key, s);
@@ -1978,7 +1995,8 @@ export class SharedLimiter implements Capacity {
       if (this.status.mode === "local") Object.assign(this.status, { mode: "redis", since: t, reason: null });
       const live = (await this.#redis.call(["ZRANGE", "tw:instances", 0, -1, "WITHSCORES"], ms)) as string[];
       const ids = live.filter((_, i) => i % 2 === 0), info = ids.length ? ((await this.#redis.call(["HMGET", "tw:instance-info", ...ids], ms)) as (string | null)[]) : [];
-      this.status.instances = ids.map((id, i) => ({ id, ...(JSON.parse(info[i] ?? "{}") as { host: string; pid: number; mode: string }), seen_s: Math.round((t - Number(live[2 * i + 1])) / 1000) }));
+      const parsed = (x: string | null) => { try { return JSON.parse(x ?? "{}") as { host: string; pid: number; mode: string }; } catch { return { host: "?", pid: 0, mode: "?" }; } };
+      this.status.instances = ids.map((id, i) => ({ id, ...parsed(info[i]), seen_s: Math.round((t - Number(live[2 * i + 1])) / 1000) }));
       for (const m of this.#models) {
         const e = this.local.typical(m.key, DEFAULTS.default_max_tokens);
         this.#verdictOf(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], ms) as Reply[], t);
@@ -4664,6 +4682,7 @@ export class Dispatcher {
       const open = route.candidates.filter((m) => !spent.has(m) && !this.resting(m, t));
       if (!open.length) break;
       const pick = await this.#pick(open, prompt, asked, t);
+      if (client.gone) { if ("model" in pick) this.#limiter.release(pick.reservation, this.#now()); throw CLIENT_GONE; } // it left while Redis decided
       if ("wait" in pick) {
         if (t >= deadline || (pick.allCooling && pick.wait > deadline)) throw saturated(route, pick.wait, t);
         await this.#capacityOrTimeout(Math.min(pick.wait, deadline) - t, client);
@@ -5020,6 +5039,10 @@ const header = (req: IncomingMessage, name: string) => {
 /** Who a request's key says it is: the admin (TOKENWATCH_API_KEY) or an agent (its key in `keys`). */
 type Caller = { admin: boolean; agent?: string };
 
+/** The admin key's digest, made once (the key does not change while TokenWatch runs). */
+let adminDigested: [string, Buffer] | undefined;
+const adminDigest = (key: string) => (adminDigested?.[0] === key ? adminDigested[1] : (adminDigested = [key, digest(key)])[1]);
+
 /**
  * The caller a request's key names, or undefined when it names none. Keys are compared in constant time
  * (hashing first hides their length too), every one of them whichever matches, so that the time taken
@@ -5032,7 +5055,7 @@ function callerOf(req: IncomingMessage, adminKey: string | undefined, agentKeys:
   const d = digest(given);
   let agent: string | undefined;
   for (const k of agentKeys) if (timingSafeEqual(d, k.digest)) agent ??= k.agent;
-  if (adminKey !== undefined && timingSafeEqual(d, digest(adminKey))) return { admin: true };
+  if (adminKey !== undefined && timingSafeEqual(d, adminDigest(adminKey))) return { admin: true };
   return agent !== undefined ? { admin: false, agent } : undefined;
 }
 
@@ -5180,7 +5203,9 @@ export class Router {
     this.#dispatcher = new Dispatcher(config, { limiter: this.capacity, fetch: deps.fetch ?? fetch, now: this.#now });
     this.#budget = new BodyBudget(config.max_inflight_body_bytes);
     // a budget's spend is the log's: every row queued so far is written before it is read
-    this.budgets = new Budgets(config.budgets, (scope, since) => { this.#store.flush(); return this.#store.spend(scope, since); });
+    this.budgets = new Budgets(config.budgets, (scope, since) => {
+      try { this.#store.flush(); return this.#store.spend(scope, since); } catch { return 0; } // an unreadable log fails no request: the spend counts from here
+    });
     if (this.shared) this.budgets.share(this.shared.budgetLink());
     this.#loops = new LoopGuard(config.loop_guard);
     this.#sessions = new Sessions(config.session_ttl_ms);
@@ -5267,8 +5292,7 @@ export class Router {
         p = entry.parse(parseBody(text), text, req.headers);
         row.requested_model = p.hub.model ?? "auto";
         row.stream = p.stream;
-        const second = await this.#secondOpinion(p, req, row);
-        const r = await this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; }, second);
+        const r = await this.#admit(p, req, ctx.agent, row, entry, (t) => { ticket = t; });
         await this.#dispatcher.dispatch({ entry, p, route: r, row, res, client, attempts: [], commit, overhead: row.cost_usd });
         const m = r.candidates.find((c) => c.provider.id === row.provider && c.id === row.model);
         if (m && row.status === 200) this.#sessions.remember(row.session!, m, row.input_tokens, r.complexity === "complex", this.#now());
@@ -5292,25 +5316,29 @@ export class Router {
    */
   /**
    * With "classifier": "model", a request left to the classifier that it is unsure about gets the cheapest
-   * model's verdict; its cost goes on the request's row. Undefined otherwise, and when that model gave none.
+   * model's verdict; its cost goes on the request's row. Otherwise the classifier's own verdict (made once),
+   * or undefined when the classifier has no say.
    */
   async #secondOpinion(p: Parsed, req: IncomingMessage, row: Row): Promise<RouteOpts["verdict"]> {
     if (this.#config.classifier !== "model" || (p.hub.model ?? "auto") !== "auto" || p.hub.complexity || header(req, "x-tokenwatch-complexity")) return undefined;
     const own = classify(p.hub);
-    if (!own.unsure) return undefined;
+    if (!own.unsure) return own;
     const o = await this.#dispatcher.opinion(p.hub);
     row.cost_usd = o?.cost ?? 0;
-    if (!o?.tier) return undefined;
+    if (!o?.tier) return own;
     return { tier: o.tier, signals: [`second opinion of ${o.model.id}: ${o.tier}; the classifier was unsure (${own.tier}, p = ${own.p.toFixed(2)}${own.signals.length ? `: ${own.signals.join(", ")}` : ""})`] };
   }
 
-  async #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void, verdict?: RouteOpts["verdict"]): Promise<Route> {
-    const t = this.#now(), config = this.#config;
+  async #admit(p: Parsed, req: IncomingMessage, keyAgent: string | undefined, row: Row, entry: Entry, held: (t: Ticket) => void): Promise<Route> {
+    const config = this.#config;
     const who = identify(req.headers, p.body, p.hub, keyAgent);
     row.agent = who.agent;
     row.session = who.session;
-    this.#loops.check(who, p.hub, p.text, t);
-    const cheap = this.budgets.softCap(who, t);
+    this.#loops.check(who, p.hub, p.text, this.#now());
+    // a second opinion is paid for: never for a loop, nor under a soft cap (which decides the tier itself)
+    const cheap = this.budgets.softCap(who, this.#now());
+    const verdict = cheap ? undefined : await this.#secondOpinion(p, req, row);
+    const t = this.#now();
     const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
     const prompt = promptEstimate(p.text.length), state = this.#sessions.get(who.session, t);
     const warm = state && { state, prompt, output: this.capacity.outputEstimate(state.model, askedOutput(p.hub), config.default_max_tokens) };

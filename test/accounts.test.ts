@@ -121,6 +121,28 @@ describe("accounts: budgets and the loop guard (pure, injected clock)", () => {
     assert.equal(asked.length, 5);
   });
 
+  it("shared through Redis: what was spent while Redis was away is added to Redis' spend on its return", async () => {
+    const calls: { add: number; seed: number }[] = [];
+    let up = true, redisSpent = 0.1;
+    const b = new Budgets([{ name: "team", period: "day", hard: 1 }], () => 0);
+    b.share({
+      up: () => up,
+      admit: async (spends, estimate) => { calls.push({ add: spends[0].add, seed: spends[0].seed }); redisSpent += spends[0].add; return { ok: redisSpent + estimate <= 1, over: 0, figures: [[redisSpent, 0]] }; },
+      settle: async () => true,
+    });
+    const t = Date.UTC(2026, 11, 1, 12), who: Identity = { agent: null, session: "s", named: true };
+    b.settle(await b.admit(who, 0.1, t), 0);            // through Redis: its spend, 0.1, becomes ours
+    up = false;
+    for (let i = 0; i < 8; i++) b.settle(b.admit(who, 0.1, t) as Ticket, 0.1); // Redis away: decided here, 0.8 spent
+    up = true;
+    await assert.rejects(async () => b.admit(who, 0.2, t), (e: any) => e.code === "budget_exceeded", "0.1 + 0.8 + 0.2 passes the cap of 1");
+    assert.ok(Math.abs(calls[1].add - 0.8) < 1e-9, `the 0.8 spent alone went to Redis with the next admit: ${calls[1].add}`);
+    assert.equal(calls.length, 2);
+    const ticket = await b.admit(who, 0.05, t); // 0.95: fits, and nothing is added twice
+    assert.equal(calls[2].add, 0);
+    b.settle(ticket, 0.05);
+  });
+
   it("the loop guard refuses the same body from one session past max_repeats in the window, and forgets it after", () => {
     const g = new LoopGuard({ max_repeats: 3, window_s: 60 });
     const turn: ChatRequest = { messages: [{ role: "user", content: "fix it" }, { role: "assistant", content: "trying" }, { role: "user", content: "again" }] };

@@ -63,6 +63,24 @@ describe("RESP client (pure)", () => {
     assert.deepEqual(parseReply(Buffer.from("$3\r\nélan\r\n".replace("élan", "ab\u00e9").slice(0, 0) + "$3\r\nabc\r\n"))!.value, "abc");
   });
 
+  it("survives a server that does not speak RESP, and replaces a connection that stopped answering", async () => {
+    let connections = 0;
+    const server = createServer((sock) => {
+      const n = ++connections;
+      sock.on("data", () => { if (n === 1) sock.write("HTTP/1.1 400 Bad Request\r\n\r\n"); else if (n === 3) sock.write("+PONG\r\n"); }); // the 2nd: silent
+    }).listen(0, "127.0.0.1");
+    await once(server, "listening");
+    const r = new Redis(`redis://127.0.0.1:${(server.address() as { port: number }).port}`);
+    try {
+      await assert.rejects(r.call(["PING"], 1000), RedisError, "garbage fails the command, not the process");
+      await new Promise((done) => setTimeout(done, 120)); // the reconnect backoff
+      await assert.rejects(r.call(["PING"], 1000), /did not answer PING within 1000 ms/);
+      await new Promise((done) => setTimeout(done, 120));
+      assert.equal(await r.call(["PING"], 1000), "PONG", "a new connection replaced the silent one");
+      assert.equal(connections, 3);
+    } finally { r.close(); server.close(); }
+  });
+
   it("encodes a command as an array of bulk strings, by bytes", () => {
     assert.equal(encodeCommand(["SET", "k", "é", 7]).toString(), "*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\né\r\n$1\r\n7\r\n");
   });
@@ -216,7 +234,7 @@ describe("several instances share one Redis", { skip: SKIP }, () => {
       assert.deepEqual([...new Set(a)], [200], "and without (the 429s were failed over to the other model)");
 
       const redis = new Redis(server.url);
-      const keys = (await redis.call(["KEYS", "tw:budget:*"], 1000)) as string[];
+      const keys = (await redis.call(["KEYS", "tw:{budgets}:*"], 1000)) as string[];
       assert.equal(keys.length, 1);
       const spent = Number(await redis.call(["HGET", keys[0], "spent"], 1000));
       const total = rowsShared.reduce((x, r) => x + r.cost_usd, 0);
