@@ -1743,7 +1743,7 @@ if why or dry then return {why and 0 or 1, why or '', tostring(untilv), figures}
 local sec, hour = math.floor(now / 1000), math.floor(now / 3600000)
 redis.call('HINCRBY', KEYS[1], sec .. 'r', 1)
 redis.call('PEXPIRE', KEYS[1], 120000)
-if limits[6] or limits[7] then redis.call('HINCRBY', KEYS[2], hour .. 'r', 1); redis.call('PEXPIRE', KEYS[2], 90000000) end
+if (limits[6] or 0) > 0 or (limits[7] or 0) > 0 then redis.call('HINCRBY', KEYS[2], hour .. 'r', 1); redis.call('PEXPIRE', KEYS[2], 90000000) end
 redis.call('HSET', KEYS[3], id, ein .. ',' .. eout .. ',' .. (now + ttl))
 redis.call('PEXPIRE', KEYS[3], ttl * 2)
 return {1, '', '-1', figures}
@@ -1820,6 +1820,9 @@ end
 return 1
 `);
 
+/** A model's limits as RESERVE reads them, in DIMENSIONS order: 0 for none (an unpriced model's are infinite). */
+const sharedLimits = (m: Limits) => DIMENSIONS.map((d) => { const l = configuredLimit(m, d); return l !== undefined && Number.isFinite(l) ? l : 0; });
+
 /** A pool's keys; the braces keep them in one Redis Cluster slot. */
 const poolKeys = (pool: string) => ["min", "day", "fly", "cool", "seen", "learned"].map((k) => `tw:{${pool}}:${k}`);
 
@@ -1873,7 +1876,7 @@ export class SharedLimiter implements Capacity {
   async #reserveShared(m: Limits, e: Estimate, now: number): Promise<Verdict> {
     const id = `${this.id}:${randomUUID().slice(0, 12)}`;
     try {
-      const r = await this.#redis.eval(RESERVE, poolKeys(m.pool), [now, this.#threshold, e.input, e.output, id, 10 * 60_000, 0, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], this.#cfg.timeout_ms) as Reply[];
+      const r = await this.#redis.eval(RESERVE, poolKeys(m.pool), [now, this.#threshold, e.input, e.output, id, 10 * 60_000, 0, ...sharedLimits(m)], this.#cfg.timeout_ms) as Reply[];
       this.#failures = 0;
       const v = this.#verdictOf(m, r, now);
       if (!v.ok) return v;
@@ -1999,7 +2002,7 @@ export class SharedLimiter implements Capacity {
       this.status.instances = ids.map((id, i) => ({ id, ...parsed(info[i]), seen_s: Math.round((t - Number(live[2 * i + 1])) / 1000) }));
       for (const m of this.#models) {
         const e = this.local.typical(m.key, DEFAULTS.default_max_tokens);
-        this.#verdictOf(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...DIMENSIONS.map((d) => configuredLimit(m, d) ?? 0)], ms) as Reply[], t);
+        this.#verdictOf(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...sharedLimits(m)], ms) as Reply[], t);
       }
     } catch (e) { this.#fallBack(e as Error); }
   }
