@@ -699,6 +699,9 @@ function checkProvider(p: Record<string, unknown>, where: string): void {
   }
 }
 
+/** A budget's or an agent's name: it goes into headers and messages, so printable ASCII. */
+const SHORT_NAME = /^[\x20-\x7E]{1,64}$/;
+
 /** A budget of the config (or of a key, for its agent): a period, and a soft cap, a hard cap or both. */
 function checkBudget(b: unknown, where: string): void {
   need(isObj(b), where, "must be an object like {\"period\": \"month\", \"soft\": 40, \"hard\": 50}");
@@ -710,7 +713,7 @@ function checkBudget(b: unknown, where: string): void {
   need(o.soft === undefined || o.hard === undefined || (o.soft as number) <= (o.hard as number), `${where}.soft`, "must not be above hard");
   need(o.per === undefined || o.per === "agent" || o.per === "session", `${where}.per`, "must be \"agent\" or \"session\" (a cap for each one apart)");
   need(o.per === undefined || o.agent === undefined, `${where}.agent`, "names one agent: give it or \"per\", not both");
-  for (const k of ["name", "agent"]) need(o[k] === undefined || (typeof o[k] === "string" && /^[\x20-\x7E]{1,64}$/.test(o[k] as string)), `${where}.${k}`, "must be 1 to 64 printable ASCII characters");
+  for (const k of ["name", "agent"]) need(o[k] === undefined || (typeof o[k] === "string" && SHORT_NAME.test(o[k] as string)), `${where}.${k}`, "must be 1 to 64 printable ASCII characters");
 }
 
 /** `keys`: a TokenWatch key for each agent, mapped to its name, or to its name and its own budget. */
@@ -720,7 +723,7 @@ function checkAgentKeys(keys: unknown): void {
     const where = `keys.${key.slice(0, 4)}…`; // never the whole key, even in an error
     need(key.length >= 16, where, "is too short to be a secret: use 16 characters or more (openssl rand -hex 24)");
     const agent = typeof v === "string" ? v : isObj(v) ? v.agent : undefined;
-    need(typeof agent === "string" && /^[\x20-\x7E]{1,64}$/.test(agent), where, "must name its agent (1 to 64 printable ASCII characters), or be {\"agent\": \"name\", \"budget\": {...}}");
+    need(typeof agent === "string" && SHORT_NAME.test(agent), where, "must name its agent (1 to 64 printable ASCII characters), or be {\"agent\": \"name\", \"budget\": {...}}");
     if (isObj(v)) { checkKeys(v, new Set(["agent", "budget"]), where); if (v.budget !== undefined) checkBudget(v.budget, `${where}.budget`); }
   }
 }
@@ -1417,7 +1420,8 @@ export class Budgets {
   /** Each budget's current spends (the subjects seen this period, busiest first), with the caps and a projection to the period's end. */
   view(t: number) {
     return this.list.map((b) => {
-      const subjects = [...this.#spends.values()].filter((s) => s.budget === b && s.start === periodOf(b.period, t).start);
+      const start = periodOf(b.period, t).start;
+      const subjects = [...this.#spends.values()].filter((s) => s.budget === b && s.start === start);
       if (b.agent === undefined && b.per === undefined && !subjects.length) subjects.push(this.#spend(b, null, t));
       subjects.sort((x, y) => y.spent - x.spent);
       return {
@@ -1878,9 +1882,9 @@ export class SharedLimiter implements Capacity {
     try {
       const r = await this.#redis.eval(RESERVE, poolKeys(m.pool), [now, this.#threshold, e.input, e.output, id, 10 * 60_000, 0, ...sharedLimits(m)], this.#cfg.timeout_ms) as Reply[];
       this.#failures = 0;
-      const v = this.#verdictOf(m, r, now);
-      if (!v.ok) return v;
-      return { ...v, reservation: { pool: m.pool, key: m.key, estimate: e, done: false, shared: id } };
+      const { dimensions, until } = this.#figures(m, r, now);
+      if (r[0] === 1) return { ok: true, reservation: { pool: m.pool, key: m.key, estimate: e, done: false, shared: id }, dimensions };
+      return { ok: false, why: r[1] as "cooling" | Dimension, until: until > 0 ? until : undefined, dimensions };
     } catch (err) {
       // Redis may still run the reservation (it was sent, its reply was late): the release, sent after it on the
       // same connection, runs after it. This request is decided here alone; a few failures in a row, and all are.
@@ -1896,15 +1900,15 @@ export class SharedLimiter implements Capacity {
     if (this.#failures >= 3 || /connect|broke|unreachable|closed/i.test(e.message)) this.#fallBack(e);
   }
 
-  #verdictOf(m: Limits, r: Reply[], now: number): Verdict {
+  /** RESERVE's figures as /stats shows them, kept as the pool's latest shared view. */
+  #figures(m: Limits, r: Reply[], now: number): { dimensions: DimensionView[]; until: number } {
     const dimensions = (r[3] as string[][]).map(([dimension, used, limit, blocks]) => {
       const lim = Number(limit), u = Number(used), d = dimension as Dimension;
       return { dimension: d, used: u, limit: lim, configured: configuredLimit(m, d) ?? null, learned: lim !== configuredLimit(m, d) ? lim : null, percent: Math.round((u / lim) * 1000) / 10, blocks: Number(blocks) === 1, free_at: null };
     });
     const until = Number(r[2]);
     this.#snapshots.set(m.pool, { at: now, dimensions, why: String(r[1]), until });
-    if (r[0] === 1) return { ok: true, reservation: undefined as never, dimensions };
-    return { ok: false, why: r[1] as "cooling" | Dimension, until: until > 0 ? until : undefined, dimensions };
+    return { dimensions, until };
   }
 
   settle(r: Reservation, counted: Counts | undefined, now: number): void {
@@ -2002,7 +2006,7 @@ export class SharedLimiter implements Capacity {
       this.status.instances = ids.map((id, i) => ({ id, ...parsed(info[i]), seen_s: Math.round((t - Number(live[2 * i + 1])) / 1000) }));
       for (const m of this.#models) {
         const e = this.local.typical(m.key, DEFAULTS.default_max_tokens);
-        this.#verdictOf(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...sharedLimits(m)], ms) as Reply[], t);
+        this.#figures(m, await this.#redis.eval(RESERVE, poolKeys(m.pool), [t, this.#threshold, e.input, e.output, "", 0, 1, ...sharedLimits(m)], ms) as Reply[], t);
       }
     } catch (e) { this.#fallBack(e as Error); }
   }
