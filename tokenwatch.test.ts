@@ -11,7 +11,7 @@ import { DatabaseSync } from "node:sqlite";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
 import OpenAI from "openai";
-import { askText,
+import { askText, classifierFeatures,
   PROVIDERS, ALIASES, DEFAULTS, TwError, ConfigError, promptEstimate, costUsd, openAIUsage, usageFromOpenAI, usageFromAnthropic,
   parseSseEvent, SseSplitter, parseDuration, coolUntil, scrub, validateChatRequest, jsonShapeProblem, windowTokens, mergeConfig, buildConfig,
   SlidingWindow, Limiter, configuredLimit, countedOf, classify, route, openAIBody, openAIRequest, anthropicBody, toAnthropicMessages, answerFromMessage, completionOf, Translation,
@@ -574,6 +574,30 @@ describe("5. Selector", () => {
       assert.equal(askText(`Summarise this:\n\n${doc}`), "Summarise this:");
       assert.equal(askText(`${doc}\n\nWhat is the notice period?`).endsWith("What is the notice period?"), true);
       assert.equal(askText("Fix this:\n```ts\nconst a = 1\n```\nplease").includes("const a"), false);
+    });
+
+    it("tells pasted tables, lists and documents from the sentences around them", () => {
+      const rows = Array.from({ length: 40 }, (_, i) => ` 2025-10-${String(i % 28 + 1).padStart(2, "0")} | NO      | NOK      | ${1000 + i} | 3883${i}.43`).join("\n");
+      // a table under a question: the question is the ask, even when it starts like Python ("from this export…")
+      assert.equal(askText(`from this export, what was Norway's revenue on 14 Oct?\n\n    day     | country | currency | invoices | revenue\n${rows}\n(40 rows)`), "from this export, what was Norway's revenue on 14 Oct?");
+      // one line with pipes in it is a sentence, not a table
+      assert.equal(askText("run the tests and give me a markdown table: file | test | error"), "run the tests and give me a markdown table: file | test | error");
+      // a sentence that mentions a time of day or ends in a brace is still a sentence
+      const spec = "must not run twice if the pod restarts at 18:00:30, and it should only run on the last business day of every month";
+      assert.equal(askText(spec), spec);
+      // the items of a list after an instruction are its material
+      assert.equal(askText("Classify each review as positive, negative or neutral:\n1. \"Arrived broken, never again\"\n2. \"Fine\"\n3. \"Crashes every time I open it\""), "Classify each review as positive, negative or neutral:");
+      // a document first and a short question at its end: the question is the ask
+      const policy = "3.1 Meals while travelling: up to USD 75 per person per day, USD 95 in New York City and London. ".repeat(8);
+      assert.equal(askText(`Travel & Expense Policy\n${policy}\n\nI had a client dinner for three at $318. Is that within policy?`), "I had a client dinner for three at $318. Is that within policy?");
+    });
+
+    it("counts a program asked for with requirements, in any language's word order", () => {
+      const spec = (ask: string) => classifierFeatures(user(ask)).named;
+      assert.equal(spec("Écris une fonction Python pour partager une addition, avec ces règles :\n- chaque plat à une ou plusieurs personnes\n- le pourboire au prorata\n- arrondi au centime")["a program with requirements"], 1);
+      assert.equal(spec("用 Go 写一个 worker pool：最多 N 个并发，支持取消；不能有 goroutine 泄漏。不要用 errgroup。")["a program with requirements"], 1);
+      assert.equal(spec("write a python function that adds two numbers")["a program with requirements"], undefined);
+      assert.equal(spec("what is a function?").code, undefined);
     });
   });
 });

@@ -2044,23 +2044,39 @@ function words(latin: string, cjk = ""): RegExp {
   return new RegExp(`(?<![\\p{L}\\p{N}])(?:${alt})(?![\\p{L}\\p{N}])${cjk ? `|${cjk}` : ""}`, "iu");
 }
 
+/** Both patterns somewhere in the text, in either order (a verb and its object, in any language's word order). */
+const both = (a: RegExp, b: RegExp) => new RegExp(`^(?=[\\s\\S]*?(?:${a.source}))(?=[\\s\\S]*?(?:${b.source}))`, "iu");
+
 /** Kinds of task, as words say them: each a signal the model weighs, with the words a reason shows. */
 const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
   ["cause", "asks for a cause", words(
     "why|debug*|whats causing|what is causing|what's up with|what's going on|how come|causes?|caused|" +
     "root cause|figure out|find out|investigate|diagnos*|track down|what's wrong|warum|wieso|weshalb|" +
     "ursache|pourquoi|d'où vient|por qué|por que|porque|causa|perché|waarom|oorzaak|dlaczego|przyczyn*|" +
-    "почему|причин*|neden|sebep*",
-    "为什么|为何|原因|怎么回事|なぜ|どうして|왜|원인")],
+    "почему|причин*|neden|sebep*|qué está pasando|que se passe|o que está acontecendo|cosa succede|что происходит|" +
+    "was ist (da )?los|woran liegt|wat is er aan de hand|co się dzieje|ne oluyor",
+    "为什么|为何|原因|怎么回事|なぜ|どうして|왜|원인|何が起き|무슨 일")],
   ["symptom", "describes a symptom", words(
     "only when|only on|only for|sometimes|intermittent*|random*|flaky|flak*|occasional*|hangs?|hanging|" +
     "stuck|freez*|leak*|slow*|spik*|off by|drift*|twice|duplicat*|race|deadlock*|timeouts?|crash*|" +
     "doesn't work|does not work|not working|stopped working|broken|wrong|mismatch*|nondetermin*|sporadi*|" +
     "weird|strange|oom|out of memory|memory|grows|growing|fuite|fuga|plante|se bloque|failing|fails|broke|" +
+    "falla|fallan|falha|falham|fallisce|schlägt fehl|échoue|échouent|nie działa|не работает|çalışmıyor|werkt niet|" +
     "breaks|regress*|started (failing|returning|throwing)|throws|throwing|returns the wrong|returns wrong|" +
-    "düşük|manchmal|nur wenn|langsam|hängt|parfois|seulement|lent|a veces|solo cuando|lento|às vezes|" +
-    "só quando|a volte|solo quando|иногда|только когда|медленн*|zawiesza*|soms",
-    "有时|偶尔|只有在|很慢|卡住|時々|たまに|遅い|止まる|가끔|느려|멈춰")],
+    "düşük|manchmal|nur wenn|langsam*|häng*|parfois|seulement|lent|lente*|a veces|solo cuando|lent[oa]s?|às vezes|" +
+    "p9[059]|latenc*|every \\d+ (seconds?|minutes?|hours?)|like clockwork|periodic*|" +
+    "só quando|a volte|solo quando|иногда|только когда|медленн*|zawiesza*|soms|" +
+    // the same symptoms in the other languages agents are used in: twice, only on, since, blank, hangs, wrong, random
+    "doppelt|zweimal|nur bei|nur auf|seit dem|seitdem|leer|abstürz*|stürzt ab|friert|falsch*|sporadisch|gelegentlich|" +
+    "deux fois|en double|uniquement|depuis|vide|bloqu*|faux|fausse|aléatoire*|de temps en temps|" +
+    "dos veces|duplicad*|solo en|sólo en|desde que|en blanco|vací[ao]|se cuelga|se bloquea|incorrect*|aleatori*|" +
+    "duas vezes|só no|só na|em branco|trava*|errad*|lent[ao]|" +
+    "due volte|duplicat*|solo su|da quando|vuot[ao]|bianc[ao]|si blocca|sbagliat*|lent[io]|" +
+    "дважды|дублир*|только в|только на|после того|пуст*|завис*|падает|неправильн*|случайн*|" +
+    "czasami|czasem|tylko gdy|tylko w|dwa razy|podwójn*|pust[ya]|woln[oy]|błędn*|losow*|" +
+    "bazen|sadece|iki kez|iki kere|yavaş*|donuyor|yanlış|çöküyor|alleen als|alleen bij|twee keer|dubbel|traag|hangt|verkeerd*",
+    "有时|偶尔|只有在|很慢|卡住|時々|たまに|遅い|止まる|가끔|느려|멈춰|两次|重复|空白|崩溃|变慢|只在|二重|二回|2回|重複|真っ白|" +
+    "クラッシュ|落ちる|두 번|중복|빈 화면|하얀 화면|느려|다른 사람|잘못된")],
   ["retry", "a fix did not work", words(
     "still|again|didn't work|did not work|doesn't help|same error|keeps failing|immer noch|schon wieder|" +
     "toujours|encore|sigue|todavía|ainda|ancora|всё ещё|все еще|снова|hâlâ|nadal",
@@ -2083,9 +2099,10 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
   ["estimate", "asks for an estimate", words(
     "estimat*|how many [\\p{L} -]{0,40}(need|needed|would|will|could|should|to handle|to support|" +
     "to serve)|how much will|how much would|how long will|capacity|back-of-the-envelope|fermi|sizing|" +
-    "forecast*|projection|will it finish|will it be done|done before|use more|cost more|more (water|" +
+    "forecast*|projection|will it finish|will it be done|done before|use more|cost more|save money|cheaper|more (water|" +
     "energy|power|money|time|memory|storage) than|would it take|how long would|how long will|schätz*|" +
-    "wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*",
+    "wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*|ile|ile kosztuje|" +
+    "hoeveel|kaç|ne kadar",
     "估算|估计|预估|推定|推測|多少|多久|見積|何台|いくつ|추정|예상|몇")],
   ["judge", "asks for a judgement", words(
     "should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|" +
@@ -2106,6 +2123,16 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "rate limiter|distributed|crdt|consensus|optimi[sz]*|faster|speed up|performance|refactor*|rewrite|" +
     "state machine|lock|cache invalidation|implementier*|implément*|implementa*|реализ*|uygula*",
     "实现|优化|実装|最適化|パーサ|구현|최적화|작성해")],
+  ["code", "asks to write a program", both(words(
+    "write|writing|create|build|make|implement|code up|generate|need|want|give me|schreib*|erstell*|bau|brauche|" +
+    "écri*|écris|crée|créer|développe*|escrib*|crea|crear|necesito|hazme|escrev*|cri[ae]|criar|preciso|scriv*|" +
+    "mi serve|napisz|stwórz|potrzebuję|напиши|создай|нужен|нужна|нужно|yaz*|oluştur*|schrijf|maak",
+    "写|编写|实现|書いて|作って|作成|작성|만들어|짜줘"), words(
+    "functions?|scripts?|modules?|class|classes|hooks?|services?|programs?|tools?|cli|workers?|jobs?|endpoints?|" +
+    "components?|librar*|handlers?|middleware|daemon|bot|funktion*|skript*|modul*|klasse*|programm*|fonction*|" +
+    "classe*|programme|función|funciones|módulo|clase|programa|função|funções|funzion*|funkcj*|skrypt*|moduł*|" +
+    "klas*|функци*|скрипт*|модул*|класс*|программ*|fonksiyon*|betik|modül*|sınıf*",
+    "函数|脚本|模块|程序|関数|スクリプト|モジュール|クラス|함수|스크립트|모듈|클래스|프로그램"))],
   ["research", "asks to weigh sources", words(
     "sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|" +
     "études|estudios|fonti|источник*",
@@ -2144,8 +2171,10 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "什么是|怎么|とは|どうやって|뭐야|어떻게")],
   ["thanks", "small talk", words(
     "thanks|thank you|thx|cheers|hi|hello|hey|good morning|danke|merci|gracias|obrigad[oa]|grazie|bedankt|" +
-    "dziękuję|спасибо|teşekkür*",
-    "谢谢|ありがとう|감사|고마워")],
+    "dziękuję|спасибо|teşekkür*|valeu|bye|goodbye|see you|that's all|that's it for today|done for today|tschüss|" +
+    "bis morgen|schönen feierabend|à demain|bonne soirée|hasta mañana|nos vemos|até amanhã|até logo|a domani|" +
+    "до завтра|пока|do jutra|görüşürüz|tot morgen|fijne avond|lol|haha|great job|nice work|perfect|awesome",
+    "谢谢|ありがとう|감사|고마워|お疲れ|また明日|明天见|辛苦了|수고|내일 봐")],
 ];
 
 /** A reply that only approves or continues what came before: it means what it approves. */
@@ -2158,7 +2187,9 @@ const APPROVALS = [
 const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!]*$`, "iu");
 
 /** Text that is pasted material rather than words to the model: code, logs, stack frames, tables. */
-const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at |File "|Traceback|\$ |>|#|\/\/|import |from |def |class |function |const |let |var |return |SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|\d{1,2}:\d{2}:\d{2}|[;{}]\s*$|^\s*[\w./-]+:\d+/;
+const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at [\w.$<>]+ \(|at .*:\d+:\d+|File "|Traceback|\$ |>|#|\/\/|import [\w{*"'@]+(?: as \w+)?\s*[;,]?\s*$|import .* from |from [\w.]+ import |def \w+\(|class \w+[\s:(<{]|function\*? ?\w*\(|(?:const|let|var) [\w{[]+.*=|return\b.*[;)]\s*$|SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|^\s*\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|^\s*\d{1,2}:\d{2}:\d{2}|^\s*[\w./-]+:\d+/;
+/** A line that ends like code (`;`, `{`, `}`): pasted, unless it reads as a sentence. */
+const CODE_END = /[;{}]\s*$/;
 const FAILED_RUN = /\b(?:FAIL(?:ED|ING)?|ERROR|Error|Exception|Traceback|panic:|Assertion\w*|exit (?:code|status) [1-9]|fatal|failed|failing|error TS\d+|undefined reference|Segmentation fault|Killed)\b|✗|×/;
 const PASSED_RUN = /\b(?:passed|PASS(?:ED)?|ok|success(?:ful(?:ly)?)?|succeeded|0 failed|0 errors|no errors|BUILD SUCCESSFUL|exit code 0|Done)\b|✓|✔/;
 const EDIT_TOOL = /^(?:Edit|MultiEdit|Write|apply_patch|str_replace\w*|write_file|edit_file|patch|create_file|NotebookEdit)$/i;
@@ -2166,34 +2197,62 @@ const EDIT_TOOL = /^(?:Edit|MultiEdit|Write|apply_patch|str_replace\w*|write_fil
 const EDIT_COMMAND = /\*\*\* Begin Patch|\bsed -i|\bperl -pi|\bgit apply|\bapply_patch|\bcat > |\btee |\bpatch -p/;
 const READ_TOOL = /^(?:Read|Glob|Grep|LS|ls|cat|read_file|list_files|search\w*|fetch\w*|describe_table|lookup\w*|WebFetch|WebSearch)$/i;
 const CONSTRAINT = /\b(?:must|without|at most|at least|no more than|under|within|budget|deadline|by (?:monday|friday|tomorrow|eod)|ensure|guarantee|never|only if|unless|but|while keeping|compatible|backwards?)\b|≤|>=|<=|\d+\s?(?:ms|s|gb|mb|tb|%|k|m|rows|users|rps|qps|req\/s|writes\/s|\$|€)\b/gi;
+/** The same constraints in the other languages agents are used in (counted with CONSTRAINT). */
+const CONSTRAINT_WORDS = new RegExp(words(
+  "muss|müssen|ohne|höchstens|mindestens|darf nicht|dürfen nicht|nicht mehr als|doit|doivent|sans|au plus|au moins|" +
+  "jamais|sauf si|debe|deben|sin|como máximo|al menos|nunca|salvo que|deve|devem|sem|no máximo|pelo menos|senza|" +
+  "al massimo|almeno|mai|должен|должна|должно|без|не более|не больше|минимум|никогда|musi|muszą|maksymalnie|" +
+  "co najmniej|nigdy|olmalı|olmadan|en fazla|en az|asla|moet|moeten|zonder|maximaal|minstens|nooit",
+  "不能|不要|不得|最多|至少|必须|以内|しないで|してはいけない|以内に|必ず|最大|最低|안 돼|안 되|반드시|최대|최소|이내").source, "giu");
+const constraintCount = (s: string) => (s.match(CONSTRAINT)?.length ?? 0) + (s.match(CONSTRAINT_WORDS)?.length ?? 0);
 
 /** The last `n` characters of a text that can be huge (a tool's output), or all of it. */
 const tail = (s: string, n: number) => (s.length > n ? s.slice(-n) : s);
 
+const LIST_ITEM = /^\s*(?:\d+[.)]|[-*•])\s/;
+
+/** A row of a pasted table: columns split by pipes or tabs, or a psql footer. */
+const TABLE_ROW = /\S\s*[|\t]\s*\S.*[|\t]|^\s*\(\d+ rows?\)\s*$/;
+
+/** A pasted line (code, a log): it starts like one, or ends like code and does not read as a sentence (many words, few symbols). */
+function isMaterial(line: string): boolean {
+  if (MATERIAL_LINE.test(line)) return true;
+  if (!CODE_END.test(line)) return false;
+  const words = line.match(/\p{L}{3,}/gu)?.length ?? 0, symbols = line.match(/[{}[\]();=<>|]/g)?.length ?? 0;
+  return !(words >= 12 && symbols / line.length < 0.08);
+}
+
 /** The words of an ask without what was pasted into it: prose lines only, its start and end when long. */
 export function askText(text: string): string {
   const unfenced = text.length > 40_000 ? `${text.slice(0, 20_000)}\n${text.slice(-20_000)}` : text;
-  const prose = unfenced.replace(/```[^`]*```/g, "\n").split("\n").map((l) => (l.trim() && !MATERIAL_LINE.test(l) ? l : "")).join("\n");
+  const raw = unfenced.replace(/```[^`]*```/g, "\n").split("\n"), row = raw.map((l) => TABLE_ROW.test(l));
+  // a table has rows above or below; one line with pipes in it is a sentence ("give me file | test | error")
+  const listy = raw.filter((l) => LIST_ITEM.test(l)).length >= 3;
+  const lines = raw.map((l, i) => (l.trim() && !((row[i] && (row[i - 1] || row[i + 1])) || isMaterial(l) || (listy && LIST_ITEM.test(l))) ? l.trim() : ""));
+  const prose = lines.join("\n").replace(/\n{3,}/g, "\n\n").trim();
   const paragraphs = prose.split(/\n\s*\n/).map((x) => x.trim()).filter(Boolean);
-  // "label each of these:" / "summarise this:": what follows the colon is the material, not the ask
-  const intro = paragraphs.findIndex((x) => /[:：]$/.test(x));
-  if (intro >= 0 && intro < paragraphs.length - 1) {
+  // "label each of these:" / "summarise this:" near the start: what follows the colon is the material, not the ask
+  const kept = lines.filter(Boolean), intro = kept.slice(0, 3).findIndex((x) => /[:：]$/.test(x));
+  if (intro >= 0 && intro < kept.length - 1) {
     const end = paragraphs[paragraphs.length - 1];
-    return [...paragraphs.slice(0, intro + 1), ...(end.length <= 300 && /[?？]/.test(end) ? [end] : [])].join("\n").slice(-800);
+    return [...kept.slice(0, intro + 1), ...(end.length <= 300 && /[?？]/.test(end) ? [end] : [])].join("\n").slice(-800);
   }
-  if (prose.length <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose.trim();
+  if (prose.length <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose;
   // a pasted document: the instruction is its first paragraph ("summarise this:"), its last when short ("what did
   // they decide?"), and short paragraphs that ask something
-  const first = paragraphs[0].slice(0, 400), last = paragraphs[paragraphs.length - 1];
+  const first = paragraphs[0], last = paragraphs[paragraphs.length - 1];
   const asking = paragraphs.slice(1, -1).filter((x) => x.length <= 300 && /[?？]/.test(x)).slice(-2);
-  return [first, ...asking, ...(last.length <= 400 ? [last] : [])].join("\n");
+  // a long first paragraph is the document itself when a short one at the end asks about it
+  const document = first.length > 400 && last.length <= 400 && /[?？]/.test(last) && !/[?？]/.test(first);
+  const opening = document ? [] : [first.slice(0, 400)];
+  return [...opening, ...asking, ...(last.length <= 400 ? [last] : [])].join("\n");
 }
 
 /** How long an ask is in words: CJK text has no spaces, so two of its characters count as a word. */
 const wordCount = (s: string) => (s.match(/[\p{L}\p{N}]+/gu) ?? []).reduce((n, w) => n + (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w) ? Math.ceil(w.length / 2) : 1), 0);
 
 /** The request as the classifier sees it: the ask, what a short follow-up refers to, and the tool run since the ask. */
-type Reading = { ask: string; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
+type Reading = { ask: string; listed: string[]; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
 
 /** The last substantive thing the user asked before message `at`: a follow-up's antecedent (approvals skipped). */
 function askedBefore(ms: ChatMessage[], at: number): string {
@@ -2208,7 +2267,8 @@ function askedBefore(ms: ChatMessage[], at: number): string {
 function readRequest(req: ChatRequest): Reading {
   const ms = req.messages;
   const at = ms.findLastIndex((m) => m.role === "user" && textOf(m.content).trim() !== "");
-  const ask = askText(at >= 0 ? textOf(ms[at].content) : "");
+  const said = at >= 0 ? textOf(ms[at].content) : "", ask = askText(said);
+  const listed = said.slice(0, 20_000).split("\n").filter((l) => LIST_ITEM.test(l));
   const calls: string[] = [];
   let fails = 0, last: string | undefined;
   for (const m of ms.slice(at + 1)) {
@@ -2218,7 +2278,7 @@ function readRequest(req: ChatRequest): Reading {
   const answered = ms.slice(0, Math.max(0, at)).some((m) => m.role === "assistant");
   const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8);
   const offer = followup ? textOf(ms.slice(0, at).findLast((m) => m.role === "assistant" && textOf(m.content).trim() !== "")?.content) : "";
-  return { ask, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
+  return { ask, listed, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
 }
 
 /** What the cheapest model is shown for a second opinion: the ask, what it follows up, the tool run's end; never the pasted material. */
@@ -2260,8 +2320,9 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
   if (r.calls.length) f["tool steps"] = Math.min(1, r.calls.length / 10);
   f["ask length"] = Math.min(1, Math.log10(1 + r.ask.length) / 4);
   f["questions"] = Math.min(1, (r.ask.match(/[?？]/g)?.length ?? 0) / 3);
-  f["constraints"] = Math.min(1, (r.ask.match(CONSTRAINT)?.length ?? 0) / 5);
-  f["numbered points"] = Math.min(1, (r.ask.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) / 5);
+  f["constraints"] = Math.min(1, constraintCount(r.ask) / 5);
+  // a program asked for with a list of requirements or several constraints is a spec, not a snippet
+  if (f.code && (r.listed.length >= 3 || constraintCount(r.ask) + constraintCount(r.listed.join("\n")) >= 2)) f["a program with requirements"] = 1;
   if (req.tools?.length) f["tools declared"] = 1;
   return { named: f, hashed: hashedWords(`${r.ask}\n${r.followup ? r.context : ""}`) };
 }
@@ -2280,70 +2341,72 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -3.053, threshold: 0.39, scale: 0.00256924,
+  bias: -7.655, threshold: 0.45, scale: 0.00178114,
   named: {
-    "a run failed": -0.595,
-    "a run passed": -0.875,
-    "approval": -0.385,
-    "ask length": 2.468,
-    "build": 1.546,
-    "cause": 0.856,
-    "classify": -1.019,
-    "constraints": 1.648,
-    "design": 1.594,
-    "estimate": 1.645,
-    "extract": -0.445,
-    "failed after an edit": 1.235,
-    "failed repeatedly": 1.592,
-    "follows a long answer": 0.931,
-    "follows a plan": 1.664,
-    "follows code": 0.099,
-    "judge": 2.015,
-    "lookup": -0.114,
-    "mechanical": -0.767,
-    "numbered points": -2.733,
-    "plan": 0.983,
-    "proof": 3.011,
-    "questions": 0.491,
-    "read a file": 0.169,
-    "reformat": -0.822,
-    "research": 0.62,
-    "retry": 1.698,
-    "review": 2.863,
-    "short follow-up": -0.232,
-    "summarize": -0.995,
-    "symptom": 1.63,
-    "thanks": -1.728,
-    "tool steps": 1.541,
-    "tools declared": -0.258,
-    "translate": -2.539,
+    "a program with requirements": 4.33,
+    "a run failed": -1.608,
+    "a run passed": -1.421,
+    "approval": -0.868,
+    "ask length": 10.035,
+    "build": 3.332,
+    "cause": 1.376,
+    "classify": -2.24,
+    "code": 0.08,
+    "constraints": 5.574,
+    "design": 3.469,
+    "estimate": 3.387,
+    "extract": -1.479,
+    "failed after an edit": 2.508,
+    "failed repeatedly": 3.747,
+    "follows a long answer": 5.127,
+    "follows a plan": 2.76,
+    "follows code": 0.553,
+    "judge": 3.896,
+    "lookup": -0.427,
+    "mechanical": -0.932,
+    "plan": 1.571,
+    "proof": 5.661,
+    "questions": 0.208,
+    "read a file": 0.338,
+    "reformat": -0.816,
+    "research": 1.613,
+    "retry": 3.37,
+    "review": 4.841,
+    "short follow-up": -1.035,
+    "summarize": -1.113,
+    "symptom": 2.137,
+    "thanks": -3.86,
+    "tool steps": 2.561,
+    "tools declared": -0.024,
+    "translate": -6.183,
   } as Record<string, number>,
   hashed:
-    "+PYJEPAACS/5EgAUBA8FFSARLxHaARQg+fr8BPgKDAjrCffxIBwEAQUTQBcUGwAiB+gB0xL7Av8ZBN4MEivwAuIa/QUB/xb97+7/" +
-    "ERDb8gr89BQb/P8TBQAT9yME7+v88hvoDgQDIy4c/hYEEwQFBwAi/v3hKAoH8P/4CR8RF+kk2vAO9xQVFAj3FgYLFxUi/O4BGRsD" +
-    "BxEJCvMGLBfb5AMY+wT86P7zAy0nABwAAg8FAvvtG/MmAfoVAQb2ERr8/CD//AoQCP0C7/Lw6hH97wUIHhgO9ADg/QwZF/YZB/ML" +
-    "9gEBAQPi7wLtCBQPDPwC7QIIASb8Afr08xj8+gUQIfsIFAAICf8HFBMTD9QH/wHhCw8D+EnzCScY5gNKAhwNCvMoERsF7xX3/RUX" +
-    "AAsADOoXGAkjEP/97AEoBQAA7Qb1DxAHFd7/HRz+Bu/++vAT9+Qg7xL6/PkS7Rb1EvsBBhoeJAjkRwQHBOz8AhkD9/YZ9hsNAQfy" +
-    "AwsRAwT2CPsRFPEI+vMX5/Y8/yPxED4Q8QUT/C0V+gEI6xX6A+L7BvTh9ykPLhD+A/Up/O4a9RP25g0FGhP9AOYM/frz/hEACwbu" +
-    "BRH0/RQi8AgNEAnw7gXoFQX36hQN+hrXAwP5DgcSDAYPIOsV7vvbCBQdBhwV7TkP9AsiHh7wFAcEFfjrGxnxBQz6/ebpERT7GvwA" +
-    "H/MLB/kJDhDrDOoD8AsD7wTzAO0bCvoBHPEDHw/8HOkDEfsCCgkP7QMTHisXEkj27AM2BQb9ABQN+AHrCfn0/T3v9xEBHAsc6v8K" +
-    "7P/+CQcMC/cjCgMaMP4h6g84/gwCCPkZ9/v/A9zz1isHAwf5FAkBBgXY+fcHBvYbBe/nEgM18/b2DwT7EfsdAPsTF+v7CCwF//9E" +
-    "FgryQAMLCf4NDQjtBgAXEA/9ChUnB+0J8woCLQID+gHzJAkYHwBE9f4HDgn32hb7Bh0c/AD6GQH2Hgnw+Q4Z+P4CFfMEAvcJ9RYW" +
-    "ChQGBOUBAvwNEQAI+wATCBIGAi8PGwYCDR0VDfMLDAUN/AcODhkWJQUCBA0FDvwDJPwI9grpDvX3ERP7zfIL9xoGB/vm++EHAP78" +
-    "UAbvCAIRDv0E/fcC9AUE/gEkEN0ZHA384RT8Cvn/GvH4AC4GGgwaAQMIAvz+DQP7CgcQDQsf8gUABPcI8hQB/wUEAf7rM/kKAvLw" +
-    "KfYDEOH49hT/Bx4P/RgJ/Acg4wT29xgU8Pn76wYG7AoNCQgRAH8M9O37/RgAAwn8CvL+/f8SCALZ8PgECx70GvES+eIN9+z/7uQP" +
-    "/SH4HQUn9RvmDCroJw/yC/8KBSUi5voL8fA4CfDxIQX11hHwEf7+CgTG//4mGPUODA==",
+    "4g4BGuoH9yLtF/kIAwoKGAAMPw/RBBQb5wQM+QgXKvzV+/vkEyQdBAZCMRsEOQcuCe0B3Rr8+/8MC+r1EED7/eYO+v0C+Q/5AwMA" +
+    "FRK1+A/59hov+vkJ9AId6xAG8t/5BxDgDgL6F0UE/A0ICgICEPEg//XpJQUD+Pn3ChMFCwUtyfUQDQn/BvPjExIHARA39wEABy8J" +
+    "8RT+DQIKEgT+7gcg7wYLAADaBi8UAhUGGx/8FOvxK/Mj/v4CAgP6DBj69hIF/P0TFgr76wDh6wH99QDuFzAZAQDmBvgJF+AAH80L" +
+    "6Rj/BAbv5A75GA8FCvoQ7Os4/R//8ePj5hX+AQMNKO4HHwAO+f4MExYSC9kE4gHmDQb45TQHDCAG5gk+AA4OBQgSHCEL3w4C8xgG" +
+    "8RP+9/gPCiMoDQXp7BgWAAQH6wn3EBADIfz4MRDp8+f04/Yg7NkuChL3+/H+8goF/gcIBhsWKAvkOxQJ9/D5Bh3xBvAN+hEH7wMD" +
+    "+QcSAfrkAf4ODQAMC+IP9von+jwEGjgSywoJ7TgV8wAc3hTeDeL1CPzuAT8FLwv2Af5A6/lR9hP71Q3+CA3+Bt8FF/r7CSQA9w/l" +
+    "/RHi/xASCBELDQ308gHvCgACCwYfCSnwAAr+CeYhIQULIegK5vX4AigZ7i8VDkgi1xIYFBL8HgwPH/gFFBjnAAcD/erfHyTrMPUA" +
+    "IwINCPsJEAzwD/j+BRMDvgv7/PkPGQv/EvwHLBz1JtMKEAbzFeoS8PAEJy8cBkXiBwkbAQ4A+joM6Pf8FPoWAy31BA4PKAkd6/kW" +
+    "7QfmEAMRCN0MEAEIIwAm/RY59AwBAwAE6fX98t708CEKAwPzDyT+BwjN9fEAEgUBAwT8EAYv8PntBiMJBAQgDAIZDub0FCoQAetK" +
+    "Cg4CSfQEAvwFAAXvJvsMBwwN/gsfCPvr9BMOIQ7tBv7tHwcSHAA28P8LDyIG1hfyAiIo+AcHFAjzBAHx7QYE9Pn9F/AM/wT5+xIS" +
+    "BBn0C9P0AuoKOAAJC/8G9QgBD/wdEPkGDAkVB/EIBwgPAO0ICCodIQn24wwMFwPzEf4N3Ar1B/AADBf/3urq8Bn1APXz8ejx8vQB" +
+    "fwvyAvP6Cwf3//P++RMOAwAXF+MZJQAQAQvzDggBBPP6AEjgIfoaBAoTAf/2BPgDGg4bAfYm/vz1BPQH6hcC6P0AAPn1GvEL/ejy" +
+    "N/YRCuYC7CHqEiANCiEE/goq1PEF3fYp+Pfx+wb3/hIVBgb/HH359fP89T0D8wD98fAH/e0QEvDD9v31DxDyLOoJA+EH5fEL9+v9" +
+    "+fT5JwUXASPdESzmJg/t/QMFDiv6+OIS5QBCAOgAF/7gyAkC/gr3CwLq6vAlE/8TGw==",
 };
 // </weights>
 
 /** The hashed words' weights, unpacked once: a byte each, times `scale`. */
 const HASHED_WEIGHTS = Float64Array.from(Buffer.from(WEIGHTS.hashed, "base64"), (b) => ((b << 24) >> 24) * WEIGHTS.scale);
 
+/** How the measured (not word-matched) signals read in a reason; the others read as their own name. */
+const SHOWN: Record<string, string> = { "ask length": "a detailed ask", constraints: "several constraints", questions: "several questions", "tool steps": "a long tool run" };
+
 /** How a named signal reads in a reason. */
 function shownSignal(name: string): string {
-  const task = (n: string) => TASK_SIGNALS.find((s) => s[0] === n)?.[1];
-  if (name.startsWith("then ")) return `follows up on work that ${task(name.slice(5))?.replace(/^asks/, "asked") ?? name}`;
-  return task(name) ?? name;
+  return TASK_SIGNALS.find((s) => s[0] === name)?.[1] ?? SHOWN[name] ?? name;
 }
 
 /**

@@ -186,7 +186,7 @@ describe("hardening: one request or one upstream answer takes everything down", 
   it("#4 the auto classifier reads a bounded window with linear patterns: a megabyte of SELECT without FROM is classified at once", { timeout: 5000 }, async () => {
     const selects = "SELECT ".repeat(150_000); // a quadratic pattern would take minutes here
     assert.equal(classify({ messages: [{ role: "user", content: selects }] }).tier, "simple");
-    assert.equal(classify({ messages: [{ role: "user", content: `why is this slow?\n${selects}` }] }).tier, "complex");
+    assert.equal(classify({ messages: [{ role: "user", content: `why is this query slow on 10M rows when it was fast last week?\n${selects}` }] }).tier, "complex");
     const e = await setup();
     try {
       const r = await post(e, { model: "auto", messages: [{ role: "user", content: selects }] });

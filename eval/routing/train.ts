@@ -4,6 +4,7 @@
 //
 //   npm run train:routing            cross-validate, fit, write
 //   npm run train:routing -- --dry   cross-validate and print, write nothing
+//   npm run train:routing -- --ids '^(agent|app|mixed)2?-'   only the ids that match (here: the first two rounds)
 
 import { readFileSync, writeFileSync } from "node:fs";
 import { classifierFeatures } from "../../tokenwatch.ts";
@@ -13,7 +14,9 @@ const HASH_BUCKETS = 1024; // as in tokenwatch.ts
 const FILE = new URL("../../tokenwatch.ts", import.meta.url);
 
 type Row = { named: Record<string, number>; hashed: number[]; y: number };
-const rows: Row[] = load().filter((i) => splitOf(i.id) === "train").map((i) => ({ ...classifierFeatures(i.request), y: i.label === "complex" ? 1 : 0 }));
+const only = process.argv.includes("--ids") ? new RegExp(process.argv[process.argv.indexOf("--ids") + 1]) : undefined;
+const training = () => load().filter((i) => splitOf(i.id) === "train" && (!only || only.test(i.id)));
+const rows: Row[] = training().map((i) => ({ ...classifierFeatures(i.request), y: i.label === "complex" ? 1 : 0 }));
 const names = [...new Set(rows.flatMap((r) => Object.keys(r.named)))].sort();
 const index = new Map(names.map((n, i) => [n, i]));
 const N = names.length;
@@ -78,7 +81,7 @@ function bestThreshold(p: number[]): { threshold: number; accuracy: number; reca
 
 console.log(`training part: ${rows.length} requests, ${rows.filter((r) => r.y).length} complex; ${N} named signals, ${HASH_BUCKETS} word buckets`);
 let chosen = { lambdaNamed: 0, lambdaWords: 0, threshold: 0.5, accuracy: 0, recall: 0 };
-for (const lambdaNamed of [0.001, 0.003, 0.01, 0.03]) {
+for (const lambdaNamed of [0.0001, 0.0003, 0.001, 0.003]) {
   for (const lambdaWords of [0.03, 0.1, 0.3, Infinity]) {
     // three draws of the folds, pooled: a choice that wins on one draw's noise does not win here
     const p = [0, 1, 2].flatMap((seed) => crossValidate(lambdaNamed, lambdaWords === Infinity ? 1e6 : lambdaWords, seed));
@@ -106,7 +109,7 @@ if (!process.argv.includes("--dry")) {
 
 if (process.argv.includes("--misses")) { // the training part's out-of-fold misses, to design signals on (never the held-out part)
   const p = crossValidate(chosen.lambdaNamed, chosen.lambdaWords === Infinity ? 1e6 : chosen.lambdaWords);
-  const items = load().filter((i) => splitOf(i.id) === "train");
+  const items = training();
   p.forEach((x, j) => {
     if ((x >= chosen.threshold ? 1 : 0) === rows[j].y) return;
     const i = items[j], last = i.request.messages.findLast((m) => m.role === "user");
