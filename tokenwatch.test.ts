@@ -592,6 +592,32 @@ describe("5. Selector", () => {
       assert.equal(askText(`Travel & Expense Policy\n${policy}\n\nI had a client dinner for three at $318. Is that within policy?`), "I had a client dinner for three at $318. Is that within policy?");
     });
 
+    it("reads an instruction before the text it points at, a question before a paste, and what the ask says not to do", () => {
+      const notice = "Sie suchen ein neues Fahrrad. Dann sind Sie bei uns genau richtig. Seit 1987 beraten wir Sie persönlich.\nWir freuen uns auf Ihren Besuch!\n".repeat(3);
+      assert.equal(askText(`Kannst du diesen Text von Sie auf du umstellen? Sonst bitte nix ändern.\n\n${notice}`), "Kannst du diesen Text von Sie auf du umstellen? Sonst bitte nix ändern.");
+      const news = "国家医保局日前发布通知，明确自2026年1月1日起推进门诊共济保障机制改革的后续措施。".repeat(4);
+      assert.equal(askText(`用三句话帮我概括一下这篇新闻，给我爸妈看的\n\n${news}\n\n${news}`), "用三句话帮我概括一下这篇新闻，给我爸妈看的");
+      const contract = "CONTRAT DE TRAVAIL À DURÉE INDÉTERMINÉE. Le salarié est engagé à compter du 1er mars. ".repeat(8);
+      assert.equal(askText(`c'est quoi la durée de la période d'essai ?\n\n${contract}`), "c'est quoi la durée de la période d'essai ?");
+      const named = (ask: string) => classifierFeatures(user(ask)).named;
+      assert.equal(named("format my notes into the issue template. don't try to debug it").cause, undefined);
+      assert.equal(named("why does the upload fail on Android?").cause, 1);
+    });
+
+    it("takes a longer turn that opens by approving the last answer as a follow-up of that work", () => {
+      const conv = (last: string): ChatRequest => ({ messages: [
+        { role: "user", content: "Design the retry policy for our payment webhooks, with side effects at most once" },
+        { role: "assistant", content: "A design:\n1. idempotency keys\n2. an outbox table\n3. backoff with jitter\nShall I implement it?" },
+        { role: "user", content: last },
+      ] });
+      for (const last of ["looks good, go ahead. skip the outbox for now, the session table stays until the rest is out", "а если вебхук придёт дважды через неделю, после очистки ключей?"]) {
+        const f = classifierFeatures(conv(last)).named;
+        assert.equal(f["approval with more"], 1, last);
+        assert.equal(f.design, 0.8, `${last}: it continues the design`);
+      }
+      assert.equal(classifierFeatures(conv("Completely new question: which logging levels does pino have by default and in what order")).named.design, undefined);
+    });
+
     it("counts a program asked for with requirements, in any language's word order", () => {
       const spec = (ask: string) => classifierFeatures(user(ask)).named;
       assert.equal(spec("Écris une fonction Python pour partager une addition, avec ces règles :\n- chaque plat à une ou plusieurs personnes\n- le pourboire au prorata\n- arrondi au centime")["a program with requirements"], 1);

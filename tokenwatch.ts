@@ -2084,6 +2084,8 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
   ["design", "asks for a design", words(
     "design*|architect*|data model|model (it|this|that)|double-?book*|even when two|schema for|" +
     "how should we structure|scal*|shard*|partition*|consisten*|trade-?offs?|approach*|entw[uü]rf*|" +
+    "best way to|better way to|instead of|versus|vs\\.?|mejor (forma|manera)|meilleure (façon|approche)|beste (weg|ansatz)|" +
+    "melhor (forma|jeito)|il modo migliore|invece di|en lugar de|au lieu de|statt|anstatt|zamiast|вместо|yerine|in plaats van|" +
     "architektur|concevoir|conception|diseñ*|arquitectura|projetar|progett*|спроектир*|архитектур*|" +
     "tasarla*",
     "设计|架构|設計|アーキテクチャ|설계|아키텍처")],
@@ -2101,9 +2103,11 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "to serve)|how much will|how much would|how long will|capacity|back-of-the-envelope|fermi|sizing|" +
     "forecast*|projection|will it finish|will it be done|done before|use more|cost more|save money|cheaper|more (water|" +
     "energy|power|money|time|memory|storage) than|would it take|how long would|how long will|schätz*|" +
-    "wie viele|wie lange|combien|cuántos|cuánto tiempo|quantos|quanti|сколько|оцени*|tahmin*|ile|ile kosztuje|" +
-    "hoeveel|kaç|ne kadar",
-    "估算|估计|预估|推定|推測|多少|多久|見積|何台|いくつ|추정|예상|몇")],
+    // "how many" alone is a lookup in any language; a rough figure is what makes it an estimate
+    "roughly|ballpark|approximately|order of magnitude|schätz*|grob|ungefähr|überschlag*|environ|à peu près|" +
+    "aproximadamente|más o menos|a ojo|por alto|circa|all'incirca|più o meno|оцени*|примерно|прикин*|szacun*|" +
+    "mniej więcej|około|tahmin*|yaklaşık|kabaca|ongeveer|grofweg|ruwweg",
+    "估算|估计|预估|大概|大约|粗略|推定|推測|見積|ざっくり|くらい|ぐらい|概算|추정|예상|대략|정도")],
   ["judge", "asks for a judgement", words(
     "should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|" +
     "okay|safe|legal|fine) to|what breaks|what would break|what happens if|decide|decision|recommend*|" +
@@ -2134,9 +2138,11 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "klas*|функци*|скрипт*|модул*|класс*|программ*|fonksiyon*|betik|modül*|sınıf*",
     "函数|脚本|模块|程序|関数|スクリプト|モジュール|クラス|함수|스크립트|모듈|클래스|프로그램"))],
   ["research", "asks to weigh sources", words(
-    "sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|" +
-    "études|estudios|fonti|источник*",
-    "文献|论文|研究|論文|연구")],
+    "sources|papers|studies|study|literature|evidence|conflicting|contradict*|meta-?analys*|quellen|studie[n]?|" +
+    "widersprech*|widersprüch*|belege|études|étude|contradictoire*|preuves|estudios|estudio|contradictori*|" +
+    "estudos|evidências|fonti|studi|contraddittori*|источник*|исследовани*|противореч*|badania|badań|sprzeczn*|" +
+    "araştırma*|çelişk*|kaynak*|onderzoek*|tegenstrijdig*|bronnen",
+    "文献|论文|研究|論文|연구|综合|证据|矛盾|根拠|証拠|근거|모순|출처")],
   ["translate", "asks for a translation", words(
     "translat*|übersetz*|tradu*|vertaal*|przetłumacz*|переведи*|перевод*|çevir*|in english|into english|" +
     "auf deutsch|en français|en español|em português|in italiano",
@@ -2185,6 +2191,12 @@ const APPROVALS = [
   "procedi", "tak", "dalej", "да", "давай", "продолжай", "evet", "devam", "はい", "うん", "続けて", "お願い", "どうぞ", "好", "好的", "继续", "可以", "네", "응", "계속",
 ];
 const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!]*$`, "iu");
+/** A turn that opens by approving or by building on the last answer ("looks good, go ahead. skip 6 for now", "and if we…"): a follow-up, however long. */
+const LEADS_ON = new RegExp(
+  `^\\s*(?:(?:${APPROVALS.join("|")}|looks good|sounds good|perfect|great|ja passt|passt|mach so|manda bala|bora|rób|vas-y|fais-le|hazlo)\\s*[.!,;:—-]` +
+    `|(?:(?:and|but|ok(?:ay)?,? and|so) (?:if|what|the|now|for)|what (?:if|about)|how about|y si|et si|und wenn|e se|a jeśli|а если|peki)(?![\\p{L}\\p{N}]))`,
+  "iu",
+);
 
 /** Text that is pasted material rather than words to the model: code, logs, stack frames, tables. */
 const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at [\w.$<>]+ \(|at .*:\d+:\d+|File "|Traceback|\$ |>|#|\/\/|import [\w{*"'@]+(?: as \w+)?\s*[;,]?\s*$|import .* from |from [\w.]+ import |def \w+\(|class \w+[\s:(<{]|function\*? ?\w*\(|(?:const|let|var) [\w{[]+.*=|return\b.*[;)]\s*$|SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|^\s*\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|^\s*\d{1,2}:\d{2}:\d{2}|^\s*[\w./-]+:\d+/;
@@ -2210,6 +2222,16 @@ const constraintCount = (s: string) => (s.match(CONSTRAINT)?.length ?? 0) + (s.m
 const tail = (s: string, n: number) => (s.length > n ? s.slice(-n) : s);
 
 const LIST_ITEM = /^\s*(?:\d+[.)]|[-*•])\s/;
+
+/** Words that point at pasted material: "this", "below", "the following", in the languages agents are used in. */
+const POINTS_AT = words(
+  "this|these|below|following|here's|here is|attached|pasted|diese[mnrs]?|folgende[mnrs]?|unten|ce|cet|cette|ces|" +
+  "ci-dessous|suivant[es]*|este|esta|estos|estas|siguiente[s]?|abajo|isto|isso|seguinte[s]?|abaixo|questo|questa|questi|" +
+  "seguente|sotto|это|этот|эту|эти|этого|ниже|следующ*|ten|tę|tego|poniższ*|bu|şu|aşağıdaki|deze|dit|hieronder|volgende",
+  "この|これ|以下|下記|这|這|下面|이 |이거|아래|다음");
+
+/** How long a text reads: CJK characters carry about a word each, so they count three. */
+const size = (s: string) => s.length + 2 * (s.match(/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/gu)?.length ?? 0);
 
 /** A row of a pasted table: columns split by pipes or tabs, or a psql footer. */
 const TABLE_ROW = /\S\s*[|\t]\s*\S.*[|\t]|^\s*\(\d+ rows?\)\s*$/;
@@ -2237,10 +2259,16 @@ export function askText(text: string): string {
     const end = paragraphs[paragraphs.length - 1];
     return [...kept.slice(0, intro + 1), ...(end.length <= 300 && /[?？]/.test(end) ? [end] : [])].join("\n").slice(-800);
   }
-  if (prose.length <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose;
+  // "Translate this into English." / "この請求書から…抜き出して" and then the text: a short first paragraph that points
+  // at what follows, when nothing after it asks anything
+  const [first, ...rest] = paragraphs;
+  if (rest.length && size(first) <= 300 && !rest.some((x) => /[?？]/.test(x))) {
+    if (POINTS_AT.test(first) || (/[?？]/.test(first) && size(rest.join("")) > 2 * size(first))) return first;
+  }
+  if (size(prose) <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose;
   // a pasted document: the instruction is its first paragraph ("summarise this:"), its last when short ("what did
   // they decide?"), and short paragraphs that ask something
-  const first = paragraphs[0], last = paragraphs[paragraphs.length - 1];
+  const last = paragraphs[paragraphs.length - 1];
   const asking = paragraphs.slice(1, -1).filter((x) => x.length <= 300 && /[?？]/.test(x)).slice(-2);
   // a long first paragraph is the document itself when a short one at the end asks about it
   const document = first.length > 400 && last.length <= 400 && /[?？]/.test(last) && !/[?？]/.test(first);
@@ -2276,7 +2304,7 @@ function readRequest(req: ChatRequest): Reading {
     if (m.role === "tool" || m.role === "user") { last = tail(textOf(m.content), 3000); if (FAILED_RUN.test(last)) fails++; }
   }
   const answered = ms.slice(0, Math.max(0, at)).some((m) => m.role === "assistant");
-  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8);
+  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8 || LEADS_ON.test(ask));
   const offer = followup ? textOf(ms.slice(0, at).findLast((m) => m.role === "assistant" && textOf(m.content).trim() !== "")?.content) : "";
   return { ask, listed, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
 }
@@ -2297,15 +2325,21 @@ const VERDICT_PROMPT = [
   "\"simple\": a cheap model does it as well (a lookup, reformatting, extraction, translation, a summary, a mechanical edit, small talk, reporting a passing run).",
 ].join(" ");
 
+/** What an ask tells the model not to do ("don't debug it, just format it"): not the task, so not a signal. */
+const NOT_ASKED = new RegExp(`(?:${words(
+  "don'?t|do not|no need to|not asking (you )?to|never mind|without|ohne|nicht nötig|pas besoin d[e']|sans|no hace falta|" +
+  "sin|não precisa|sem|senza|non serve|не надо|не нужно|без|nie trzeba|bez|niet nodig|zonder|gerek yok").source})(?:\\s+[\\p{L}'-]+){1,3}`, "giu");
+
 /** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
 export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
   const r = readRequest(req), f: Record<string, number> = {};
+  const asked = r.ask.replace(NOT_ASKED, " ");
   for (const [name, , re] of TASK_SIGNALS) {
-    if (re.test(r.ask)) f[name] = 1;
+    if (re.test(asked)) f[name] = 1;
     else if (r.followup && re.test(r.context)) f[name] = 0.8; // a follow-up continues what it follows
   }
   if (r.followup) {
-    f[APPROVAL.test(r.ask) ? "approval" : "short follow-up"] = 1;
+    f[APPROVAL.test(r.ask) ? "approval" : LEADS_ON.test(r.ask) && wordCount(r.ask) > 8 ? "approval with more" : "short follow-up"] = 1;
     // what the model said last, which a reply approves or continues: a long plan of steps, or code, is work
     f["follows a long answer"] = Math.min(1, Math.log10(1 + r.offer.length) / 4);
     if ((r.offer.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) >= 3) f["follows a plan"] = 1;
@@ -2341,60 +2375,61 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -7.655, threshold: 0.45, scale: 0.00178114,
+  bias: -8.287, threshold: 0.43, scale: 0.00154771,
   named: {
-    "a program with requirements": 4.33,
-    "a run failed": -1.608,
-    "a run passed": -1.421,
-    "approval": -0.868,
-    "ask length": 10.035,
-    "build": 3.332,
-    "cause": 1.376,
-    "classify": -2.24,
-    "code": 0.08,
-    "constraints": 5.574,
-    "design": 3.469,
-    "estimate": 3.387,
-    "extract": -1.479,
-    "failed after an edit": 2.508,
-    "failed repeatedly": 3.747,
-    "follows a long answer": 5.127,
-    "follows a plan": 2.76,
-    "follows code": 0.553,
-    "judge": 3.896,
-    "lookup": -0.427,
-    "mechanical": -0.932,
-    "plan": 1.571,
-    "proof": 5.661,
-    "questions": 0.208,
-    "read a file": 0.338,
-    "reformat": -0.816,
-    "research": 1.613,
-    "retry": 3.37,
-    "review": 4.841,
-    "short follow-up": -1.035,
-    "summarize": -1.113,
-    "symptom": 2.137,
-    "thanks": -3.86,
-    "tool steps": 2.561,
-    "tools declared": -0.024,
-    "translate": -6.183,
+    "a program with requirements": 3.938,
+    "a run failed": -0.812,
+    "a run passed": -1.651,
+    "approval": -0.415,
+    "approval with more": -0.988,
+    "ask length": 10.714,
+    "build": 3.299,
+    "cause": 1.832,
+    "classify": -2.54,
+    "code": 0.384,
+    "constraints": 6.734,
+    "design": 3.036,
+    "estimate": 3.808,
+    "extract": -2.198,
+    "failed after an edit": 2.534,
+    "failed repeatedly": 3.312,
+    "follows a long answer": 4.956,
+    "follows a plan": 2.552,
+    "follows code": 0.243,
+    "judge": 3.636,
+    "lookup": -0.051,
+    "mechanical": -0.773,
+    "plan": 1.668,
+    "proof": 5.807,
+    "questions": 0.637,
+    "read a file": 0.405,
+    "reformat": -2.117,
+    "research": 3.232,
+    "retry": 2.565,
+    "review": 5.179,
+    "short follow-up": -0.871,
+    "summarize": -1.379,
+    "symptom": 1.736,
+    "thanks": -3.66,
+    "tool steps": 3.777,
+    "tools declared": -0.021,
+    "translate": -4.035,
   } as Record<string, number>,
   hashed:
-    "4g4BGuoH9yLtF/kIAwoKGAAMPw/RBBQb5wQM+QgXKvzV+/vkEyQdBAZCMRsEOQcuCe0B3Rr8+/8MC+r1EED7/eYO+v0C+Q/5AwMA" +
-    "FRK1+A/59hov+vkJ9AId6xAG8t/5BxDgDgL6F0UE/A0ICgICEPEg//XpJQUD+Pn3ChMFCwUtyfUQDQn/BvPjExIHARA39wEABy8J" +
-    "8RT+DQIKEgT+7gcg7wYLAADaBi8UAhUGGx/8FOvxK/Mj/v4CAgP6DBj69hIF/P0TFgr76wDh6wH99QDuFzAZAQDmBvgJF+AAH80L" +
-    "6Rj/BAbv5A75GA8FCvoQ7Os4/R//8ePj5hX+AQMNKO4HHwAO+f4MExYSC9kE4gHmDQb45TQHDCAG5gk+AA4OBQgSHCEL3w4C8xgG" +
-    "8RP+9/gPCiMoDQXp7BgWAAQH6wn3EBADIfz4MRDp8+f04/Yg7NkuChL3+/H+8goF/gcIBhsWKAvkOxQJ9/D5Bh3xBvAN+hEH7wMD" +
-    "+QcSAfrkAf4ODQAMC+IP9von+jwEGjgSywoJ7TgV8wAc3hTeDeL1CPzuAT8FLwv2Af5A6/lR9hP71Q3+CA3+Bt8FF/r7CSQA9w/l" +
-    "/RHi/xASCBELDQ308gHvCgACCwYfCSnwAAr+CeYhIQULIegK5vX4AigZ7i8VDkgi1xIYFBL8HgwPH/gFFBjnAAcD/erfHyTrMPUA" +
-    "IwINCPsJEAzwD/j+BRMDvgv7/PkPGQv/EvwHLBz1JtMKEAbzFeoS8PAEJy8cBkXiBwkbAQ4A+joM6Pf8FPoWAy31BA4PKAkd6/kW" +
-    "7QfmEAMRCN0MEAEIIwAm/RY59AwBAwAE6fX98t708CEKAwPzDyT+BwjN9fEAEgUBAwT8EAYv8PntBiMJBAQgDAIZDub0FCoQAetK" +
-    "Cg4CSfQEAvwFAAXvJvsMBwwN/gsfCPvr9BMOIQ7tBv7tHwcSHAA28P8LDyIG1hfyAiIo+AcHFAjzBAHx7QYE9Pn9F/AM/wT5+xIS" +
-    "BBn0C9P0AuoKOAAJC/8G9QgBD/wdEPkGDAkVB/EIBwgPAO0ICCodIQn24wwMFwPzEf4N3Ar1B/AADBf/3urq8Bn1APXz8ejx8vQB" +
-    "fwvyAvP6Cwf3//P++RMOAwAXF+MZJQAQAQvzDggBBPP6AEjgIfoaBAoTAf/2BPgDGg4bAfYm/vz1BPQH6hcC6P0AAPn1GvEL/ejy" +
-    "N/YRCuYC7CHqEiANCiEE/goq1PEF3fYp+Pfx+wb3/hIVBgb/HH359fP89T0D8wD98fAH/e0QEvDD9v31DxDyLOoJA+EH5fEL9+v9" +
-    "+fT5JwUXASPdESzmJg/t/QMFDiv6+OIS5QBCAOgAF/7gyAkC/gr3CwLq6vAlE/8TGw==",
+    "7/QIB/0A9wn4GAISCggNHQcSMwS/ASMa6xH98BUEMRPXEfrtKywZIPlEMhsSM/kaDuwI3fv9GwAKAfH2LRrz/OsjAAEB8x8uAw74" +
+    "AQbdGzQG+g4f8wgY7gwZAAkC+gLxCQIACQLxDl/9ChHqGAADEv80///uLfoa3SEFDxoqHgM13QYOEgMDDggLBR4f7wcyAg8C+ycP" +
+    "9Bj4CiUPAgz+7w0L9AwYBgDoFjcjExAAGRYCHgblHgAO//zuBgwYGCgFBRcMChMYAQD+De7t/RT3AwECFSUk7RDY/w8WEuQTDdX7" +
+    "APsG/vnvBQ8QDxIJB/gJ7fw9BB/wCgYAABH9GAYOCQQNEfgl9f0GDg8fK+cFCvjc+wD0IikMDhki/AEj6xEOJwMIGhED5xP9+g78" +
+    "DQ8HA/8RFP4NAAfv9yIi//EQ9hHqFRMVIBABLBju7fMI8vIcBgBMCQD2G/gUAP8A8f4NAikYCQ34PAgQA/HjCh/g9ewNBgf/ABkL" +
+    "AQoIBQDkCgMMCwL9DOYv9vQ3CzEOJy8D8RcHBhcQ9PUi0R4HBuvvAvj9ECwIIAAI+P0rAgo8/wX75g0E/woFHPIFFxTyCw0CBv73" +
+    "ART7BAwVCiL7FBT2+BbmFfwIEQwODhbh/wkNHOMgFgsNSAoq6xAbEjMZ/yQT5koP9RQSIhwGIRQcHAgQIB/0Bwjw+hbgFi4OFfEA" +
+    "EQr9BR0MBAndCfUJ/icVxPnrCxITJwARKhz0KxoQGuH8Gw76Ff4R8fsMJzEiBzHu9B8dABgC8SoN9Qz7GvMbDjwSCRkHKgMm6P8i" +
+    "+Q0OIwsaC/gBEAEaaQA/8QUYBwUDDf8Z7Av1/9/wAyTyBQL7ISH9Cf/eCQISEP5JAvYlBg0i8vLyFQ4EEw4jDgYJENL1Lx4K9/l/" +
+    "CBgKFhIL+/ADABfoLQD+CAwd9/oUBAwF+BIUIxL2Evj6KRAPJwga4OwMLCgH8BL5HRAe/gcSFA8VAxDt/OoN9gwEIB0OBQz0/hv7" +
+    "BBblBQv4+/UXFRwGBvgEABYEB/8KCe70BAgJFv0HFAkD/AIDIiAaLwQAAw4LFxj3DAb8DAsKBP8BBgwOCwDy4RUFDfYE/+fy5/gR" +
+    "Zwr3DAcW/vnqEdb3+yEV8P8NGgMvPBAKDP4DDRAIHQ0F/V37+vER/QYj/A4JC/n6DhIJCBIpCAQZBAgQ6CAMGgkC+SEB+/8fFv3/" +
+    "KBwDAub6/wT1KB8I8D0ABTUi8AIV9gUQBPoP9AwM7xMF8+v7EnMbDwUZAyQY+A8J7fodHQIaC/jdDRoD9xEDERLx9fv58xD+Gu8c" +
+    "Agv2KAUUADrmFzQQJg8FGhQM/UvuDBkL9PpW/d4QKgLl9QgnCgnqLAsU8xMQJgEiLQ==",
 };
 // </weights>
 
