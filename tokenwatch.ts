@@ -2330,10 +2330,13 @@ const NOT_ASKED = new RegExp(`(?:${words(
   "don'?t|do not|no need to|not asking (you )?to|never mind|without|ohne|nicht nötig|pas besoin d[e']|sans|no hace falta|" +
   "sin|não precisa|sem|senza|non serve|не надо|не нужно|без|nie trzeba|bez|niet nodig|zonder|gerek yok").source})(?:\\s+[\\p{L}'-]+){1,3}`, "giu");
 
+/** Names from code in an ask (`formatPrice`, `retry_count`, `cache.get()`): what the work is on, not what it is. */
+const IDENTIFIER = /`[^`\n]*`|[\w$]*[a-z][A-Z][\w$]*|\w+_\w+|[\w$]+(?:\.[\w$]+)+(?:\(\))?|[\w$]+\(\)/g;
+
 /** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
 export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
   const r = readRequest(req), f: Record<string, number> = {};
-  const asked = r.ask.replace(NOT_ASKED, " ");
+  const asked = r.ask.replace(NOT_ASKED, " ").replace(IDENTIFIER, " ");
   for (const [name, , re] of TASK_SIGNALS) {
     if (re.test(asked)) f[name] = 1;
     else if (r.followup && re.test(r.context)) f[name] = 0.8; // a follow-up continues what it follows
@@ -2344,6 +2347,8 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
     f["follows a long answer"] = Math.min(1, Math.log10(1 + r.offer.length) / 4);
     if ((r.offer.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) >= 3) f["follows a plan"] = 1;
     if (r.offer.includes("```")) f["follows code"] = 1;
+    // "still not working, now 2 errors": the answer it follows did not fix it
+    if (f.retry === 1 || f.symptom === 1 || FAILED_RUN.test(r.ask)) f["not fixed by the answer"] = 1;
   }
   const ran = r.last !== undefined && r.calls.length > 0;
   const failed = ran && FAILED_RUN.test(r.last!), edited = r.calls.some((c) => EDIT_TOOL.test(c));
@@ -2352,7 +2357,8 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
   if (ran && READ_TOOL.test(r.calls[r.calls.length - 1])) f["read a file"] = 1;
   if (r.fails >= 2) f["failed repeatedly"] = 1;
   if (r.calls.length) f["tool steps"] = Math.min(1, r.calls.length / 10);
-  f["ask length"] = Math.min(1, Math.log10(1 + r.ask.length) / 4);
+  // a follow-up's ask is the one it continues: "続けて" is as long as the work it approves
+  f["ask length"] = Math.min(1, Math.log10(1 + r.ask.length + (r.followup ? r.context.length : 0)) / 4);
   f["questions"] = Math.min(1, (r.ask.match(/[?？]/g)?.length ?? 0) / 3);
   f["constraints"] = Math.min(1, constraintCount(r.ask) / 5);
   // a program asked for with a list of requirements or several constraints is a spec, not a snippet
@@ -2375,61 +2381,62 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -8.287, threshold: 0.43, scale: 0.00154771,
+  bias: -8.768, threshold: 0.45, scale: 0.00145755,
   named: {
-    "a program with requirements": 3.938,
-    "a run failed": -0.812,
-    "a run passed": -1.651,
-    "approval": -0.415,
-    "approval with more": -0.988,
-    "ask length": 10.714,
-    "build": 3.299,
-    "cause": 1.832,
-    "classify": -2.54,
-    "code": 0.384,
-    "constraints": 6.734,
+    "a program with requirements": 3.833,
+    "a run failed": -0.802,
+    "a run passed": -1.752,
+    "approval": -2.148,
+    "approval with more": -0.797,
+    "ask length": 11.717,
+    "build": 3.434,
+    "cause": 1.817,
+    "classify": -2.56,
+    "code": 0.529,
+    "constraints": 6.899,
     "design": 3.036,
-    "estimate": 3.808,
-    "extract": -2.198,
-    "failed after an edit": 2.534,
-    "failed repeatedly": 3.312,
-    "follows a long answer": 4.956,
-    "follows a plan": 2.552,
-    "follows code": 0.243,
-    "judge": 3.636,
-    "lookup": -0.051,
-    "mechanical": -0.773,
-    "plan": 1.668,
-    "proof": 5.807,
-    "questions": 0.637,
-    "read a file": 0.405,
-    "reformat": -2.117,
-    "research": 3.232,
-    "retry": 2.565,
-    "review": 5.179,
-    "short follow-up": -0.871,
-    "summarize": -1.379,
-    "symptom": 1.736,
-    "thanks": -3.66,
-    "tool steps": 3.777,
-    "tools declared": -0.021,
-    "translate": -4.035,
+    "estimate": 3.735,
+    "extract": -2.194,
+    "failed after an edit": 2.724,
+    "failed repeatedly": 3.325,
+    "follows a long answer": 3.158,
+    "follows a plan": 2.521,
+    "follows code": -0.01,
+    "judge": 3.61,
+    "lookup": -0.07,
+    "mechanical": -0.85,
+    "not fixed by the answer": 2.493,
+    "plan": 1.632,
+    "proof": 5.889,
+    "questions": 0.652,
+    "read a file": 0.396,
+    "reformat": -2.804,
+    "research": 3.355,
+    "retry": 2.454,
+    "review": 5.293,
+    "short follow-up": -2.056,
+    "summarize": -1.37,
+    "symptom": 1.658,
+    "thanks": -3.631,
+    "tool steps": 3.911,
+    "tools declared": -0.014,
+    "translate": -4.041,
   } as Record<string, number>,
   hashed:
-    "7/QIB/0A9wn4GAISCggNHQcSMwS/ASMa6xH98BUEMRPXEfrtKywZIPlEMhsSM/kaDuwI3fv9GwAKAfH2LRrz/OsjAAEB8x8uAw74" +
-    "AQbdGzQG+g4f8wgY7gwZAAkC+gLxCQIACQLxDl/9ChHqGAADEv80///uLfoa3SEFDxoqHgM13QYOEgMDDggLBR4f7wcyAg8C+ycP" +
-    "9Bj4CiUPAgz+7w0L9AwYBgDoFjcjExAAGRYCHgblHgAO//zuBgwYGCgFBRcMChMYAQD+De7t/RT3AwECFSUk7RDY/w8WEuQTDdX7" +
-    "APsG/vnvBQ8QDxIJB/gJ7fw9BB/wCgYAABH9GAYOCQQNEfgl9f0GDg8fK+cFCvjc+wD0IikMDhki/AEj6xEOJwMIGhED5xP9+g78" +
-    "DQ8HA/8RFP4NAAfv9yIi//EQ9hHqFRMVIBABLBju7fMI8vIcBgBMCQD2G/gUAP8A8f4NAikYCQ34PAgQA/HjCh/g9ewNBgf/ABkL" +
-    "AQoIBQDkCgMMCwL9DOYv9vQ3CzEOJy8D8RcHBhcQ9PUi0R4HBuvvAvj9ECwIIAAI+P0rAgo8/wX75g0E/woFHPIFFxTyCw0CBv73" +
-    "ART7BAwVCiL7FBT2+BbmFfwIEQwODhbh/wkNHOMgFgsNSAoq6xAbEjMZ/yQT5koP9RQSIhwGIRQcHAgQIB/0Bwjw+hbgFi4OFfEA" +
-    "EQr9BR0MBAndCfUJ/icVxPnrCxITJwARKhz0KxoQGuH8Gw76Ff4R8fsMJzEiBzHu9B8dABgC8SoN9Qz7GvMbDjwSCRkHKgMm6P8i" +
-    "+Q0OIwsaC/gBEAEaaQA/8QUYBwUDDf8Z7Av1/9/wAyTyBQL7ISH9Cf/eCQISEP5JAvYlBg0i8vLyFQ4EEw4jDgYJENL1Lx4K9/l/" +
-    "CBgKFhIL+/ADABfoLQD+CAwd9/oUBAwF+BIUIxL2Evj6KRAPJwga4OwMLCgH8BL5HRAe/gcSFA8VAxDt/OoN9gwEIB0OBQz0/hv7" +
-    "BBblBQv4+/UXFRwGBvgEABYEB/8KCe70BAgJFv0HFAkD/AIDIiAaLwQAAw4LFxj3DAb8DAsKBP8BBgwOCwDy4RUFDfYE/+fy5/gR" +
-    "Zwr3DAcW/vnqEdb3+yEV8P8NGgMvPBAKDP4DDRAIHQ0F/V37+vER/QYj/A4JC/n6DhIJCBIpCAQZBAgQ6CAMGgkC+SEB+/8fFv3/" +
-    "KBwDAub6/wT1KB8I8D0ABTUi8AIV9gUQBPoP9AwM7xMF8+v7EnMbDwUZAyQY+A8J7fodHQIaC/jdDRoD9xEDERLx9fv58xD+Gu8c" +
-    "Agv2KAUUADrmFzQQJg8FGhQM/UvuDBkL9PpW/d4QKgLl9QgnCgnqLAsU8xMQJgEiLQ==",
+    "7PgIBv0A+Aj1GQESCggLGwIWNgLC/R0Z6hAB8BYDMxTWDvnqLSoXJflDNRwSL/gfDuoJ3/j+HAEKAPH3Lxry++0oBgEA8SMuBQ73" +
+    "AgXVGDcJ+BAh8AQX7xUZAAcE+P/wBgMCCQLwC2P4CxHlGAIGE/8y/f/vLPkd3B8DEBsoHwA53AgOEgQEDQkLCR0m7Q4vAg37Ah4Y" +
+    "8hb2CigRAhX/7QoL9A8aCADpFjYjEhH+GhUBGwbkHgAO+vvvBAgaGyYFBhoOCRUaA/8FEO3r/RP5AgMGEisi6hDX/w8UD98TDtP5" +
+    "/v0G/fjvBA4QDxMKB/QK6vs/BR3vCwL/ARQEFggPCwMOE/cn8/0GDxAeKt8HEPfX+v/wIy4MDxMi+AEk7BAPKAIMHBAD5hIB+A38" +
+    "DxcIAP4LF/0P/wft9SQj/vAR8w/oFw4VHhACJhTu7PEF8PATAwROCPn2HPYUAPoB9v0UBSsZCQ74QAkQAPDeDR/h9ewMBgb/ABcK" +
+    "AQoHBQDhCwELDAIDC+M0/fE5DisKKywE8xUGBRMK8/Mk0R8FBuTwBPj9DCkIHgEI9/0uAgo2/gb45QwE/woGHPEFFhTyDQ3/Bv72" +
+    "AhT7AAoVDhv9FhH5+BfjFf0IEQkMDhXi/wsMF98eFwwNTAop6hcgFjYa/yIW6lIK9BcSJB4NJBQbHQEQISDzCAvv+hrYFyoMFPAA" +
+    "Egv7CCEKBwzfCfQH+ygdwProCxoUKv8RKh77LBsPGt/7HQv4FP0R8/sMKDQgCDHu8yEeARcC7CUK8QsAG/AcEDsSEBkILQIp3f8g" +
+    "+Q4LKwscFPz8EQEac/9G8gMNBwQDDf8h3wv1/tXxASf+BgQBIyz+CgDdCgITEftUAPUkBg0k8vHxExQCFA0jEQcKD9z0MyIL9fh/" +
+    "ChYKFg8L+u39ABfnNf36CQwc9/YSBQsB9xUSJRT0FPn4KxASJwkb3usNMysG8BL6HAoa/wcQFA8WAg3j+ukK8Q0EJR4NBgv7/if0" +
+    "BhbjBgf2/PQaFBwGBfYD/RYCCP8LCejzBAsGF/wHFxEF/gEEIiUbKgL/AQoLGRnxCwf4DgQKBgL+BwoOB//s4hQGDvUE/eXv4fYR" +
+    "bAr3CgcW/fXoEdr6+yEZ7/4NHAgyPw0JBv0DEBEIHw0C/WL39+0T/QYj+BYKC/f6DxUJBRAoCwUbBAgU5iAIGAkD+CL7+f0fF/34" +
+    "JBsCAuD7/wP0KiAI8zz8CTom7wQX9fwRBPkQ8woM7w0E8+r6Em8dDAQWAykZ+g0J7fkeHgMgEvfcDyIC8xIDDRHy9fb46hD8Hu8e" +
+    "/g31KAcTAT7hGDwPJxEBGxMM/FHvBhMO9fpa+dwRKwPl9QcmCwfoLwwU8hUXKAAjLw==",
 };
 // </weights>
 
