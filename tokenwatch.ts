@@ -2096,7 +2096,8 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
   ["proof", "asks for a proof or derivation", words(
     "prove|proof|show that|derive|an argument|rigorous*|derivation|lemma|theorem|invariant|induction|" +
     "big-?o|complexity|probabilit*|expected value|integral|converge*|beweis*|zeige|démontr*|preuve|" +
-    "demuestr*|demostr*|prova|provar|dimostr*|докаж*|доказ*|kanıtla*",
+    "demuestr*|demostr*|prova|provar|dimostr*|докаж*|доказ*|kanıtla*|ispat*|udowodnij|wykaż|dowód|доведи*|bevisa|" +
+    "bewijs|toon aan",
     "证明|推导|導出|証明|期待値|期望|概率|確率|확률|증명")],
   ["estimate", "asks for an estimate", words(
     "estimat*|how many [\\p{L} -]{0,40}(need|needed|would|will|could|should|to handle|to support|" +
@@ -2106,21 +2107,26 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     // "how many" alone is a lookup in any language; a rough figure is what makes it an estimate
     "roughly|ballpark|approximately|order of magnitude|schätz*|grob|ungefähr|überschlag*|environ|à peu près|" +
     "aproximadamente|más o menos|a ojo|por alto|circa|all'incirca|più o meno|оцени*|примерно|прикин*|szacun*|" +
-    "mniej więcej|około|tahmin*|yaklaşık|kabaca|ongeveer|grofweg|ruwweg",
-    "估算|估计|预估|大概|大约|粗略|推定|推測|見積|ざっくり|くらい|ぐらい|概算|추정|예상|대략|정도")],
+    "mniej więcej|około|tahmin*|yaklaşık|kabaca|ongeveer|grofweg|ruwweg|" +
+    "wie viele [\\p{L} -]{0,40}(brauch|benötig)*|combien [\\p{L}' -]{0,40}(faut|besoin)*|cuánt[oa]s [\\p{L} -]{0,40}(necesit|hace[n]? falta)*|" +
+    "quant[oa]s [\\p{L} -]{0,40}(precis|necessit)*|quant[ie] [\\p{L}' -]{0,40}(serv|bisogn)*|сколько [\\p{L} -]{0,40}(нужн|надо|потреб)*|" +
+    "ile [\\p{L} -]{0,40}potrzeb*|hoeveel [\\p{L} -]{0,40}nodig|enough|reicht das|reichen|suffi*|suficiente*|basta*|хватит|" +
+    "wystarcz*|yeter mi|yeterli mi|genoeg",
+    "估算|估计|预估|大概|大约|粗略|推定|推測|見積|ざっくり|くらい|ぐらい|概算|추정|예상|대략|정도|够不够|足够|足りる|충분")],
   ["judge", "asks for a judgement", words(
     "should (we|i)|can (i|we) (just )?(drop|approve|delete|remove|skip|use|ship|merge|change)|is it (ok|" +
     "okay|safe|legal|fine) to|what breaks|what would break|what happens if|decide|decision|recommend*|" +
     "pros and cons|worth it|risk*|legal*|liabil*|complian*|negotiat*|contract*|exception|weigh*|" +
     "best option|which is better|gdpr|dsgvo|rgpd|privacy|datenschutz*|zulässig|erlaubt|rechtens|légal|" +
-    "muss ich|must i|do i have to|am i allowed|are we allowed|can they|hinnehmen|sollen wir|sollte ich|" +
+    "am i allowed|are we allowed|can they|hinnehmen|sollen wir|sollte ich|" +
     "empfehl*|devrions|recommand*|deberíamos|debería|recomiend*|devemos|dovremmo|стоит ли|рекоменд*|" +
     "önerir*",
     "应该|建议|べき|おすすめ|추천|해야")],
   ["review", "asks to check correctness", words(
     "review*|audit*|correct|correctly|safe|thread-?safe|sound|subtle|edge cases?|race condition|" +
     "concurren*|lock-?free|vulnerab*|security|überprüf*|prüf*|korrekt|revis*|vérifi*|correcto|corretto|" +
-    "ревью|провер*|doğru mu",
+    "ревью|провер*|doğru mu|take a look|look over|have a look|schau (mal )?drüber|jeter un (œil|oeil)|echa(r)? un vistazo|" +
+    "dar uma olhada|d[aà] un'occhiata|dare un'occhiata|посмотри*|zerknij|rzuć okiem|bakar mısın|göz at*|kijk (eens )?naar|titta på",
     "审查|检查|正确|レビュー|正しい|리뷰|검토")],
   ["build", "asks for non-trivial code", words(
     "implement*|end to end|end-to-end|secure|securely|algorithm*|parser|compiler|interpreter|scheduler|" +
@@ -2133,6 +2139,7 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "mi serve|napisz|stwórz|potrzebuję|напиши|создай|нужен|нужна|нужно|yaz*|oluştur*|schrijf|maak",
     "写|编写|实现|書いて|作って|作成|작성|만들어|짜줘"), words(
     "functions?|scripts?|modules?|class|classes|hooks?|services?|programs?|tools?|cli|workers?|jobs?|endpoints?|" +
+    "sql|python|typescript|go|rust|java|query|queries|code|" +
     "components?|librar*|handlers?|middleware|daemon|bot|funktion*|skript*|modul*|klasse*|programm*|fonction*|" +
     "classe*|programme|función|funciones|módulo|clase|programa|função|funções|funzion*|funkcj*|skrypt*|moduł*|" +
     "klas*|функци*|скрипт*|модул*|класс*|программ*|fonksiyon*|betik|modül*|sınıf*",
@@ -2168,8 +2175,10 @@ const TASK_SIGNALS: [name: string, shown: string, re: RegExp][] = [
     "重命名|改名|名前を変更|이름을 바꿔|오타|誤字")],
   ["classify", "asks to classify or tag", words(
     "classif*|categori[sz]*|tag (these|each|them)|label (these|each|them)|sentiment|which category|" +
-    "klassifizier*|clasific*|классифиц*|sınıflandır*",
-    "分类|分類|분류")],
+    "klassifizier*|clasific*|классифиц*|sınıflandır*|which (collection|bucket|team|label|tag|priority)|for each|" +
+    "ordne|einordnen|zuordnen|kategorisier*|classe[rz]?|classe-les|trie[rz]? par|clasifica*|categoriz*|classific*|" +
+    "sorteer|indeel*|rozdziel*|przypisz|kategoryzuj*|распредели*|рассортируй*|розклади|kategorilere ayır*|etiketle*",
+    "分类|分類|분류|归类|仕分け|振り分け|분류해")],
   ["lookup", "asks a quick question", words(
     "what's a|what is a|what does|how do i|how to|how can i|which command|which flag|where is|is there a|" +
     "syntax for|default port|command for|one-?liner|was ist|wie kann ich|qu'est-ce|comment faire|qué es|" +
@@ -2188,12 +2197,13 @@ const APPROVALS = [
   "y", "yes", "yep", "yeah", "ok", "okay", "sure", "go", "go ahead", "do it", "please do", "proceed", "continue", "go on", "keep going", "next",
   "sounds good", "lgtm", "ship it", "approved", "option \\w", "[1-9abc]", "the (?:first|second|last) one", "sí", "si", "dale", "vale",
   "hazlo", "continúa", "adelante", "ja", "mach", "mach das", "weiter", "los", "oui", "vas-y", "d'accord", "sim", "pode", "continua", "vai", "sì",
-  "procedi", "tak", "dalej", "да", "давай", "продолжай", "evet", "devam", "はい", "うん", "続けて", "お願い", "どうぞ", "好", "好的", "继续", "可以", "네", "응", "계속",
+  "procedi", "tak", "dalej", "да", "ок", "окей", "хорошо", "ладно", "давай", "продолжай", "evet", "devam", "はい", "うん", "続けて", "お願い", "どうぞ", "好", "好的", "继续", "可以", "네", "응", "계속",
 ];
 const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!]*$`, "iu");
+const LEADERS = [...APPROVALS, "looks good", "sounds good", "perfect", "great", "ja passt", "passt", "mach so", "manda bala", "bora", "rób", "fais-le"].join("|");
 /** A turn that opens by approving or by building on the last answer ("looks good, go ahead. skip 6 for now", "and if we…"): a follow-up, however long. */
 const LEADS_ON = new RegExp(
-  `^\\s*(?:(?:${APPROVALS.join("|")}|looks good|sounds good|perfect|great|ja passt|passt|mach so|manda bala|bora|rób|vas-y|fais-le|hazlo)\\s*[.!,;:—-]` +
+  `^\\s*(?:(?:${LEADERS})(?:[\\s,]+(?:${LEADERS}))*\\s*[.!,;:—-]` +
     `|(?:(?:and|but|ok(?:ay)?,? and|so) (?:if|what|the|now|for)|what (?:if|about)|how about|y si|et si|und wenn|e se|a jeśli|а если|peki)(?![\\p{L}\\p{N}]))`,
   "iu",
 );
@@ -2330,8 +2340,8 @@ const NOT_ASKED = new RegExp(`(?:${words(
   "don'?t|do not|no need to|not asking (you )?to|never mind|without|ohne|nicht nötig|pas besoin d[e']|sans|no hace falta|" +
   "sin|não precisa|sem|senza|non serve|не надо|не нужно|без|nie trzeba|bez|niet nodig|zonder|gerek yok").source})(?:\\s+[\\p{L}'-]+){1,3}`, "giu");
 
-/** Names from code in an ask (`formatPrice`, `retry_count`, `cache.get()`): what the work is on, not what it is. */
-const IDENTIFIER = /`[^`\n]*`|[\w$]*[a-z][A-Z][\w$]*|\w+_\w+|[\w$]+(?:\.[\w$]+)+(?:\(\))?|[\w$]+\(\)/g;
+/** Names from code in an ask (`formatPrice`, `retry_count`, `cache.get()`, docs/design/events.md): what the work is on, not what it is. */
+const IDENTIFIER = /`[^`\n]*`|[\w.-]*(?:\/[\w.-]+)+|[\w$]*[a-z][A-Z][\w$]*|\w+_\w+|[\w$]+(?:\.[\w$]+)+(?:\(\))?|[\w$]+\(\)/g;
 
 /** The named signals of a reading (each 0 to 1) and the hashed words of its ask. */
 export function classifierFeatures(req: ChatRequest): { named: Record<string, number>; hashed: number[] } {
@@ -2381,62 +2391,62 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -8.768, threshold: 0.45, scale: 0.00145755,
+  bias: -8.482, threshold: 0.38, scale: 0.00111999,
   named: {
-    "a program with requirements": 3.833,
-    "a run failed": -0.802,
-    "a run passed": -1.752,
-    "approval": -2.148,
-    "approval with more": -0.797,
-    "ask length": 11.717,
-    "build": 3.434,
-    "cause": 1.817,
-    "classify": -2.56,
-    "code": 0.529,
-    "constraints": 6.899,
-    "design": 3.036,
-    "estimate": 3.735,
-    "extract": -2.194,
-    "failed after an edit": 2.724,
-    "failed repeatedly": 3.325,
-    "follows a long answer": 3.158,
-    "follows a plan": 2.521,
-    "follows code": -0.01,
-    "judge": 3.61,
-    "lookup": -0.07,
-    "mechanical": -0.85,
-    "not fixed by the answer": 2.493,
-    "plan": 1.632,
-    "proof": 5.889,
-    "questions": 0.652,
-    "read a file": 0.396,
-    "reformat": -2.804,
-    "research": 3.355,
-    "retry": 2.454,
-    "review": 5.293,
-    "short follow-up": -2.056,
-    "summarize": -1.37,
-    "symptom": 1.658,
-    "thanks": -3.631,
-    "tool steps": 3.911,
-    "tools declared": -0.014,
-    "translate": -4.041,
+    "a program with requirements": 2.811,
+    "a run failed": -0.796,
+    "a run passed": -1.868,
+    "approval": -1.854,
+    "approval with more": -0.637,
+    "ask length": 11.039,
+    "build": 2.657,
+    "cause": 2.141,
+    "classify": -3.108,
+    "code": 1.08,
+    "constraints": 5.083,
+    "design": 2.315,
+    "estimate": 2.887,
+    "extract": -1.553,
+    "failed after an edit": 1.707,
+    "failed repeatedly": 3.118,
+    "follows a long answer": 3.248,
+    "follows a plan": 2.129,
+    "follows code": -0.431,
+    "judge": 3.231,
+    "lookup": -0.32,
+    "mechanical": -1.435,
+    "not fixed by the answer": 1.96,
+    "plan": 1.25,
+    "proof": 4.972,
+    "questions": 1.332,
+    "read a file": 0.188,
+    "reformat": -2.203,
+    "research": 3.66,
+    "retry": 2.8,
+    "review": 4.732,
+    "short follow-up": -1.881,
+    "summarize": -1.847,
+    "symptom": 1.331,
+    "thanks": -2.842,
+    "tool steps": 5.15,
+    "tools declared": -0.141,
+    "translate": -4.611,
   } as Record<string, number>,
   hashed:
-    "7PgIBv0A+Aj1GQESCggLGwIWNgLC/R0Z6hAB8BYDMxTWDvnqLSoXJflDNRwSL/gfDuoJ3/j+HAEKAPH3Lxry++0oBgEA8SMuBQ73" +
-    "AgXVGDcJ+BAh8AQX7xUZAAcE+P/wBgMCCQLwC2P4CxHlGAIGE/8y/f/vLPkd3B8DEBsoHwA53AgOEgQEDQkLCR0m7Q4vAg37Ah4Y" +
-    "8hb2CigRAhX/7QoL9A8aCADpFjYjEhH+GhUBGwbkHgAO+vvvBAgaGyYFBhoOCRUaA/8FEO3r/RP5AgMGEisi6hDX/w8UD98TDtP5" +
-    "/v0G/fjvBA4QDxMKB/QK6vs/BR3vCwL/ARQEFggPCwMOE/cn8/0GDxAeKt8HEPfX+v/wIy4MDxMi+AEk7BAPKAIMHBAD5hIB+A38" +
-    "DxcIAP4LF/0P/wft9SQj/vAR8w/oFw4VHhACJhTu7PEF8PATAwROCPn2HPYUAPoB9v0UBSsZCQ74QAkQAPDeDR/h9ewMBgb/ABcK" +
-    "AQoHBQDhCwELDAIDC+M0/fE5DisKKywE8xUGBRMK8/Mk0R8FBuTwBPj9DCkIHgEI9/0uAgo2/gb45QwE/woGHPEFFhTyDQ3/Bv72" +
-    "AhT7AAoVDhv9FhH5+BfjFf0IEQkMDhXi/wsMF98eFwwNTAop6hcgFjYa/yIW6lIK9BcSJB4NJBQbHQEQISDzCAvv+hrYFyoMFPAA" +
-    "Egv7CCEKBwzfCfQH+ygdwProCxoUKv8RKh77LBsPGt/7HQv4FP0R8/sMKDQgCDHu8yEeARcC7CUK8QsAG/AcEDsSEBkILQIp3f8g" +
-    "+Q4LKwscFPz8EQEac/9G8gMNBwQDDf8h3wv1/tXxASf+BgQBIyz+CgDdCgITEftUAPUkBg0k8vHxExQCFA0jEQcKD9z0MyIL9fh/" +
-    "ChYKFg8L+u39ABfnNf36CQwc9/YSBQsB9xUSJRT0FPn4KxASJwkb3usNMysG8BL6HAoa/wcQFA8WAg3j+ukK8Q0EJR4NBgv7/if0" +
-    "BhbjBgf2/PQaFBwGBfYD/RYCCP8LCejzBAsGF/wHFxEF/gEEIiUbKgL/AQoLGRnxCwf4DgQKBgL+BwoOB//s4hQGDvUE/eXv4fYR" +
-    "bAr3CgcW/fXoEdr6+yEZ7/4NHAgyPw0JBv0DEBEIHw0C/WL39+0T/QYj+BYKC/f6DxUJBRAoCwUbBAgU5iAIGAkD+CL7+f0fF/34" +
-    "JBsCAuD7/wP0KiAI8zz8CTom7wQX9fwRBPkQ8woM7w0E8+r6Em8dDAQWAykZ+g0J7fkeHgMgEvfcDyIC8xIDDRHy9fb46hD8Hu8e" +
-    "/g31KAcTAT7hGDwPJxEBGxMM/FHvBhMO9fpa+dwRKwPl9QcmCwfoLwwU8hUXKAAjLw==",
+    "8wAHAOcLGBL0KAIe9RwXKjP9Sg2PAhQn8xMO7i3+KTLhGvv+OGIXLvRCMhEeOgFBBe020ez1LQUC++zlICAE9OkgGA8C8hcGAR33" +
+    "6f25O1D82SQw+wsM+RMnBBfvCw7wA/sUD//V7WL9Gf//I/8CE+ZM+O7q+gUe6ToKHx869/pe0gQTJQESBgcYDB4qEQ0wCw/9CzIa" +
+    "/kH1DSImDzDr7w0Q6xwLDwX1CWEfFRwLKQgFCgzmF/sM8/0REA4bGTIN6xcNEhU3Bf4KEeflCQ/2+QH3Eist6BfO8xUcGt0HGegI" +
+    "/eLq+wv/9QkU9CoEDe0W7ws5/QDuGBP5EBYIKvcOEwglIvwYDgYQ7wAiRecNGB3o/AzYBjAU4wZG6QUY5B/xMRkPETMG6C4jCBb2" +
+    "HC/mDQsoKAv/DBUA8zEQAv0K7BDrLhYXKBUGMyry6/YF58H15g5YCe8IJ/MPCQgD99MQ/y4PGwr5VO8YBubGCgP69NsGBAwC9iX2" +
+    "6wsT9h71Fv8uEAkEGNE5A/tlEUEICjMQBgIQExIT8AkVzyMTBeMeF/IQ+UH5KgMK7v9LAwZCGgfx2AYLGBELEe4NGCLgEPoBFgcL" +
+    "+hADAy8hFR76Eg7b0xjoKvv8Ag0XJBHkCBEyDvkYFxMFWQUn/Qw1JkQfBzpD5Dn2HhoFJyv5NCwlDRAfHyMCFBbR/C/dESP7JP4J" +
+    "Eg/CGCYSIw/xAQP7CyMfvfPmGSAZLdYgHRnPKfQPLujlGRAFEfQaDAD7KDYdEhn67SkvBAsEyjIB+Bz7LecuJjsADRT7DfMc5wEm" +
+    "8TQfKh7zDvkLJQEWfgFL9QEZ9AsQ+gUz1ggDB978+kQIBPYGQjr5BvvjCfMZFhFK+RwnIP4e8+P2KSMaBiUbExQDG9bnQOT69/xh" +
+    "9Q8PFwoQ7OUbERYXEQ0RBQQb8vwK9wf79REkUQfzE9ARPBoXHQwJ5u4WSSIK5woQMxcj9AkvGw4aBAzY/wo53SbmHh4R+Q7/GEkK" +
+    "FRz55yv3+u0PFikACBULCxH4EyEBFfzzEPskEgMOHS0E+/cL+hQvP/zk9yIf/hD3RAgXHgHkBBjr/B4dBwDu9x8EGQn+Au/t6QQF" +
+    "bQ/4ERMNGPLRDOH/CSYa1QYUBRM2TQccHhAWAiMQUwUH2H8S9e0bAfIaCRL1PQ/78gYPDgUgDhUfBv0K5yQJO9/u9DEN/OssEO4A" +
+    "JTb+8coK/QP3RSfy7jvrKEgk5w4n+vgfBu8D9xYF/y0Sy/zpGnkdA+YW9D4Q3hoU5uYXCw0fHPXXExgE3hozFBno5Ar85RH3JP0p" +
+    "CjrNQgcOCU39KkgRKiIYHxcT+lTt9Rr8++5b5uHxKwTh3xMeBv7uJOD7BiT8KvsxOA==",
 };
 // </weights>
 

@@ -142,7 +142,7 @@ describe("sessions: a ten-turn agent session keeps its warm cache", () => {
 
 // ============================================================================================
 describe("auto routing: a second opinion when the classifier is unsure", () => {
-  const unsure = "make the checkout page load faster";
+  const unsure = "speed up the dashboard for users with many projects";
   const sure = "Translate 'good morning' into German";
 
   it("asks the cheapest model for a one-word verdict, follows it, and logs its cost against the request", async () => {
