@@ -1373,6 +1373,11 @@ export class Budgets {
     return s && `budget "${s.budget.name}"${s.subject ? ` (${s.subject})` : ""} is past its soft cap: ${dollars(s.spent)} of ${dollars(s.budget.soft!)}${s.budget.period === "total" ? "" : ` this ${s.budget.period}`}, so the cheap tier`;
   }
 
+  /** Has one of this request's budgets reached its hard cap already (spent and held)? Then nothing more is worth paying for it. */
+  atHardCap(who: Identity, t: number): boolean {
+    return this.#covering(who, t).some((x) => x.budget.hard !== undefined && x.spent + x.reserved >= x.budget.hard);
+  }
+
   /** Admit a request of `estimate` dollars, or refuse it (429) when a hard cap would be passed. One synchronous step. */
   admit(who: Identity, estimate: number, t: number): Ticket | Promise<Ticket> {
     const spends = this.#covering(who, t);
@@ -5457,9 +5462,9 @@ export class Router {
     row.agent = who.agent;
     row.session = who.session;
     this.#loops.check(who, p.hub, p.text, this.#now());
-    // a second opinion is paid for: never for a loop, nor under a soft cap (which decides the tier itself)
+    // a second opinion is paid for: never for a loop, nor under a soft cap (which decides the tier itself), nor at a hard cap
     const cheap = this.budgets.softCap(who, this.#now());
-    const verdict = cheap ? undefined : await this.#secondOpinion(p, req, row);
+    const verdict = cheap || this.budgets.atHardCap(who, this.#now()) ? undefined : await this.#secondOpinion(p, req, row);
     const t = this.#now();
     const only = p.nativeOnly ? { keep: entry.native, why: p.nativeOnly } : undefined;
     const prompt = promptEstimate(p.text.length), state = this.#sessions.get(who.session, t);

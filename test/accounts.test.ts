@@ -267,6 +267,21 @@ describe("accounts: budgets through HTTP", () => {
     } finally { await e.close(); }
   });
 
+  it("pays for no second opinion on a request that a spent hard cap will refuse", async () => {
+    const e = await setup({ classifier: "model", keys: { [CI_KEY]: { agent: "ci-bot", budget: { name: "ci", period: "day", hard: 0.001 } } } }, { apiKey: ADMIN });
+    const ci = openai(e, CI_KEY);
+    try {
+      // admitted on its estimate, it answers at length and spends past the cap ($0.03 of output against $0.001)
+      e.mocks.anthropic.queue({ type: "reply", text: "a long answer", usage: { input: 10, output: 2000 } });
+      await ci.chat.completions.create({ model: "claude-sonnet-5", messages: hi(), max_tokens: 20 });
+      const unsure = "speed up the dashboard for users with many projects"; // one the classifier asks about (test/routing.test.ts)
+      const before = e.mocks.openai.requests.length;
+      await assert.rejects(ci.chat.completions.create({ model: "auto", messages: hi(unsure) }), (err: any) => err.status === 429 && err.code === "budget_exceeded");
+      assert.equal(e.mocks.openai.requests.length, before, "no verdict was asked of the cheapest model");
+      assert.equal(rows(e).at(-1)!.cost_usd, 0, "and none is on the refused request's row");
+    } finally { await e.close(); }
+  });
+
   it("keeps counting after a restart: the spend is the log's", async () => {
     // each request costs about $0.0000525 and is estimated at about $0.00008: three fit under $0.0002, a fourth does not
     const file = { budgets: [{ name: "all", period: "month" as const, hard: 0.0002 }] };
