@@ -1020,6 +1020,20 @@ describe("7. Store", () => {
     again.close();
   });
 
+  it("spend() counts the rows still queued, without committing them, and the same after they are written", () => {
+    const s = new Store(join(dir, "spend.db"));
+    const t0 = Date.UTC(2026, 11, 1, 10, 0, 30);
+    s.add(row({ ts: t0 - 120_000, agent: "a", session: "s1", cost_usd: 0.5 })); // before the period
+    s.add(row({ ts: t0, agent: "a", session: "s1", cost_usd: 0.25 }));
+    s.add(row({ ts: t0 + 1000, agent: "b", session: "s2", cost_usd: 0.125 }));
+    const read = () => [s.spend({}, t0), s.spend({ agent: "a" }, t0), s.spend({ session: "s2" }, t0), s.spend({ agent: "nobody" }, t0)];
+    assert.deepEqual(read(), [0.375, 0.25, 0.125, 0]);
+    assert.equal(s.pending, 3, "nothing was committed to read it");
+    s.flush();
+    assert.deepEqual(read(), [0.375, 0.25, 0.125, 0]);
+    s.close();
+  });
+
   it("close() waits for a lock held briefly by another process instead of losing the last rows", async () => {
     const path = join(dir, "closing.db");
     const s = new Store(path);

@@ -4527,11 +4527,17 @@ export class Store {
     for (const x of sums.values()) this.#session.run(...x);
   }
 
-  /** What the log holds as spent since a time: everything, one agent's, or one session's (what a budget starts from). */
+  /**
+   * What the log holds as spent since a time: everything, one agent's, or one session's (what a budget starts
+   * from). The rows still queued count too, read where they wait: a budget's first look needs no commit.
+   */
   spend(scope: { agent?: string; session?: string }, sinceMs: number): number {
     const [col, value] = scope.agent !== undefined ? ["agent", scope.agent] : scope.session !== undefined ? ["session", scope.session] : [undefined, undefined];
-    if (!col) return this.totals(sinceMs).cost_usd;
-    return (this.#stmt(`SELECT ${COST_SUM} AS c FROM rollup_session WHERE ${col} = ? AND minute >= ?`).get(value!, Math.floor(sinceMs / 60_000)) as { c: number }).c;
+    const minute = Math.floor(sinceMs / 60_000);
+    let queued = 0;
+    for (const r of this.#batch.rows) if (r.ts >= minute * 60_000 && (!col || (r[col as "agent" | "session"] ?? "") === value)) queued += r.cost_usd;
+    if (!col) return this.totals(sinceMs).cost_usd + queued;
+    return (this.#stmt(`SELECT ${COST_SUM} AS c FROM rollup_session WHERE ${col} = ? AND minute >= ?`).get(value!, minute) as { c: number }).c + queued;
   }
 
   /** Requests, tokens and spend per agent since a time, busiest first ('' is the requests no agent was known for). */
@@ -5329,9 +5335,9 @@ export class Router {
     this.capacity = this.shared ?? this.limiter;
     this.#dispatcher = new Dispatcher(config, { limiter: this.capacity, fetch: deps.fetch ?? fetch, now: this.#now });
     this.#budget = new BodyBudget(config.max_inflight_body_bytes);
-    // a budget's spend is the log's: every row queued so far is written before it is read
+    // a budget's spend is the log's, the rows still queued included
     this.budgets = new Budgets(config.budgets, (scope, since) => {
-      try { this.#store.flush(); return this.#store.spend(scope, since); } catch { return 0; } // an unreadable log fails no request: the spend counts from here
+      try { return this.#store.spend(scope, since); } catch { return 0; } // an unreadable log fails no request: the spend counts from here
     });
     if (this.shared) this.budgets.share(this.shared.budgetLink());
     this.#loops = new LoopGuard(config.loop_guard);
