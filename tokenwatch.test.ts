@@ -621,6 +621,28 @@ describe("5. Selector", () => {
       assert.equal(named("format the prices as a table").reformat, 1);
     });
 
+    it("keeps the ask after a header, a first sentence or a question that points at no paste, and reads times and curly quotes as prose", () => {
+      const etl = "Our nightly ETL job sometimes takes 6 hours instead of 40 minutes, only on Mondays. Find the root cause and propose a fix that keeps the run under an hour.";
+      assert.equal(askText(`Problem:\n${etl}`), `Problem:\n${etl}`, "a one-word header is not an instruction whose material follows");
+      const report = "Customers are sometimes charged twice when the provider times out and our retry fires. Design a fix that charges at most once, without a distributed lock.";
+      assert.equal(askText(`This is for the billing service.\n\n${report}`), `This is for the billing service.\n\n${report}`, "what follows asks for the task: it is the ask");
+      assert.equal(askText(`Can you help me with something?\n\n${report}`).includes("Design a fix"), true);
+      assert.equal(askText("at 03:12:45 every night the backup job hangs for exactly ten minutes, why?"), "at 03:12:45 every night the backup job hangs for exactly ten minutes, why?");
+      assert.equal(askText("why?\n    at async run (node:internal/modules/run_main:123:5)\nat /app/src/x.js:10:5"), "why?", "stack frames are still material");
+      assert.equal(classifierFeatures(user("format my notes into the issue template, don’t debug it")).named.cause, undefined, "a curly apostrophe negates too");
+    });
+
+    it("reads full-width punctuation in follow-ups, needs a pause after an opening approval, and knows more failed runs and constraints", () => {
+      const plan = (last: string): ChatRequest => ({ messages: [{ role: "user", content: "Build the invoice export with background jobs and retries" }, { role: "assistant", content: "Plan:\n1. schema\n2. api\n3. ui\n4. db migration" }, { role: "user", content: last }] });
+      assert.equal(classifierFeatures(plan("好的，继续。不过第四步先跳过，数据库迁移等下周再做，先把前端部分做完")).named["approval with more"], 1);
+      assert.equal(classifierFeatures(plan("はい。")).named.approval, 1);
+      assert.equal(classifierFeatures(plan("B-tree inserts got ten times slower after the upgrade, and only for the largest tenants")).named["approval with more"], undefined);
+      const run = (out: string) => classifierFeatures({ messages: [{ role: "user", content: "run the importer" }, { role: "assistant", content: null, tool_calls: [{ id: "t", type: "function", function: { name: "Bash", arguments: "{}" } }] }, { role: "tool", tool_call_id: "t", content: out }] }).named;
+      assert.equal(run("panic: runtime error: index out of range [3] with length 3")["a run failed"], 1);
+      assert.equal(run("importer stopped\nexit code 137")["a run failed"], 1);
+      assert.equal(classifierFeatures(user("keep the error rate within 5% and the bill under 300€")).named.constraints, 0.8, "within, under, 5%, 300€");
+    });
+
     it("takes a longer turn that opens by approving the last answer as a follow-up of that work", () => {
       const conv = (last: string): ChatRequest => ({ messages: [
         { role: "user", content: "Design the retry policy for our payment webhooks, with side effects at most once" },

@@ -2204,26 +2204,31 @@ const APPROVALS = [
   "hazlo", "continúa", "adelante", "ja", "mach", "mach das", "weiter", "los", "oui", "vas-y", "d'accord", "sim", "pode", "continua", "vai", "sì",
   "procedi", "tak", "dalej", "да", "ок", "окей", "хорошо", "ладно", "давай", "продолжай", "evet", "devam", "はい", "うん", "続けて", "お願い", "どうぞ", "好", "好的", "继续", "可以", "네", "응", "계속",
 ];
-const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!]*$`, "iu");
-const LEADERS = [...APPROVALS, "looks good", "sounds good", "perfect", "great", "ja passt", "passt", "mach so", "manda bala", "bora", "rób", "fais-le"].join("|");
-/** A turn that opens by approving or by building on the last answer ("looks good, go ahead. skip 6 for now", "and if we…"): a follow-up, however long. */
+const APPROVAL = new RegExp(`^\\s*(?:${APPROVALS.join("|")})[\\s.!,)，、。！]*(?:please|bitte|por favor|s'il te plaît|пожалуйста|お願いします|请)?[\\s.!。！]*$`, "iu");
+/** What a turn may open with before it says more: the approvals and a few more (each once: two spellings of one phrase would make the match ambiguous). */
+const LEADERS = [...new Set([...APPROVALS, "looks good", "perfect", "great", "passt", "mach so", "manda bala", "bora", "rób", "fais-le"])].join("|");
+/**
+ * A turn that opens by approving or by building on the last answer ("looks good, go ahead. skip 6 for now", "and if
+ * we…"): a follow-up, however long. Read on its first 300 characters, with at most four approvals in a row, so that
+ * no turn can make the match slow.
+ */
 const LEADS_ON = new RegExp(
-  `^\\s*(?:(?:${LEADERS})(?:[\\s,]+(?:${LEADERS}))*\\s*[.!,;:—-]` +
+  `^\\s*(?:(?:${LEADERS})(?:[\\s,，、]+(?:${LEADERS})){0,3}\\s*(?:[.!,;:—-](?=\\s|$)|[，、。！：；])` +
     `|(?:(?:and|but|ok(?:ay)?,? and|so) (?:if|what|the|now|for)|what (?:if|about)|how about|y si|et si|und wenn|e se|a jeśli|а если|peki)(?![\\p{L}\\p{N}]))`,
   "iu",
 );
 
 /** Text that is pasted material rather than words to the model: code, logs, stack frames, tables. */
-const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at [\w.$<>]+ \(|at .*:\d+:\d+|File "|Traceback|\$ |>|#|\/\/|import [\w{*"'@]+(?: as \w+)?\s*[;,]?\s*$|import .* from |from [\w.]+ import |def \w+\(|class \w+[\s:(<{]|function\*? ?\w*\(|(?:const|let|var) [\w{[]+.*=|return\b.*[;)]\s*$|SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|^\s*\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|^\s*\d{1,2}:\d{2}:\d{2}|^\s*[\w./-]+:\d+/;
+const MATERIAL_LINE = /^\s{2,}\S|^\s*(?:at (?:async )?[\w.$<>]+ \(|at (?:async )?[^\s:]*[A-Za-z/][^\s:]*(?::[^\s:]+)*:\d+:\d+|File "|Traceback|\$ |>|#|\/\/|import [\w{*"'@]+(?: as \w+)?\s*[;,]?\s*$|import .* from |from [\w.]+ import |def \w+\(|class \w+[\s:(<{]|function\*? ?\w*\(|(?:const|let|var) [\w{[].*=|return\b.*[;)]\s*$|SELECT |INSERT |UPDATE |\||-{3}|\+{3}|@@|[{}[\]])|^\s*\[?\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|^\s*\d{1,2}:\d{2}:\d{2}|^\s*[\w./-]+:\d+/;
 /** A line that ends like code (`;`, `{`, `}`): pasted, unless it reads as a sentence. */
 const CODE_END = /[;{}]\s*$/;
-const FAILED_RUN = /\b(?:FAIL(?:ED|ING)?|ERROR|Error|Exception|Traceback|panic:|Assertion\w*|exit (?:code|status) [1-9]|fatal|failed|failing|error TS\d+|undefined reference|Segmentation fault|Killed)\b|✗|×/;
+const FAILED_RUN = /\b(?:FAIL(?:ED|ING)?|ERROR|Error|Exception|Traceback|Assertion\w*|fatal|failed|failing|error TS\d+|undefined reference|Segmentation fault|Killed)\b|\bpanic:|\bexit (?:code|status) [1-9]\d*|✗|×/;
 const PASSED_RUN = /\b(?:passed|PASS(?:ED)?|ok|success(?:ful(?:ly)?)?|succeeded|0 failed|0 errors|no errors|BUILD SUCCESSFUL|exit code 0|Done)\b|✓|✔/;
 const EDIT_TOOL = /^(?:Edit|MultiEdit|Write|apply_patch|str_replace\w*|write_file|edit_file|patch|create_file|NotebookEdit)$/i;
 /** A shell command that changes a file (Codex edits through its shell and apply_patch). */
 const EDIT_COMMAND = /\*\*\* Begin Patch|\bsed -i|\bperl -pi|\bgit apply|\bapply_patch|\bcat > |\btee |\bpatch -p/;
 const READ_TOOL = /^(?:Read|Glob|Grep|LS|ls|cat|read_file|list_files|search\w*|fetch\w*|describe_table|lookup\w*|WebFetch|WebSearch)$/i;
-const CONSTRAINT = /\b(?:must|without|at most|at least|no more than|under|within|budget|deadline|by (?:monday|friday|tomorrow|eod)|ensure|guarantee|never|only if|unless|but|while keeping|compatible|backwards?)\b|≤|>=|<=|\d+\s?(?:ms|s|gb|mb|tb|%|k|m|rows|users|rps|qps|req\/s|writes\/s|\$|€)\b/gi;
+const CONSTRAINT = /\b(?:must|without|at most|at least|no more than|under|within|budget|deadline|by (?:monday|friday|tomorrow|eod)|ensure|guarantee|never|only if|unless|but|while keeping|compatible|backwards?)\b|≤|>=|<=|\d+\s?(?:ms|s|gb|mb|tb|%|k|m|rows|users|rps|qps|req\/s|writes\/s|\$|€)(?![\p{L}\p{N}])/giu;
 /** The same constraints in the other languages agents are used in (counted with CONSTRAINT). */
 const CONSTRAINT_WORDS = new RegExp(words(
   "muss|müssen|ohne|höchstens|mindestens|darf nicht|dürfen nicht|nicht mehr als|doit|doivent|sans|au plus|au moins|" +
@@ -2249,37 +2254,53 @@ const POINTS_AT = words(
 const size = (s: string) => s.length + 2 * (s.match(/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/gu)?.length ?? 0);
 
 /** A row of a pasted table: columns split by pipes or tabs, or a psql footer. */
-const TABLE_ROW = /\S\s*[|\t]\s*\S.*[|\t]|^\s*\(\d+ rows?\)\s*$/;
+const TABLE_ROW = /\S[^\S\t]*[|\t]\s*\S.*[|\t]|^\s*\(\d+ rows?\)\s*$/;
 
 /** A pasted line (code, a log): it starts like one, or ends like code and does not read as a sentence (many words, few symbols). */
 function isMaterial(line: string): boolean {
-  if (MATERIAL_LINE.test(line)) return true;
-  if (!CODE_END.test(line)) return false;
+  if (MATERIAL_LINE.test(line.slice(0, 1000))) return true;
+  if (!CODE_END.test(tail(line, 100))) return false;
   const words = line.match(/\p{L}{3,}/gu)?.length ?? 0, symbols = line.match(/[{}[\]();=<>|]/g)?.length ?? 0;
   return !(words >= 12 && symbols / line.length < 0.08);
 }
 
-/** The words of an ask without what was pasted into it: prose lines only, its start and end when long. */
-export function askText(text: string): string {
-  const unfenced = text.length > 40_000 ? `${text.slice(0, 20_000)}\n${text.slice(-20_000)}` : text;
-  const raw = unfenced.replace(/```[^`]*```/g, "\n").split("\n"), row = raw.map((l) => TABLE_ROW.test(l));
+/** The lines of a message with what was pasted blanked out: code, logs, tables, and the items of a list (three or more). */
+function proseLines(text: string): string[] {
+  const unfenced = (text.length > 40_000 ? `${text.slice(0, 20_000)}\n${text.slice(-20_000)}` : text).replace(/```[^`]*```/g, "\n");
+  const raw = unfenced.replace(/[‘’]/g, "'").split("\n"), row = raw.map((l) => TABLE_ROW.test(l.slice(0, 1000)));
   // a table has rows above or below; one line with pipes in it is a sentence ("give me file | test | error")
   const listy = raw.filter((l) => LIST_ITEM.test(l)).length >= 3;
-  const lines = raw.map((l, i) => (l.trim() && !((row[i] && (row[i - 1] || row[i + 1])) || isMaterial(l) || (listy && LIST_ITEM.test(l))) ? l.trim() : ""));
+  return raw.map((l, i) => (l.trim() && !((row[i] && (row[i - 1] || row[i + 1])) || isMaterial(l) || (listy && LIST_ITEM.test(l))) ? l.trim() : ""));
+}
+
+/** Does a text ask for any kind of task (a word of TASK_SIGNALS)? */
+const asksForTask = (s: string) => TASK_SIGNALS.some(([, , re]) => re.test(s));
+
+/**
+ * "Translate this into English." / "この請求書から…抜き出して" and then the text: a short first paragraph that points at
+ * what follows (or asks a question before a longer paste), when nothing after it asks anything and it is the
+ * instruction (it names a task, or what follows names none: a report that says "design a fix" is the ask).
+ */
+function pointsAtPaste(first: string, rest: string[]): boolean {
+  if (!rest.length || size(first) > 300 || rest.some((x) => /[?？]/.test(x))) return false;
+  if (!POINTS_AT.test(first) && !(/[?？]/.test(first) && size(rest.join("")) > 2 * size(first))) return false;
+  return asksForTask(first) || !asksForTask(rest.join("\n").slice(0, 2000));
+}
+
+/** The words of an ask without what was pasted into it: prose lines only, its start and end when long. */
+export function askText(text: string): string {
+  const lines = proseLines(text), kept = lines.filter(Boolean);
   const prose = lines.join("\n").replace(/\n{3,}/g, "\n\n").trim();
   const paragraphs = prose.split(/\n\s*\n/).map((x) => x.trim()).filter(Boolean);
-  // "label each of these:" / "summarise this:" near the start: what follows the colon is the material, not the ask
-  const kept = lines.filter(Boolean), intro = kept.slice(0, 3).findIndex((x) => /[:：]$/.test(x));
+  // "label each of these:" / "summarise this:" near the start (an instruction, not a header such as "Problem:"):
+  // what follows the colon is the material, not the ask
+  const intro = kept.slice(0, 3).findIndex((x) => /[:：]$/.test(x) && wordCount(x) >= 3);
   if (intro >= 0 && intro < kept.length - 1) {
     const end = paragraphs[paragraphs.length - 1];
     return [...kept.slice(0, intro + 1), ...(end.length <= 300 && /[?？]/.test(end) ? [end] : [])].join("\n").slice(-800);
   }
-  // "Translate this into English." / "この請求書から…抜き出して" and then the text: a short first paragraph that points
-  // at what follows, when nothing after it asks anything
   const [first, ...rest] = paragraphs;
-  if (rest.length && size(first) <= 300 && !rest.some((x) => /[?？]/.test(x))) {
-    if (POINTS_AT.test(first) || (/[?？]/.test(first) && size(rest.join("")) > 2 * size(first))) return first;
-  }
+  if (pointsAtPaste(first, rest)) return first;
   if (size(prose) <= 600 || paragraphs.length < 2) return prose.length > 1200 ? `${prose.slice(0, 500)}\n${prose.slice(-700)}` : prose;
   // a pasted document: the instruction is its first paragraph ("summarise this:"), its last when short ("what did
   // they decide?"), and short paragraphs that ask something
@@ -2299,8 +2320,9 @@ type Reading = { ask: string; listed: string[]; context: string; offer: string; 
 
 /** The last substantive thing the user asked before message `at`: a follow-up's antecedent (approvals skipped). */
 function askedBefore(ms: ChatMessage[], at: number): string {
-  for (let i = at - 1; i >= 0; i--) {
+  for (let i = at - 1, looked = 0; i >= 0 && looked < 10; i--) {
     if (ms[i].role !== "user") continue;
+    looked++;
     const t = askText(textOf(ms[i].content));
     if (t && !APPROVAL.test(t) && wordCount(t) > 3) return t;
   }
@@ -2311,7 +2333,7 @@ function readRequest(req: ChatRequest): Reading {
   const ms = req.messages;
   const at = ms.findLastIndex((m) => m.role === "user" && textOf(m.content).trim() !== "");
   const said = at >= 0 ? textOf(ms[at].content) : "", ask = askText(said);
-  const listed = said.slice(0, 20_000).split("\n").filter((l) => LIST_ITEM.test(l));
+  const listed = said.slice(0, 20_000).replace(/```[^`]*```/g, "\n").split("\n").filter((l) => LIST_ITEM.test(l));
   const calls: string[] = [];
   let fails = 0, last: string | undefined;
   for (const m of ms.slice(at + 1)) {
@@ -2319,7 +2341,7 @@ function readRequest(req: ChatRequest): Reading {
     if (m.role === "tool" || m.role === "user") { last = tail(textOf(m.content), 3000); if (FAILED_RUN.test(last)) fails++; }
   }
   const answered = ms.slice(0, Math.max(0, at)).some((m) => m.role === "assistant");
-  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8 || LEADS_ON.test(ask));
+  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8 || LEADS_ON.test(ask.slice(0, 300)));
   const offer = followup ? textOf(ms.slice(0, at).findLast((m) => m.role === "assistant" && textOf(m.content).trim() !== "")?.content) : "";
   return { ask, listed, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
 }
@@ -2357,7 +2379,7 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
     else if (r.followup && re.test(r.context)) f[name] = 0.8; // a follow-up continues what it follows
   }
   if (r.followup) {
-    f[APPROVAL.test(r.ask) ? "approval" : LEADS_ON.test(r.ask) && wordCount(r.ask) > 8 ? "approval with more" : "short follow-up"] = 1;
+    f[APPROVAL.test(r.ask) ? "approval" : LEADS_ON.test(r.ask.slice(0, 300)) && wordCount(r.ask) > 8 ? "approval with more" : "short follow-up"] = 1;
     // what the model said last, which a reply approves or continues: a long plan of steps, or code, is work
     f["follows a long answer"] = Math.min(1, Math.log10(1 + r.offer.length) / 4);
     if ((r.offer.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) >= 3) f["follows a plan"] = 1;
@@ -2377,7 +2399,7 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
   f["questions"] = Math.min(1, (r.ask.match(/[?？]/g)?.length ?? 0) / 3);
   f["constraints"] = Math.min(1, constraintCount(r.ask) / 5);
   // a program asked for with a list of requirements or several constraints is a spec, not a snippet
-  if (f.code && (r.listed.length >= 3 || constraintCount(r.ask) + constraintCount(r.listed.join("\n")) >= 2)) f["a program with requirements"] = 1;
+  if (f.code && (r.listed.length >= 3 || constraintCount(r.ask) >= 2)) f["a program with requirements"] = 1;
   if (req.tools?.length) f["tools declared"] = 1;
   return { named: f, hashed: hashedWords(`${r.ask}\n${r.followup ? r.context : ""}`) };
 }
@@ -2396,62 +2418,62 @@ function hashedWords(text: string): number[] {
 
 // <weights> written by eval/routing/train.ts from the training part of eval/routing (npm run train:routing): retrain, do not edit
 const WEIGHTS = {
-  bias: -8.482, threshold: 0.38, scale: 0.00111999,
+  bias: -8.102, threshold: 0.37, scale: 0.00116564,
   named: {
-    "a program with requirements": 2.811,
-    "a run failed": -0.796,
-    "a run passed": -1.868,
-    "approval": -1.854,
-    "approval with more": -0.637,
-    "ask length": 11.039,
-    "build": 2.657,
-    "cause": 2.141,
-    "classify": -3.108,
-    "code": 1.08,
-    "constraints": 5.083,
-    "design": 2.315,
-    "estimate": 2.887,
-    "extract": -1.553,
-    "failed after an edit": 1.707,
-    "failed repeatedly": 3.118,
-    "follows a long answer": 3.248,
-    "follows a plan": 2.129,
-    "follows code": -0.431,
-    "judge": 3.231,
-    "lookup": -0.32,
-    "mechanical": -1.435,
-    "not fixed by the answer": 1.96,
-    "plan": 1.25,
-    "proof": 4.972,
-    "questions": 1.332,
-    "read a file": 0.188,
-    "reformat": -2.203,
-    "research": 3.66,
-    "retry": 2.8,
-    "review": 4.732,
-    "short follow-up": -1.881,
-    "summarize": -1.847,
-    "symptom": 1.331,
-    "thanks": -2.842,
-    "tool steps": 5.15,
-    "tools declared": -0.141,
-    "translate": -4.611,
+    "a program with requirements": 3.69,
+    "a run failed": -0.825,
+    "a run passed": -2.087,
+    "approval": -1.909,
+    "approval with more": -0.651,
+    "ask length": 10.088,
+    "build": 2.74,
+    "cause": 2.167,
+    "classify": -3.051,
+    "code": 1.016,
+    "constraints": 4.81,
+    "design": 2.405,
+    "estimate": 2.958,
+    "extract": -1.465,
+    "failed after an edit": 1.617,
+    "failed repeatedly": 3.02,
+    "follows a long answer": 3.328,
+    "follows a plan": 2.155,
+    "follows code": -0.243,
+    "judge": 2.944,
+    "lookup": -0.314,
+    "mechanical": -1.738,
+    "not fixed by the answer": 1.935,
+    "plan": 1.322,
+    "proof": 5.052,
+    "questions": 1.273,
+    "read a file": 0.145,
+    "reformat": -2.443,
+    "research": 3.76,
+    "retry": 2.771,
+    "review": 4.799,
+    "short follow-up": -1.849,
+    "summarize": -1.716,
+    "symptom": 1.391,
+    "thanks": -2.566,
+    "tool steps": 5.505,
+    "tools declared": -0.098,
+    "translate": -4.707,
   } as Record<string, number>,
   hashed:
-    "8wAHAOcLGBL0KAIe9RwXKjP9Sg2PAhQn8xMO7i3+KTLhGvv+OGIXLvRCMhEeOgFBBe020ez1LQUC++zlICAE9OkgGA8C8hcGAR33" +
-    "6f25O1D82SQw+wsM+RMnBBfvCw7wA/sUD//V7WL9Gf//I/8CE+ZM+O7q+gUe6ToKHx869/pe0gQTJQESBgcYDB4qEQ0wCw/9CzIa" +
-    "/kH1DSImDzDr7w0Q6xwLDwX1CWEfFRwLKQgFCgzmF/sM8/0REA4bGTIN6xcNEhU3Bf4KEeflCQ/2+QH3Eist6BfO8xUcGt0HGegI" +
-    "/eLq+wv/9QkU9CoEDe0W7ws5/QDuGBP5EBYIKvcOEwglIvwYDgYQ7wAiRecNGB3o/AzYBjAU4wZG6QUY5B/xMRkPETMG6C4jCBb2" +
-    "HC/mDQsoKAv/DBUA8zEQAv0K7BDrLhYXKBUGMyry6/YF58H15g5YCe8IJ/MPCQgD99MQ/y4PGwr5VO8YBubGCgP69NsGBAwC9iX2" +
-    "6wsT9h71Fv8uEAkEGNE5A/tlEUEICjMQBgIQExIT8AkVzyMTBeMeF/IQ+UH5KgMK7v9LAwZCGgfx2AYLGBELEe4NGCLgEPoBFgcL" +
-    "+hADAy8hFR76Eg7b0xjoKvv8Ag0XJBHkCBEyDvkYFxMFWQUn/Qw1JkQfBzpD5Dn2HhoFJyv5NCwlDRAfHyMCFBbR/C/dESP7JP4J" +
-    "Eg/CGCYSIw/xAQP7CyMfvfPmGSAZLdYgHRnPKfQPLujlGRAFEfQaDAD7KDYdEhn67SkvBAsEyjIB+Bz7LecuJjsADRT7DfMc5wEm" +
-    "8TQfKh7zDvkLJQEWfgFL9QEZ9AsQ+gUz1ggDB978+kQIBPYGQjr5BvvjCfMZFhFK+RwnIP4e8+P2KSMaBiUbExQDG9bnQOT69/xh" +
-    "9Q8PFwoQ7OUbERYXEQ0RBQQb8vwK9wf79REkUQfzE9ARPBoXHQwJ5u4WSSIK5woQMxcj9AkvGw4aBAzY/wo53SbmHh4R+Q7/GEkK" +
-    "FRz55yv3+u0PFikACBULCxH4EyEBFfzzEPskEgMOHS0E+/cL+hQvP/zk9yIf/hD3RAgXHgHkBBjr/B4dBwDu9x8EGQn+Au/t6QQF" +
-    "bQ/4ERMNGPLRDOH/CSYa1QYUBRM2TQccHhAWAiMQUwUH2H8S9e0bAfIaCRL1PQ/78gYPDgUgDhUfBv0K5yQJO9/u9DEN/OssEO4A" +
-    "JTb+8coK/QP3RSfy7jvrKEgk5w4n+vgfBu8D9xYF/y0Sy/zpGnkdA+YW9D4Q3hoU5uYXCw0fHPXXExgE3hozFBno5Ar85RH3JP0p" +
-    "CjrNQgcOCU39KkgRKiIYHxcT+lTt9Rr8++5b5uHxKwTh3xMeBv7uJOD7BiT8KvsxOA==",
+    "9gEKBOgJDBT/JwAe9h8IKyz9RA6h/BYc9h4JAy0BMTLiH/kCNGj4KPNEKAoaPwIqAOsx1vXtNgIH9OvnIyIJAuseGAz/8RTuAx75" +
+    "6ACtLkTv3iAx/Q8N+hklBhzwCQ73Bv0VFgDW8kgNGPz6FwMEFOhI4e3tBAYb7joIICE3+PxU0wUPLAIUBggNBSAnHBAtCgf9+ysc" +
+    "/UL3DBsl/TDs4AsR7xQH+wj6DDkeGxsNMAUDCAflIf4R4gMBEwgeDjEO8Az7FRU2BgAKEuvnBQz6+Av4EC4x7BDX8xUXG94MGuwG" +
+    "AOHm8g4E8AsR9yoIDfIM9gw2CwHvFAD5CRgICPkTEAYmJP8aEAcS7wAjPeQQCx3vAg3FByMV5wZE2AgR6SD3OBgTEywL7CsuBxXy" +
+    "GDDQBwwoKhD4/xQD9ygPB/4N7xDsLhkZKA4JMinz8e8K6sb57RRO/vILJuwVB/8C/NcRBy4NCBn7NPEWA+W8AAL+990CBwsE+Cn9" +
+    "6w4V8yX7GQY5CgoCEM06BQBtFEEECSgV/wQPEwkT9A4W0CUTA+woDvQM+kr6LwUH8QBQBgNBGQfz2AAMGg/6E+ATFB3d//oCFQsK" +
+    "7A4FAzUkEiH7CBHu2BruH/n+BQgdJwHlAQQ0E/0aEQ8CTPYq9Qk6GkAWADxD1Dz7JR0IHyz1NCMiChcgHiMAFRrb+yfZFSj1IfoK" +
+    "FQzKGigXLBP9AAL2/hwf1ezkDxoUKtcnFiXXKvgPL+LkDhEDFfwQCwPsIigUER368RsyBgQHxycB+B72KOoqF1DyERf6DvUe4fso" +
+    "7CAgKRz0FfoGJf4SfwQs+P4W5A0S+wMz1A3uCub/+jUABfQIQT/5BP7sCPYTEw5Q+R00JvUX9ej6ISUcCCsZCxMFINvoQeP/+u1H" +
+    "5QsOJw4M7uAbDRUUEwwSBAQa+foO5wj59xInRP/1FNILMxcNGQ788/AFTBwK4QcXLgcm9gkyEQsT+RbY+hE22SnhGhAP/BMJGj4F" +
+    "Ex3+7Svx+/MSGCsCCRsTDwn6CiAGFAX6DQEl/wQQHS39APQMAAwvPe3n+iUc5hP+QQcYHgr2CRjYBiAgDQTx/x3rFwv++ej09AgM" +
+    "Zg/7Dw8RIPPXD+P0Ch4V2wQf/BEtTQ4WIRgT/RkNTwIH3Hoe+uUVB/USChT6PA789/sMDwkUEBYVBvYO7iP4NN3t+CwN//AxE+4A" +
+    "KDT87dD9AAL8NyPv7jfyJz8l4wIs6+8pBvEB7RoLBy0S0QTvGXca+OcV+jwV4xwT8uoOHQETGPreFBX/5xgxChjq2wb76RL6CPsj" +
+    "Az7WNwkR/ksALUYTLCgjFxsV/jrl5Q4C+ehU9uP2KwDl4x8r+fz2JeP/AyQAJfwlNQ==",
 };
 // </weights>
 

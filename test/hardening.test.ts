@@ -7,7 +7,7 @@ import { describe, it } from "node:test";
 import assert from "node:assert/strict";
 import http from "node:http";
 import net from "node:net";
-import { spawn } from "node:child_process";
+import { spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, existsSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -193,6 +193,24 @@ describe("hardening: one request or one upstream answer takes everything down", 
       assert.equal(r.status, 200);
       assert.equal((await fetch(`${e.tw.url}/health`)).status, 200);
     } finally { await e.close(); }
+  });
+
+  it("#4 and no turn can make its patterns backtrack: repeated approvals, a 40 KB line of tabs or of one declaration, many such messages", () => {
+    // Before a review mended them, these took from seconds (the long lines) to days (40 approvals in a row: the match
+    // could split them two ways each). A child process classifies them all; it is stopped if it has not finished in
+    // 20 s, where they now take a few milliseconds.
+    const script = `
+      import { classify } from ${JSON.stringify(new URL("../tokenwatch.ts", import.meta.url).href)};
+      const after = (last) => ({ messages: [{ role: "user", content: "add dark mode" }, { role: "assistant", content: "Plan: 1. tokens 2. toggle 3. tests" }, { role: "user", content: last }] });
+      const one = (content) => ({ messages: [{ role: "user", content }] });
+      const tabs = "a" + "\\t".repeat(39999);
+      const reqs = [after("sounds good ".repeat(40) + "x"), after("ja passt ".repeat(40) + "x"), after("go ahead, ".repeat(40) + "x"),
+        one(tabs), one("const " + "a".repeat(39994)), one("var " + "{".repeat(39996)),
+        { messages: Array.from({ length: 50 }, () => [{ role: "user", content: tabs }, { role: "assistant", content: "ok" }]).flat().concat([{ role: "user", content: "yes" }]) }];
+      console.log(reqs.map((r) => classify(r).tier).join(","));`;
+    const r = spawnSync(process.execPath, ["--input-type=module", "-e", script], { encoding: "utf8", timeout: 20_000 });
+    assert.equal(r.signal, null, "the classifier did not finish: one of its patterns backtracks");
+    assert.match(r.stdout, /^((simple|complex),){6}(simple|complex)\n$/, r.stderr);
   });
 
   it("#5 a model name past 256 characters is refused, and /stats stays readable on a database that holds 5 MB names", async () => {
