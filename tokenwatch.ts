@@ -2241,7 +2241,9 @@ const constraintCount = (s: string) => (s.match(CONSTRAINT)?.length ?? 0) + (s.m
 /** The last `n` characters of a text that can be huge (a tool's output), or all of it. */
 const tail = (s: string, n: number) => (s.length > n ? s.slice(-n) : s);
 
+/** A line of a list: "1. ", "2) ", "- ", "* ", "• ". */
 const LIST_ITEM = /^\s*(?:\d+[.)]|[-*•])\s/;
+const listItems = (lines: string[]) => lines.filter((l) => LIST_ITEM.test(l)).length;
 
 /** Words that point at pasted material: "this", "below", "the following", in the languages agents are used in. */
 const POINTS_AT = words(
@@ -2269,7 +2271,7 @@ function proseLines(text: string): string[] {
   const unfenced = (text.length > 40_000 ? `${text.slice(0, 20_000)}\n${text.slice(-20_000)}` : text).replace(/```[^`]*```/g, "\n");
   const raw = unfenced.replace(/[‘’]/g, "'").split("\n"), row = raw.map((l) => TABLE_ROW.test(l.slice(0, 1000)));
   // a table has rows above or below; one line with pipes in it is a sentence ("give me file | test | error")
-  const listy = raw.filter((l) => LIST_ITEM.test(l)).length >= 3;
+  const listy = listItems(raw) >= 3;
   return raw.map((l, i) => (l.trim() && !((row[i] && (row[i - 1] || row[i + 1])) || isMaterial(l) || (listy && LIST_ITEM.test(l))) ? l.trim() : ""));
 }
 
@@ -2316,7 +2318,7 @@ export function askText(text: string): string {
 const wordCount = (s: string) => (s.match(/[\p{L}\p{N}]+/gu) ?? []).reduce((n, w) => n + (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w) ? Math.ceil(w.length / 2) : 1), 0);
 
 /** The request as the classifier sees it: the ask, what a short follow-up refers to, and the tool run since the ask. */
-type Reading = { ask: string; listed: string[]; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
+type Reading = { ask: string; listed: number; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
 
 /** The last substantive thing the user asked before message `at`: a follow-up's antecedent (approvals skipped). */
 function askedBefore(ms: ChatMessage[], at: number): string {
@@ -2333,7 +2335,7 @@ function readRequest(req: ChatRequest): Reading {
   const ms = req.messages;
   const at = ms.findLastIndex((m) => m.role === "user" && textOf(m.content).trim() !== "");
   const said = at >= 0 ? textOf(ms[at].content) : "", ask = askText(said);
-  const listed = said.slice(0, 20_000).replace(/```[^`]*```/g, "\n").split("\n").filter((l) => LIST_ITEM.test(l));
+  const listed = listItems(said.slice(0, 20_000).replace(/```[^`]*```/g, "\n").split("\n"));
   const calls: string[] = [];
   let fails = 0, last: string | undefined;
   for (const m of ms.slice(at + 1)) {
@@ -2399,7 +2401,7 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
   f["questions"] = Math.min(1, (r.ask.match(/[?？]/g)?.length ?? 0) / 3);
   f["constraints"] = Math.min(1, constraintCount(r.ask) / 5);
   // a program asked for with a list of requirements or several constraints is a spec, not a snippet
-  if (f.code && (r.listed.length >= 3 || constraintCount(r.ask) >= 2)) f["a program with requirements"] = 1;
+  if (f.code && (r.listed >= 3 || constraintCount(r.ask) >= 2)) f["a program with requirements"] = 1;
   if (req.tools?.length) f["tools declared"] = 1;
   return { named: f, hashed: hashedWords(`${r.ask}\n${r.followup ? r.context : ""}`) };
 }
