@@ -1158,13 +1158,18 @@ export class Limiter implements Capacity {
     }
   }
 
-  /** The provider has corrected its up-front charge for the output to the real output: so does what it said. */
-  #correct(p: Pool, r: Reservation, output: number): void {
+  /** The provider has corrected its up-front charge for the output to the real output: so does what it said. True if it had. */
+  #correct(p: Pool, r: Reservation, output: number): boolean {
+    let changed = false;
     for (const d of ["otpm", "tpm", "tpd"] as const) {
       const o = p.seen[d];
-      if (o?.by === r) { o.used = Math.max(0, o.used - Math.max(0, o.charged - output)); o.by = undefined; }
+      if (o?.by === r) { o.used = Math.max(0, o.used - Math.max(0, o.charged - output)); o.by = undefined; changed = true; }
     }
+    return changed;
   }
+
+  /** The same correction for a reservation settled elsewhere (the shared limiter's): true if the headers' view changed. */
+  corrected(pool: string, r: Reservation, output: number): boolean { return this.#correct(this.#pool(pool), r, output); }
 
   /** The model's dimensions and cooldown now, for a typical request: what /stats and the dashboard show. */
   headroom(m: Limits, now: number, typical: Estimate = { input: 1000, output: 1024 }): Headroom {
@@ -1923,6 +1928,8 @@ export class SharedLimiter implements Capacity {
     this.local.learn(r.key, counted);
     const c = counted ?? { tokens: 0, input: 0, output: 0 };
     this.#fireAndForget(SETTLE, poolKeys(r.pool), [now, r.shared, c.tokens, c.input, c.output]);
+    // Anthropic charged max_tokens up front and gives back what was not written: every instance's view learns it
+    if (counted && this.local.corrected(r.pool, r, counted.output)) this.#pushSeen(r.pool);
     this.local.nudge();
   }
 
@@ -1930,6 +1937,11 @@ export class SharedLimiter implements Capacity {
 
   observe(pool: string, kind: Kind, get: HeaderGet, now: number, by?: Reservation, charged = 0): void {
     this.local.observe(pool, kind, get, now, by, charged);
+    this.#pushSeen(pool);
+  }
+
+  /** This instance's view of what a pool's headers said, for every instance. */
+  #pushSeen(pool: string): void {
     if (this.status.mode === "local") return;
     const seen = this.local.seenOf(pool);
     if (!seen) return;

@@ -15,7 +15,7 @@ import { DatabaseSync } from "node:sqlite";
 import { createServer } from "node:net";
 import { once } from "node:events";
 import OpenAI from "openai";
-import { PROVIDERS, Redis, RedisError, parseReply, encodeCommand, script } from "../tokenwatch.ts";
+import { PROVIDERS, Redis, RedisError, parseReply, encodeCommand, script, Limiter, SharedLimiter } from "../tokenwatch.ts";
 import type { Row } from "../tokenwatch.ts";
 import { startMock } from "./mocks.ts";
 import type { Flavor, Mock } from "./mocks.ts";
@@ -208,6 +208,29 @@ async function rowsOf(f: Fleet): Promise<Pick<Row, "cost_usd" | "failover">[]> {
   await f.close();
   return f.instances.flatMap((x) => { const d = new DatabaseSync(x.db); try { return d.prepare("SELECT cost_usd, failover FROM requests").all() as never[]; } finally { d.close(); } });
 }
+
+describe("the shared limiter in one process, with a real Redis", { skip: SKIP }, () => {
+  it("gives every instance back the output tokens Anthropic charged up front and did not write", async () => {
+    const server = await startRedis(), r = new Redis(server.url);
+    const a = new SharedLimiter({ url: server.url, timeout_ms: 1000 }, 0.8, new Limiter(0.8));
+    const haiku = { key: "anthropic/claude-haiku-4-5", pool: "anthropic/claude-haiku-4-5", otpm: 10_000 };
+    const seen = async () => String(await r.call(["HGET", `tw:{${haiku.pool}}:seen`, "otpm"], 1000) ?? "").split(",")[0];
+    try {
+      const now = Date.now();
+      const v = await a.reserve(haiku, { input: 100, output: 4000 }, now);
+      assert.ok(v.ok);
+      // the answer's headers: max_tokens (4,000) charged up front, 4,000 more taken by another client
+      const h: Record<string, string> = { "anthropic-ratelimit-output-tokens-limit": "10000", "anthropic-ratelimit-output-tokens-remaining": "2000", "anthropic-ratelimit-output-tokens-reset": new Date(now + 60_000).toISOString() };
+      a.observe(haiku.pool, "anthropic", (n) => h[n] ?? null, now, v.reservation, 4000);
+      for (let i = 0; i < 50 && (await seen()) !== "8000"; i++) await new Promise((done) => setTimeout(done, 20));
+      assert.equal(await seen(), "8000", "every instance sees what the headers said");
+      // it wrote 500: Anthropic gives back 3,500, and so does the view every instance decides with
+      a.settle(v.reservation, { requests: 0, tokens: 600, input: 100, output: 500 }, now + 1000);
+      for (let i = 0; i < 50 && (await seen()) !== "4500"; i++) await new Promise((done) => setTimeout(done, 20));
+      assert.equal(await seen(), "4500");
+    } finally { a.stop(); r.close(); await server.stop(); }
+  });
+});
 
 describe("several instances share one Redis", { skip: SKIP }, () => {
   before(() => { if (!existsSync(REDIS)) throw new Error(`Cannot run the Redis tests: ${REDIS} is missing. Install it with "apt-get install redis-server" (.ci/run does).`); });
