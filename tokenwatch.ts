@@ -2264,8 +2264,11 @@ const POINTS_AT = words(
   "seguente|sotto|это|этот|эту|эти|этого|ниже|следующ*|ten|tę|tego|poniższ*|bu|şu|aşağıdaki|deze|dit|hieronder|volgende",
   "この|これ|以下|下記|这|這|下面|이 |이거|아래|다음");
 
+/** A character of a script written without spaces between words (Chinese, Japanese, Korean). */
+const CJK = /[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u, CJK_ALL = new RegExp(CJK.source, "gu");
+
 /** How long a text reads: CJK characters carry about a word each, so they count three. */
-const size = (s: string) => s.length + 2 * (s.match(/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/gu)?.length ?? 0);
+const size = (s: string) => s.length + 2 * (s.match(CJK_ALL)?.length ?? 0);
 
 /** A row of a pasted table: columns split by pipes or tabs, or a psql footer. */
 const TABLE_ROW = /\S[^\S\t]*[|\t]\s*\S.*[|\t]|^\s*\(\d+ rows?\)\s*$/;
@@ -2327,10 +2330,13 @@ export function askText(text: string): string {
 }
 
 /** How long an ask is in words: CJK text has no spaces, so two of its characters count as a word. */
-const wordCount = (s: string) => (s.match(/[\p{L}\p{N}]+/gu) ?? []).reduce((n, w) => n + (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w) ? Math.ceil(w.length / 2) : 1), 0);
+const wordCount = (s: string) => (s.match(/[\p{L}\p{N}]+/gu) ?? []).reduce((n, w) => n + (CJK.test(w) ? Math.ceil(w.length / 2) : 1), 0);
+
+/** How a follow-up reads: a bare approval, one that says more ("looks good, go ahead, skip step 6"), or a few words. */
+type FollowUp = "approval" | "approval with more" | "short follow-up";
 
 /** The request as the classifier sees it: the ask, what a short follow-up refers to, and the tool run since the ask. */
-type Reading = { ask: string; listed: number; context: string; offer: string; followup: boolean; calls: string[]; last: string | undefined; fails: number };
+type Reading = { ask: string; listed: number; context: string; offer: string; followup: FollowUp | undefined; calls: string[]; last: string | undefined; fails: number };
 
 /** The last substantive thing the user asked before message `at`: a follow-up's antecedent (approvals skipped). */
 function askedBefore(ms: ChatMessage[], at: number): string {
@@ -2355,7 +2361,8 @@ function readRequest(req: ChatRequest): Reading {
     if (m.role === "tool" || m.role === "user") { last = tail(textOf(m.content), 3000); if (FAILED_RUN.test(last)) fails++; }
   }
   const answered = ms.slice(0, Math.max(0, at)).some((m) => m.role === "assistant");
-  const followup = answered && (APPROVAL.test(ask) || wordCount(ask) <= 8 || LEADS_ON.test(ask.slice(0, 300)));
+  const approval = APPROVAL.test(ask), leads = LEADS_ON.test(ask.slice(0, 300)), n = wordCount(ask);
+  const followup: FollowUp | undefined = !answered ? undefined : approval ? "approval" : leads && n > 8 ? "approval with more" : leads || n <= 8 ? "short follow-up" : undefined;
   const offer = followup ? textOf(ms.slice(0, at).findLast((m) => m.role === "assistant" && textOf(m.content).trim() !== "")?.content) : "";
   return { ask, listed, context: followup ? askedBefore(ms, at) : "", offer: offer.slice(0, 6000), followup, calls, last, fails };
 }
@@ -2393,10 +2400,10 @@ export function classifierFeatures(req: ChatRequest): { named: Record<string, nu
     else if (r.followup && re.test(r.context)) f[name] = 0.8; // a follow-up continues what it follows
   }
   if (r.followup) {
-    f[APPROVAL.test(r.ask) ? "approval" : LEADS_ON.test(r.ask.slice(0, 300)) && wordCount(r.ask) > 8 ? "approval with more" : "short follow-up"] = 1;
+    f[r.followup] = 1;
     // what the model said last, which a reply approves or continues: a long plan of steps, or code, is work
     f["follows a long answer"] = Math.min(1, Math.log10(1 + r.offer.length) / 4);
-    if ((r.offer.match(/^\s*(?:\d+[.)]|[-*•])\s/gm)?.length ?? 0) >= 3) f["follows a plan"] = 1;
+    if (listItems(r.offer.split("\n")) >= 3) f["follows a plan"] = 1;
     if (r.offer.includes("```")) f["follows code"] = 1;
     // "still not working, now 2 errors": the answer it follows did not fix it
     if (f.retry === 1 || f.symptom === 1 || FAILED_RUN.test(r.ask)) f["not fixed by the answer"] = 1;
@@ -2424,7 +2431,7 @@ function hashedWords(text: string): number[] {
   const out = new Set<number>();
   const add = (w: string) => { let h = 2166136261; for (let i = 0; i < w.length; i++) h = Math.imul(h ^ w.charCodeAt(i), 16777619); out.add((h >>> 0) % HASH_BUCKETS); };
   for (const w of text.toLowerCase().match(/[\p{L}\p{N}']{2,}/gu) ?? []) {
-    if (/[\p{Script=Han}\p{Script=Hiragana}\p{Script=Katakana}\p{Script=Hangul}]/u.test(w)) for (let i = 0; i + 1 < w.length; i++) add(w.slice(i, i + 2));
+    if (CJK.test(w)) for (let i = 0; i + 1 < w.length; i++) add(w.slice(i, i + 2));
     else add(w);
   }
   return [...out];
